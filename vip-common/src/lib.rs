@@ -1,0 +1,185 @@
+//! Types shared by the XDP data plane (`vip-ebpf`) and its userspace owner (`vip-agent`).
+//!
+//! Every map key and value is `#[repr(C)]`, `Pod` (bytemuck refuses implicit padding, so
+//! padding is spelled out as `_pad` fields) and size-checked at compile time: the kernel
+//! side and userspace must agree on every byte. No `bool`, enum or `Option` appears in a
+//! map type; states are `u8` with named constants.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Adapter slots are bit positions in [`VipInfo::allowed`], so at most 64 adapters.
+pub const MAX_ADAPTERS: u32 = 64;
+/// Capacity of the VIP map; also bounds `VipInfo::id`.
+pub const MAX_VIPS: u32 = 4096;
+
+/// Names of the maps and programs in the object, used by userspace to find them.
+pub mod names {
+    pub const PROGRAM: &str = "vip_xdp";
+    /// An XDP program that passes everything: the benchmark's baseline, and the program
+    /// attached to veth peers so that XDP_TX frames are delivered (see docs/design.md).
+    pub const PASS_PROGRAM: &str = "vip_pass";
+    pub const VIPS: &str = "VIPS";
+    pub const ADAPTERS: &str = "ADAPTERS";
+    pub const DECISIONS: &str = "DECISIONS";
+    pub const ANSWERS: &str = "ANSWERS";
+}
+
+/// Address families as stored in [`VipKey::family`].
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Key of the `VIPS` hash map: one entry per (family, address, VLAN).
+///
+/// IPv4 addresses use the first 4 bytes of `addr`, the rest zero. `vlan` is 0 for a VIP
+/// served on untagged frames, otherwise the 802.1Q VLAN id (1..=4094).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub vlan: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+impl VipKey {
+    pub const fn v4(addr: [u8; 4], vlan: u16) -> Self {
+        let mut a = [0u8; 16];
+        a[0] = addr[0];
+        a[1] = addr[1];
+        a[2] = addr[2];
+        a[3] = addr[3];
+        Self { addr: a, vlan, family: FAMILY_IPV4, _pad: 0 }
+    }
+
+    pub const fn v6(addr: [u8; 16], vlan: u16) -> Self {
+        Self { addr, vlan, family: FAMILY_IPV6, _pad: 0 }
+    }
+}
+
+/// Value of the `VIPS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipInfo {
+    /// Bit `n` set: the adapter in slot `n` may answer for this VIP.
+    pub allowed: u64,
+    /// Index of this VIP in the `ANSWERS` counters, `< MAX_VIPS`; unique per VIP.
+    pub id: u32,
+    /// Reserved for per-VIP flags; must be zero.
+    pub flags: u32,
+}
+
+/// Adapter states stored in [`AdapterInfo::state`].
+pub const ADAPTER_DOWN: u8 = 0;
+pub const ADAPTER_UP: u8 = 1;
+
+/// Value of the `ADAPTERS` hash map, keyed by ifindex (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct AdapterInfo {
+    /// The adapter's own MAC: the source of every answer it sends.
+    pub mac: [u8; 6],
+    /// Bit position of this adapter in [`VipInfo::allowed`], `< MAX_ADAPTERS`.
+    pub slot: u8,
+    /// [`ADAPTER_UP`] or [`ADAPTER_DOWN`].
+    pub state: u8,
+}
+
+/// Index into the per-CPU `ANSWERS` array: one counter per (VIP, adapter slot).
+#[inline(always)]
+pub const fn answer_index(vip_id: u32, slot: u8) -> u32 {
+    vip_id * MAX_ADAPTERS + slot as u32
+}
+pub const ANSWERS_LEN: u32 = MAX_VIPS * MAX_ADAPTERS;
+
+/// What the program decided for a frame: the index into the per-CPU `DECISIONS` array.
+/// Every frame increments exactly one of these, so they are the program's log.
+pub mod decision {
+    /// An ARP request for a VIP was answered with an ARP reply (XDP_TX).
+    pub const ANSWERED_ARP: u32 = 0;
+    /// An ARP probe (sender IP 0.0.0.0) for a VIP was answered (XDP_TX).
+    pub const ANSWERED_ARP_PROBE: u32 = 1;
+    /// A Neighbor Solicitation for a VIP was answered with a solicited NA (XDP_TX).
+    pub const ANSWERED_NS: u32 = 2;
+    /// A DAD Neighbor Solicitation (source ::) for a VIP was answered to all-nodes (XDP_TX).
+    pub const ANSWERED_DAD: u32 = 3;
+    /// Neither ARP nor an ICMPv6 Neighbor Solicitation: ordinary traffic.
+    pub const PASSED_NOT_NEIGHBOR: u32 = 4;
+    /// The frame ended before a header the decision needs.
+    pub const PASSED_TRUNCATED: u32 = 5;
+    /// ARP for something other than Ethernet/IPv4 (htype, ptype, hlen or plen).
+    pub const PASSED_ARP_NOT_ETHER_IPV4: u32 = 6;
+    /// ARP reply or other non-request opcode.
+    pub const PASSED_ARP_NOT_REQUEST: u32 = 7;
+    /// Gratuitous ARP (sender IP equals target IP): an announcement, not a question.
+    pub const PASSED_ARP_GRATUITOUS: u32 = 8;
+    /// Sender MAC (Ethernet source or ARP sha) is broadcast, multicast or all-zero.
+    pub const PASSED_BAD_SENDER_MAC: u32 = 9;
+    /// Unicast to some other host's MAC (flooded by a switch): not ours to answer.
+    pub const PASSED_NOT_FOR_US: u32 = 10;
+    /// The target address is not a hosted VIP on this VLAN.
+    pub const PASSED_NOT_VIP: u32 = 11;
+    /// The frame arrived on an adapter the agent does not know.
+    pub const PASSED_ADAPTER_UNKNOWN: u32 = 12;
+    /// The adapter is marked down.
+    pub const PASSED_ADAPTER_DOWN: u32 = 13;
+    /// The VIP may not be answered on this adapter.
+    pub const PASSED_ADAPTER_NOT_ALLOWED: u32 = 14;
+    /// IPv6 frame that is not a Neighbor Solicitation (other ICMPv6, TCP, extension headers).
+    pub const PASSED_IPV6_NOT_NS: u32 = 15;
+    /// Neighbor Solicitation that fails RFC 4861 §7.1.1 validation (hop limit, code,
+    /// length, multicast target, zero-length option, DAD rules, addressing).
+    pub const PASSED_NS_INVALID: u32 = 16;
+    /// Neighbor Solicitation with a wrong ICMPv6 checksum.
+    pub const PASSED_NS_BAD_CHECKSUM: u32 = 17;
+    /// 802.1Q tag with VLAN id 0 (priority tag) or 4095 (reserved): never answered.
+    pub const PASSED_VLAN_RESERVED: u32 = 18;
+    /// The frame could not be resized for the answer (no tailroom): passed to the kernel.
+    pub const PASSED_NO_ROOM: u32 = 19;
+    /// Number of decisions; the length of the `DECISIONS` array.
+    pub const COUNT: u32 = 20;
+
+    /// Names as used in metrics and `vip-agent status`, indexed by decision.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "answered_arp",
+        "answered_arp_probe",
+        "answered_ns",
+        "answered_dad",
+        "passed_not_neighbor",
+        "passed_truncated",
+        "passed_arp_not_ether_ipv4",
+        "passed_arp_not_request",
+        "passed_arp_gratuitous",
+        "passed_bad_sender_mac",
+        "passed_not_for_us",
+        "passed_not_vip",
+        "passed_adapter_unknown",
+        "passed_adapter_down",
+        "passed_adapter_not_allowed",
+        "passed_ipv6_not_ns",
+        "passed_ns_invalid",
+        "passed_ns_bad_checksum",
+        "passed_vlan_reserved",
+        "passed_no_room",
+    ];
+
+    /// True for the decisions that send an answer (XDP_TX).
+    pub const fn is_answer(d: u32) -> bool {
+        d <= ANSWERED_DAD
+    }
+}
+
+// The kernel and userspace must agree on every size: a change here is a deliberate ABI break.
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<AdapterInfo>() == 8);
+const _: () = assert!(MAX_ADAPTERS <= 64); // slots are bits of a u64
+const _: () = assert!((MAX_VIPS as u64) * (MAX_ADAPTERS as u64) <= u32::MAX as u64);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all three are `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::AdapterInfo {}
+}

@@ -1,0 +1,68 @@
+//! ARP: a request for a VIP becomes a reply from the adapter's own MAC, sent back (XDP_TX).
+
+use aya_ebpf::programs::XdpContext;
+use vip_common::{decision, VipKey};
+
+use crate::{
+    maps,
+    parse::{bad_sender, be16, ptr_at, EthHdr},
+};
+
+/// Ethernet/IPv4 ARP body (RFC 826), 28 bytes.
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub op: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+const ARPHRD_ETHER: u16 = 1;
+const ETH_P_IP: u16 = 0x0800;
+const ARPOP_REQUEST: u16 = 1;
+const ARPOP_REPLY: u16 = 2;
+
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let arp: *mut ArpHdr = ptr_at(ctx, off)?;
+    let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
+
+    if be16(arp.htype) != ARPHRD_ETHER || be16(arp.ptype) != ETH_P_IP || arp.hlen != 6 || arp.plen != 4
+    {
+        return Err(decision::PASSED_ARP_NOT_ETHER_IPV4);
+    }
+    if be16(arp.op) != ARPOP_REQUEST {
+        return Err(decision::PASSED_ARP_NOT_REQUEST);
+    }
+    if bad_sender(&eth.src) || bad_sender(&arp.sha) {
+        return Err(decision::PASSED_BAD_SENDER_MAC);
+    }
+    // A request whose sender and target IP are equal announces, it does not ask. A probe
+    // (sender 0.0.0.0) asks whether the address is in use, and is answered.
+    if arp.spa == arp.tpa {
+        return Err(decision::PASSED_ARP_GRATUITOUS);
+    }
+    let probe = arp.spa == [0; 4];
+    let (adapter, vip) = maps::lookup(ctx.ingress_ifindex() as u32, &eth.dst, &VipKey::v4(arp.tpa, vlan))?;
+
+    // Reply to the requester's hardware address, as the kernel does (RFC 826).
+    let requester = arp.sha;
+    let requester_ip = arp.spa;
+    let vip_ip = arp.tpa;
+    eth.dst = requester;
+    eth.src = adapter.mac;
+    arp.op = ARPOP_REPLY.to_be_bytes();
+    arp.tha = requester;
+    arp.tpa = requester_ip;
+    arp.sha = adapter.mac;
+    arp.spa = vip_ip;
+
+    maps::count_answer(&vip, &adapter);
+    Ok(if probe { decision::ANSWERED_ARP_PROBE } else { decision::ANSWERED_ARP })
+}

@@ -1,0 +1,80 @@
+//! vip XDP data plane: answers ARP requests and IPv6 Neighbor Solicitations for every hosted
+//! virtual IP on every healthy adapter allowed to carry it, each adapter with its own MAC.
+//! Everything else passes untouched. Every frame bumps exactly one decision counter.
+#![no_std]
+#![no_main]
+
+mod arp;
+mod csum;
+mod maps;
+mod ndp;
+mod parse;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    macros::xdp,
+    programs::XdpContext,
+};
+use vip_common::decision;
+
+use crate::parse::{be16, ptr_at, EthHdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6};
+
+/// Entry point: thin wrapper that turns the decision into an action and counts it.
+#[xdp]
+pub fn vip_xdp(ctx: XdpContext) -> u32 {
+    match try_vip_xdp(&ctx) {
+        Ok(answered) => {
+            maps::count(answered);
+            XDP_TX
+        }
+        Err(passed) => {
+            maps::count(passed);
+            XDP_PASS
+        }
+    }
+}
+
+/// Baseline for benchmarks and the program attached to veth peers (XDP_TX on veth is only
+/// delivered when the peer has an XDP program).
+#[xdp]
+pub fn vip_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// `Ok(decision)` means the frame was rewritten into an answer; `Err(decision)` means pass.
+#[inline(always)]
+fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let mut ethertype = be16(unsafe { (*eth).ethertype });
+    let mut off = ETH_HLEN;
+    let mut vlan = 0u16;
+    if ethertype == ETH_P_8021Q {
+        let tag: *const VlanHdr = ptr_at(ctx, ETH_HLEN)?;
+        let vid = be16(unsafe { (*tag).tci }) & 0x0fff;
+        ethertype = be16(unsafe { (*tag).ethertype });
+        if ethertype != ETH_P_ARP && ethertype != ETH_P_IPV6 {
+            return Err(decision::PASSED_NOT_NEIGHBOR);
+        }
+        // VID 0 is a priority tag and 4095 is reserved: neither names a VLAN we serve.
+        if vid == 0 || vid == 0x0fff {
+            return Err(decision::PASSED_VLAN_RESERVED);
+        }
+        vlan = vid;
+        off += core::mem::size_of::<VlanHdr>();
+    }
+    match ethertype {
+        ETH_P_ARP => arp::answer(ctx, off, vlan),
+        ETH_P_IPV6 => ndp::answer(ctx, off, vlan),
+        _ => Err(decision::PASSED_NOT_NEIGHBOR),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,188 @@
+//! IPv6 neighbor discovery: a valid Neighbor Solicitation for a VIP becomes a Neighbor
+//! Advertisement from the adapter's MAC (RFC 4861 §7.2.4), sent back (XDP_TX).
+
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
+use vip_common::{decision, VipKey};
+
+use crate::{
+    csum, maps,
+    parse::{bad_sender, be16, ptr_at, EthHdr},
+};
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub vtf: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// ICMPv6 Neighbor Solicitation without options, 24 bytes.
+#[repr(C)]
+pub struct NsHdr {
+    pub typ: u8,
+    pub code: u8,
+    pub csum: [u8; 2],
+    pub reserved: [u8; 4],
+    pub target: [u8; 16],
+}
+
+/// ICMPv6 Neighbor Advertisement with one target link-layer address option, 32 bytes.
+#[repr(C)]
+pub struct NaMsg {
+    pub typ: u8,
+    pub code: u8,
+    pub csum: [u8; 2],
+    pub flags: [u8; 4],
+    pub target: [u8; 16],
+    pub opt_type: u8,
+    pub opt_len: u8,
+    pub mac: [u8; 6],
+}
+
+const IPV6_HLEN: usize = 40;
+const IPPROTO_ICMPV6: u8 = 58;
+const ND_NEIGHBOR_SOLICIT: u8 = 135;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+const ND_OPT_SOURCE_LL: u8 = 1;
+const ND_OPT_TARGET_LL: u8 = 2;
+const NA_FLAG_SOLICITED: u8 = 0x40;
+const NA_FLAG_OVERRIDE: u8 = 0x20;
+const NS_LEN: usize = 24;
+const NA_LEN: usize = 32;
+/// Options are walked in 8-byte units; NS carrying more than this many units are passed to
+/// the kernel rather than answered (a bounded loop keeps the verifier's work small).
+const MAX_OPT_UNITS: usize = 16;
+const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+const SOLICITED_NODE_PREFIX: [u8; 13] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff];
+
+#[inline(always)]
+fn pseudo_header_sum(src: &[u8; 16], dst: &[u8; 16], len: usize) -> u64 {
+    let mut sum = csum::add_bytes(0, src);
+    sum = csum::add_bytes(sum, dst);
+    sum = csum::add16(sum, [(len >> 8) as u8, len as u8]);
+    csum::add16(sum, [0, IPPROTO_ICMPV6])
+}
+
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
+    let (eth, ip) = unsafe { (&*eth, &*ip) };
+    if ip.vtf[0] >> 4 != 6 || ip.next_hdr != IPPROTO_ICMPV6 {
+        return Err(decision::PASSED_IPV6_NOT_NS);
+    }
+    let icmp_off = off + IPV6_HLEN;
+    let typ: *const u8 = ptr_at(ctx, icmp_off)?;
+    if unsafe { *typ } != ND_NEIGHBOR_SOLICIT {
+        return Err(decision::PASSED_IPV6_NOT_NS);
+    }
+    let ns: *const NsHdr = ptr_at(ctx, icmp_off)?;
+    let ns = unsafe { &*ns };
+
+    // RFC 4861 §7.1.1 validity checks.
+    let plen = be16(ip.payload_len) as usize;
+    if ip.hop_limit != 255
+        || ns.code != 0
+        || plen < NS_LEN
+        || plen % 8 != 0
+        || plen > NS_LEN + 8 * MAX_OPT_UNITS
+        || ns.target[0] == 0xff
+        || ip.src[0] == 0xff
+    {
+        return Err(decision::PASSED_NS_INVALID);
+    }
+    if ctx.data() + icmp_off + plen > ctx.data_end() {
+        return Err(decision::PASSED_TRUNCATED);
+    }
+    let dad = ip.src == [0; 16];
+    let solicited_node = ip.dst[..13] == SOLICITED_NODE_PREFIX && ip.dst[13..] == ns.target[13..];
+    // Sent to the target itself (unicast reachability check) or to its solicited-node
+    // group; a DAD probe only ever to the group.
+    if !(solicited_node || (!dad && ip.dst == ns.target)) {
+        return Err(decision::PASSED_NS_INVALID);
+    }
+    if bad_sender(&eth.src) {
+        return Err(decision::PASSED_BAD_SENDER_MAC);
+    }
+
+    let mut o = NS_LEN;
+    for _ in 0..MAX_OPT_UNITS {
+        if o >= plen {
+            break;
+        }
+        let opt: *const [u8; 2] = ptr_at(ctx, icmp_off + o)?;
+        let opt = unsafe { *opt };
+        // A zero-length option would loop forever in a naive parser: RFC says discard.
+        if opt[1] == 0 || (dad && opt[0] == ND_OPT_SOURCE_LL) {
+            return Err(decision::PASSED_NS_INVALID);
+        }
+        o += opt[1] as usize * 8;
+    }
+    if o != plen {
+        return Err(decision::PASSED_NS_INVALID);
+    }
+
+    let mut sum = pseudo_header_sum(&ip.src, &ip.dst, plen);
+    for i in 0..(NS_LEN / 8 + MAX_OPT_UNITS) {
+        if i * 8 >= plen {
+            break;
+        }
+        let chunk: *const [u8; 8] = ptr_at(ctx, icmp_off + i * 8)?;
+        sum = csum::add_bytes(sum, unsafe { &*chunk });
+    }
+    if csum::fold(sum) != 0xffff {
+        return Err(decision::PASSED_NS_BAD_CHECKSUM);
+    }
+
+    let target = ns.target;
+    let (adapter, vip) = maps::lookup(ctx.ingress_ifindex() as u32, &eth.dst, &VipKey::v6(target, vlan))?;
+    let (dst_mac, dst_ip, flags) = if dad {
+        (ALL_NODES_MAC, ALL_NODES, NA_FLAG_OVERRIDE)
+    } else {
+        (eth.src, ip.src, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
+    };
+
+    // Make the frame exactly as long as the advertisement: the solicitation may be
+    // shorter (no options, as in DAD) or longer (several options, padding).
+    let delta = (icmp_off + NA_LEN) as i64 - (ctx.data_end() - ctx.data()) as i64;
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
+        return Err(decision::PASSED_NO_ROOM);
+    }
+    // Resizing invalidated every packet pointer: take them again.
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, off)?;
+    let na: *mut NaMsg = ptr_at(ctx, icmp_off)?;
+    let (eth, ip, na) = unsafe { (&mut *eth, &mut *ip, &mut *na) };
+
+    eth.dst = dst_mac;
+    eth.src = adapter.mac;
+    ip.vtf = [0x60, 0, 0, 0];
+    ip.payload_len = (NA_LEN as u16).to_be_bytes();
+    ip.next_hdr = IPPROTO_ICMPV6;
+    ip.hop_limit = 255;
+    ip.src = target;
+    ip.dst = dst_ip;
+    na.typ = ND_NEIGHBOR_ADVERT;
+    na.code = 0;
+    na.csum = [0, 0];
+    na.flags = [flags, 0, 0, 0];
+    na.target = target;
+    na.opt_type = ND_OPT_TARGET_LL;
+    na.opt_len = 1;
+    na.mac = adapter.mac;
+
+    let mut sum = pseudo_header_sum(&target, &dst_ip, NA_LEN);
+    sum = csum::add16(sum, [na.typ, na.code]);
+    sum = csum::add_bytes(sum, &na.flags);
+    sum = csum::add_bytes(sum, &na.target);
+    sum = csum::add16(sum, [na.opt_type, na.opt_len]);
+    sum = csum::add_bytes(sum, &na.mac);
+    na.csum = (!csum::fold(sum)).to_ne_bytes();
+
+    maps::count_answer(&vip, &adapter);
+    Ok(if dad { decision::ANSWERED_DAD } else { decision::ANSWERED_NS })
+}
