@@ -1,1 +1,307 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, run, test and benchmark vip. One function per verb; every
+//! external command is printed before it runs; every failure says what was being done.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release known to work with the nightly toolchain's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests, the lab and the benchmarks use.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    ("iputils-arping", "arping"),
+    ("ndisc6", "ndisc6"),
+    ("tcpdump", "tcpdump"),
+];
+const BPF_TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Parser)]
+#[command(about = "Build, run, test and benchmark vip (sets up missing tools itself)")]
+struct Cli {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Install what is missing: nightly rust-src, bpf-linker (cached), Debian packages.
+    Setup,
+    /// Build the XDP object (nightly, -Z build-std=core, bpf-linker).
+    BuildEbpf,
+    /// Run the lab: namespaces with a node of 3 adapters and clients, the data plane
+    /// answering, live counters until Ctrl-C. Arguments after `--` go to the lab.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The whole suite: unit tests, then the root-only XDP and namespace tests.
+    Test {
+        /// Extra arguments for the root-only test binaries (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks; results are written to docs/benchmarks.md.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Bench {
+    /// ns per frame through BPF_PROG_TEST_RUN beside an empty program, and ARP answers per
+    /// second on veth: XDP responder against the kernel.
+    Dataplane {
+        /// Fewer samples, for a quick look (the docs are not rewritten).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    match cli.verb {
+        Verb::Setup => setup(),
+        Verb::BuildEbpf => setup().and_then(|_| build_ebpf().map(|_| ())),
+        Verb::Run { args } => run(&args),
+        Verb::Test { args } => test(&args),
+        Verb::Bench { which } => bench(which),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn is_root() -> bool {
+    // Effective uid from /proc keeps xtask free of libc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Prints and runs a command; fails with its exit status.
+fn sh(cmd: &mut Command) -> Result<()> {
+    println!("+ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("starting {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {}", show(cmd)))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", show(cmd), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A cargo for the nightly toolchain, without the variables the outer (stable) cargo set.
+fn nightly_cargo() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo"]);
+    for v in ["RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO", "CARGO_TARGET_DIR"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("vip")
+}
+
+fn bpf_linker_dir() -> PathBuf {
+    cache_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}"))
+}
+
+fn setup() -> Result<()> {
+    println!("==> set-up: nightly rust-src");
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .context("the `nightly` toolchain is needed for the eBPF build (rustup toolchain install nightly)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("    rust-src: present");
+    } else {
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    println!("==> set-up: bpf-linker {BPF_LINKER_VERSION}");
+    let linker = bpf_linker_dir().join("bin/bpf-linker");
+    if linker.exists() {
+        println!("    {}: present", linker.display());
+    } else {
+        install_bpf_linker()?;
+    }
+
+    println!("==> set-up: Debian packages");
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(pkg, _)| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        println!("    all present");
+    } else if is_root() {
+        sh(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    } else {
+        println!("    missing {missing:?}; not root, so not installing (the root-only tests will be skipped)");
+    }
+    Ok(())
+}
+
+/// Builds bpf-linker against the nightly toolchain's own libLLVM (Debian's LLVM 14 cannot
+/// read LLVM 22 bitcode) into the cache folder.
+fn install_bpf_linker() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("listing {}", lib_dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
+        .with_context(|| format!("no libLLVM*.so in {}", lib_dir.display()))?;
+    let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so");
+    let major = llvm.trim_start_matches("LLVM-").split(['-', '.']).next().unwrap_or("22");
+    let l = lib_dir.display();
+    let mut cmd = Command::new("cargo");
+    cmd.args(["+nightly", "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+        .args(["--features", &format!("llvm-{major},no-llvm-linking"), "--root"])
+        .arg(bpf_linker_dir())
+        .env("RUSTFLAGS", format!("-L {l} -l dylib={llvm} -C link-arg=-Wl,-rpath,{l}"));
+    for v in ["RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "CARGO"] {
+        cmd.env_remove(v);
+    }
+    sh(&mut cmd)
+}
+
+/// Builds the XDP object and returns its path.
+fn build_ebpf() -> Result<PathBuf> {
+    println!("==> build: XDP object");
+    let path = format!("{}:{}", bpf_linker_dir().join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    sh(nightly_cargo()
+        .args(["build", "-p", "vip-ebpf", "--release", "--target", BPF_TARGET, "-Z", "build-std=core"])
+        .env("PATH", path))?;
+    let obj = workspace_root().join("target").join(BPF_TARGET).join("release/vip");
+    if !obj.exists() {
+        bail!("the eBPF build succeeded but {} is missing", obj.display());
+    }
+    Ok(obj)
+}
+
+/// Runs a command, echoing its output, and counts the `SKIPPED:` lines tests print.
+fn sh_counting_skips(cmd: &mut Command) -> Result<usize> {
+    println!("+ {}", show(cmd));
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| show(cmd))?;
+    let err = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut skips = 0;
+        for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+            if line.starts_with("SKIPPED:") {
+                skips += 1;
+            }
+            eprintln!("{line}");
+        }
+        skips
+    });
+    let mut skips = 0;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines().map_while(|l| l.ok()) {
+        if line.starts_with("SKIPPED:") {
+            skips += 1;
+        }
+        println!("{line}");
+    }
+    let status = child.wait()?;
+    skips += err_thread.join().unwrap_or(0);
+    if !status.success() {
+        bail!("{} failed: {status}", show(cmd));
+    }
+    Ok(skips)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    let obj = build_ebpf()?;
+    println!("==> test: unit tests (stable, unprivileged)");
+    sh(Command::new("cargo").args(["test", "--workspace", "--exclude", "vip-tests", "--exclude", "vip-ebpf"]))?;
+    println!("==> test: XDP and namespace tests (root)");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "-p", "vip-tests", "--", "--test-threads=1", "--nocapture"]).args(args).env("VIP_EBPF_OBJECT", &obj);
+    if is_root() {
+        // As root nothing has a reason to be skipped: make any skip a failure.
+        cmd.env("VIP_NO_SKIP", "1");
+    }
+    let skipped = sh_counting_skips(&mut cmd)?;
+    if skipped > 0 {
+        println!("==> {skipped} root-only tests skipped (not root); in CI they all run");
+    } else {
+        println!("==> all tests ran; none skipped");
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup()?;
+    let obj = build_ebpf()?;
+    if !is_root() {
+        bail!("the lab creates network namespaces and attaches XDP: run as root");
+    }
+    println!("==> run: lab (Ctrl-C to stop; the namespaces are removed on exit)");
+    sh(Command::new("cargo")
+        .args(["run", "--release", "-p", "vip-tests", "--bin", "vip-lab", "--"])
+        .args(args)
+        .env("VIP_EBPF_OBJECT", &obj))
+}
+
+fn bench(which: Bench) -> Result<()> {
+    setup()?;
+    let obj = build_ebpf()?;
+    if !is_root() {
+        bail!("benchmarks load XDP programs and create namespaces: run as root");
+    }
+    match which {
+        Bench::Dataplane { quick } => {
+            let mut cmd = Command::new("cargo");
+            cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "dataplane"]);
+            if quick {
+                cmd.arg("--quick");
+            } else {
+                cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            sh(cmd.env("VIP_EBPF_OBJECT", &obj))
+        }
+    }
+}
