@@ -1,5 +1,6 @@
 //! Shared machinery for vip's root-only tests and benchmarks: network namespace guards,
 //! veth topologies, raw packet sockets, and loading the built XDP object.
+pub mod bench;
 pub mod fixtures;
 pub mod netns;
 pub mod rawsock;

@@ -113,15 +113,21 @@ impl Lab {
         Lab { node, switch: None, adapters, clients }
     }
 
-    /// Attaches the responder to every adapter in `mode` and the pass program to every
-    /// adapter's peer (XDP_TX on a veth is only delivered to a peer with XDP), then puts
-    /// the adapters (up) and both VIPs (allowed on every adapter) in the maps.
+    /// Attaches the responder to every adapter in `mode` and readies the peers and maps
+    /// ([`Lab::attach_peers`], [`Lab::fill_maps`]).
     pub fn start_dataplane(&self, dp: &mut Dataplane, mode: XdpMode) {
         self.node.run(|| {
             for a in &self.adapters {
                 dp.attach(&a.name, mode).unwrap_or_else(|e| panic!("{e}"));
             }
         });
+        self.attach_peers(dp);
+        self.fill_maps(dp);
+    }
+
+    /// Attaches the pass program to every adapter's peer: XDP_TX on a veth is only
+    /// delivered to a peer that has an XDP program.
+    pub fn attach_peers(&self, dp: &mut Dataplane) {
         match &self.switch {
             Some(sw) => sw.run(|| {
                 for a in &self.adapters {
@@ -134,6 +140,10 @@ impl Lab {
                 }
             }
         }
+    }
+
+    /// Puts the adapters (up) and both VIPs (allowed on every adapter) in the maps.
+    pub fn fill_maps(&self, dp: &mut Dataplane) {
         for a in &self.adapters {
             self.set_adapter_state(dp, a, ADAPTER_UP);
         }

@@ -1,11 +1,12 @@
 //! Loading the XDP program, attaching it, and reading and writing its maps.
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{xdp::XdpLinkId, Xdp, XdpMode},
     Ebpf,
 };
-use vip_common::{answer_index, decision, names, AdapterInfo, VipInfo, VipKey};
+use bytemuck::Zeroable;
+use vip_common::{answer_index, decision, names, AdapterInfo, VipInfo, VipKey, MAX_IFINDEX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -19,6 +20,8 @@ pub enum DataplaneError {
     Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("attaching {program} to {iface} in {mode:?} mode: {source}")]
     Attach { program: &'static str, iface: String, mode: XdpMode, source: aya::programs::ProgramError },
+    #[error("ifindex {0} is too large for the adapter map (limit {MAX_IFINDEX})")]
+    IfindexTooLarge(u32),
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
 }
@@ -106,17 +109,21 @@ impl Dataplane {
         PerCpuArray::try_from(m).map_err(|source| DataplaneError::Map { map, source })
     }
 
-    /// Adds or replaces the adapter with this ifindex.
+    /// Adds or replaces the adapter with this ifindex (`< MAX_IFINDEX`).
     pub fn set_adapter(&mut self, ifindex: u32, info: AdapterInfo) -> Result<()> {
         let map = names::ADAPTERS;
-        self.hash::<u32, AdapterInfo>(map)?
-            .insert(ifindex, info, 0)
-            .map_err(|source| DataplaneError::Map { map, source })
+        if ifindex >= MAX_IFINDEX {
+            return Err(DataplaneError::IfindexTooLarge(ifindex));
+        }
+        let m = self.ebpf.map_mut(map).ok_or(DataplaneError::MissingMap(map))?;
+        let mut arr: Array<&mut MapData, AdapterInfo> =
+            Array::try_from(m).map_err(|source| DataplaneError::Map { map, source })?;
+        arr.set(ifindex, info, 0).map_err(|source| DataplaneError::Map { map, source })
     }
 
+    /// Forgets the adapter: frames arriving on it are passed as from an unknown adapter.
     pub fn remove_adapter(&mut self, ifindex: u32) -> Result<()> {
-        let map = names::ADAPTERS;
-        self.hash::<u32, AdapterInfo>(map)?.remove(&ifindex).map_err(|source| DataplaneError::Map { map, source })
+        self.set_adapter(ifindex, AdapterInfo::zeroed())
     }
 
     /// Adds or replaces a VIP.

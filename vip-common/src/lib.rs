@@ -12,6 +12,9 @@ use bytemuck::{Pod, Zeroable};
 pub const MAX_ADAPTERS: u32 = 64;
 /// Capacity of the VIP map; also bounds `VipInfo::id`.
 pub const MAX_VIPS: u32 = 4096;
+/// The `ADAPTERS` array is indexed by ifindex (an array lookup is inlined by the verifier,
+/// a hash lookup is not): adapters with a larger ifindex cannot be served.
+pub const MAX_IFINDEX: u32 = 65536;
 
 /// Names of the maps and programs in the object, used by userspace to find them.
 pub mod names {
@@ -69,11 +72,13 @@ pub struct VipInfo {
     pub flags: u32,
 }
 
-/// Adapter states stored in [`AdapterInfo::state`].
-pub const ADAPTER_DOWN: u8 = 0;
-pub const ADAPTER_UP: u8 = 1;
+/// Adapter states stored in [`AdapterInfo::state`]. A zeroed entry is an ifindex the agent
+/// does not manage.
+pub const ADAPTER_UNKNOWN: u8 = 0;
+pub const ADAPTER_DOWN: u8 = 1;
+pub const ADAPTER_UP: u8 = 2;
 
-/// Value of the `ADAPTERS` hash map, keyed by ifindex (`u32`).
+/// Value of the `ADAPTERS` array, indexed by ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct AdapterInfo {
@@ -81,7 +86,7 @@ pub struct AdapterInfo {
     pub mac: [u8; 6],
     /// Bit position of this adapter in [`VipInfo::allowed`], `< MAX_ADAPTERS`.
     pub slot: u8,
-    /// [`ADAPTER_UP`] or [`ADAPTER_DOWN`].
+    /// [`ADAPTER_UP`], [`ADAPTER_DOWN`] or [`ADAPTER_UNKNOWN`].
     pub state: u8,
 }
 

@@ -2,15 +2,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
-use vip_common::{answer_index, AdapterInfo, VipInfo, VipKey, ANSWERS_LEN, MAX_ADAPTERS, MAX_VIPS};
+use vip_common::{answer_index, AdapterInfo, VipInfo, VipKey, ANSWERS_LEN, MAX_ADAPTERS, MAX_IFINDEX, MAX_VIPS};
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 #[map(name = "ADAPTERS")]
-pub static ADAPTERS: HashMap<u32, AdapterInfo> = HashMap::with_max_entries(MAX_ADAPTERS, 0);
+pub static ADAPTERS: Array<AdapterInfo> = Array::with_max_entries(MAX_IFINDEX, 0);
 
 #[map(name = "DECISIONS")]
 pub static DECISIONS: PerCpuArray<u64> =
@@ -33,8 +33,9 @@ pub fn count_answer(vip: &VipInfo, adapter: &AdapterInfo) {
     }
 }
 
-/// The adapter this frame arrived on, and the VIP it asks for, if both are known and the
-/// adapter may answer for it right now. `dst` is the frame's Ethernet destination.
+/// The VIP a frame asks for and the adapter it arrived on, if the adapter may answer for
+/// it right now. `dst` is the frame's Ethernet destination. The VIP is looked up first so
+/// that the common miss (a request for some other host) costs one lookup.
 #[inline(always)]
 pub fn lookup(
     ifindex: u32,
@@ -42,18 +43,18 @@ pub fn lookup(
     key: &VipKey,
 ) -> Result<(AdapterInfo, VipInfo), u32> {
     use vip_common::decision::*;
-    let adapter = match unsafe { ADAPTERS.get(ifindex) } {
-        Some(a) => *a,
-        None => return Err(PASSED_ADAPTER_UNKNOWN),
+    let vip = match unsafe { VIPS.get(key) } {
+        Some(v) => *v,
+        None => return Err(PASSED_NOT_VIP),
+    };
+    let adapter = match ADAPTERS.get(ifindex) {
+        Some(a) if a.state != vip_common::ADAPTER_UNKNOWN => *a,
+        _ => return Err(PASSED_ADAPTER_UNKNOWN),
     };
     // Multicast and broadcast are for everyone; a unicast frame must be for this adapter.
     if dst[0] & 1 == 0 && *dst != adapter.mac {
         return Err(PASSED_NOT_FOR_US);
     }
-    let vip = match unsafe { VIPS.get(key) } {
-        Some(v) => *v,
-        None => return Err(PASSED_NOT_VIP),
-    };
     if adapter.state != vip_common::ADAPTER_UP {
         return Err(PASSED_ADAPTER_DOWN);
     }
