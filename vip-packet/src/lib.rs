@@ -509,7 +509,7 @@ mod tests {
 
     #[test]
     fn known_checksum() {
-        // NS from fe80::1 for fe80::2 with SLLAO 02:00:00:00:00:01, checksum from tshark.
+        // Computing over the zeroed field gives the field's value; the sum with it is 0xffff.
         let ns = Nd::solicit(MAC, "fe80::1".parse().unwrap(), "fe80::2".parse().unwrap());
         let m = ns.icmp_bytes();
         assert!(icmpv6_checksum_ok(&ns.src, &ns.dst, &m));
