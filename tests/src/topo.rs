@@ -53,10 +53,11 @@ fn client_addrs(i: usize) -> (Ipv4Addr, Ipv6Addr) {
     (Ipv4Addr::new(192, 0, 2, 100 + i as u8), Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100 + i as u16))
 }
 
-fn add_client(i: usize, peer_ns: &NetNs, peer: &str) -> Client {
+/// Client `i` in its own namespace, its `eth0` wired to `peer` (with `peer_mac`) in `peer_ns`.
+fn add_client(i: usize, peer_ns: &NetNs, peer: &str, peer_mac: &str) -> Client {
     let ns = NetNs::new(&format!("c{i}"));
     let mac = client_mac(i);
-    veth(&ns, "eth0", &vip_packet::mac_str(&mac), peer_ns, peer, &format!("02:00:00:00:03:{i:02x}"));
+    veth(&ns, "eth0", &vip_packet::mac_str(&mac), peer_ns, peer, peer_mac);
     let (ip4, ip6) = client_addrs(i);
     ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
     ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
@@ -82,7 +83,7 @@ impl Lab {
         let clients = (0..clients)
             .map(|i| {
                 let port = format!("c{i}");
-                let c = add_client(i, &switch, &port);
+                let c = add_client(i, &switch, &port, &format!("02:00:00:00:03:{i:02x}"));
                 switch.ip(&["link", "set", &port, "master", "br0"]);
                 c
             })
@@ -97,16 +98,7 @@ impl Lab {
         let mut clients = vec![];
         for i in 0..n {
             let name = format!("vip{i}");
-            let c = {
-                // The client's end is created from the client's side.
-                let ns = NetNs::new(&format!("c{i}"));
-                let mac = client_mac(i);
-                veth(&ns, "eth0", &vip_packet::mac_str(&mac), &node, &name, &vip_packet::mac_str(&adapter_mac(i)));
-                let (ip4, ip6) = client_addrs(i);
-                ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
-                ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
-                Client { ns, iface: "eth0".into(), mac, ip4, ip6 }
-            };
+            let c = add_client(i, &node, &name, &vip_packet::mac_str(&adapter_mac(i)));
             adapters.push(Adapter { ifindex: node.ifindex(&name), name, mac: adapter_mac(i), peer: "eth0".into(), slot: i as u8 });
             clients.push(c);
         }

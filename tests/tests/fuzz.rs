@@ -19,7 +19,7 @@ use vip_tests::{
         arrival_mac, hosted, valid_requests, Arrival, TableEnv, ARRIVALS, CLIENT4, CLIENT6, CLIENT_MAC, OTHER_MAC, UP_MAC,
         VIP4, VIP4_VLAN, VIP6, VIP6_VLAN, XDP_PASS, XDP_TX,
     },
-    root_or_skip,
+    hex, root_or_skip,
 };
 
 /// xorshift64*: deterministic, seedable, no dependency.
@@ -242,8 +242,4 @@ fn fuzz_frames() {
     assert_eq!(after - before, FRAMES as u64, "every frame bumps exactly one decision counter");
     eprintln!("{FRAMES} frames: {valid} valid questions, {answered} answered");
     assert!(answered > FRAMES / 50, "the generator must reach the answer path often ({answered})");
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

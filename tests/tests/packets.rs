@@ -3,7 +3,7 @@
 use vip_common::decision;
 use vip_tests::{
     fixtures::{table, unhex, valid_requests, Arrival, TableEnv, GOLDEN_ARP_REPLY, GOLDEN_NA, XDP_PASS, XDP_TX},
-    root_or_skip,
+    hex, root_or_skip,
 };
 
 #[test]
@@ -102,8 +102,4 @@ fn every_truncation_is_passed() {
         }
         eprintln!("{checked} truncations passed");
     });
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

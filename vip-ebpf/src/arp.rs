@@ -5,7 +5,7 @@ use vip_common::{decision, VipKey};
 
 use crate::{
     maps,
-    parse::{bad_sender, be16, ptr_at, EthHdr},
+    parse::{bad_sender, be16, eq4, ptr_at, set6, EthHdr},
 };
 
 /// Ethernet/IPv4 ARP body (RFC 826), 28 bytes.
@@ -45,22 +45,22 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     }
     // A request whose sender and target IP are equal announces, it does not ask. A probe
     // (sender 0.0.0.0) asks whether the address is in use, and is answered.
-    if arp.spa == arp.tpa {
+    if eq4(&arp.spa, &arp.tpa) {
         return Err(decision::PASSED_ARP_GRATUITOUS);
     }
-    let probe = arp.spa == [0; 4];
+    let probe = eq4(&arp.spa, &[0; 4]);
     let (adapter, vip) = maps::lookup(ctx.ingress_ifindex() as u32, &eth.dst, &VipKey::v4(arp.tpa, vlan))?;
 
     // Reply to the requester's hardware address, as the kernel does (RFC 826).
     let requester = arp.sha;
     let requester_ip = arp.spa;
     let vip_ip = arp.tpa;
-    eth.dst = requester;
-    eth.src = adapter.mac;
+    set6(&mut eth.dst, &requester);
+    set6(&mut eth.src, &adapter.mac);
     arp.op = ARPOP_REPLY.to_be_bytes();
-    arp.tha = requester;
+    set6(&mut arp.tha, &requester);
     arp.tpa = requester_ip;
-    arp.sha = adapter.mac;
+    set6(&mut arp.sha, &adapter.mac);
     arp.spa = vip_ip;
 
     maps::count_answer(&vip, &adapter);

@@ -52,7 +52,7 @@ pub fn lookup(
         _ => return Err(PASSED_ADAPTER_UNKNOWN),
     };
     // Multicast and broadcast are for everyone; a unicast frame must be for this adapter.
-    if dst[0] & 1 == 0 && *dst != adapter.mac {
+    if dst[0] & 1 == 0 && !crate::parse::eq6(dst, &adapter.mac) {
         return Err(PASSED_NOT_FOR_US);
     }
     if adapter.state != vip_common::ADAPTER_UP {

@@ -6,7 +6,7 @@ use vip_common::{decision, VipKey};
 
 use crate::{
     csum, maps,
-    parse::{bad_sender, be16, ptr_at, EthHdr},
+    parse::{bad_sender, be16, eq16, is_zero16, ptr_at, set6, EthHdr},
 };
 
 #[repr(C)]
@@ -57,7 +57,8 @@ const NA_LEN: usize = 32;
 const MAX_OPT_UNITS: usize = 16;
 const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
-const SOLICITED_NODE_PREFIX: [u8; 13] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff];
+/// ff02::1:ffXX:XXXX, the low 24 bits taken from the target.
+const SOLICITED_NODE_GROUP: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
 
 #[inline(always)]
 fn pseudo_header_sum(src: &[u8; 16], dst: &[u8; 16], len: usize) -> u64 {
@@ -98,11 +99,15 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     if ctx.data() + icmp_off + plen > ctx.data_end() {
         return Err(decision::PASSED_TRUNCATED);
     }
-    let dad = ip.src == [0; 16];
-    let solicited_node = ip.dst[..13] == SOLICITED_NODE_PREFIX && ip.dst[13..] == ns.target[13..];
+    let dad = is_zero16(&ip.src);
+    let mut group = SOLICITED_NODE_GROUP;
+    group[13] = ns.target[13];
+    group[14] = ns.target[14];
+    group[15] = ns.target[15];
+    let solicited_node = eq16(&ip.dst, &group);
     // Sent to the target itself (unicast reachability check) or to its solicited-node
     // group; a DAD probe only ever to the group.
-    if !(solicited_node || (!dad && ip.dst == ns.target)) {
+    if !(solicited_node || (!dad && eq16(&ip.dst, &ns.target))) {
         return Err(decision::PASSED_NS_INVALID);
     }
     if bad_sender(&eth.src) {
@@ -158,8 +163,8 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let na: *mut NaMsg = ptr_at(ctx, icmp_off)?;
     let (eth, ip, na) = unsafe { (&mut *eth, &mut *ip, &mut *na) };
 
-    eth.dst = dst_mac;
-    eth.src = adapter.mac;
+    set6(&mut eth.dst, &dst_mac);
+    set6(&mut eth.src, &adapter.mac);
     ip.vtf = [0x60, 0, 0, 0];
     ip.payload_len = (NA_LEN as u16).to_be_bytes();
     ip.next_hdr = IPPROTO_ICMPV6;
@@ -173,7 +178,7 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     na.target = target;
     na.opt_type = ND_OPT_TARGET_LL;
     na.opt_len = 1;
-    na.mac = adapter.mac;
+    set6(&mut na.mac, &adapter.mac);
 
     let mut sum = pseudo_header_sum(&target, &dst_ip, NA_LEN);
     sum = csum::add16(sum, [na.typ, na.code]);

@@ -42,5 +42,46 @@ pub fn be16(b: [u8; 2]) -> u16 {
 /// Broadcast, multicast (group bit) or all-zero: never a valid sender.
 #[inline(always)]
 pub fn bad_sender(mac: &[u8; 6]) -> bool {
-    mac[0] & 1 == 1 || (mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]) == 0
+    mac[0] & 1 == 1 || eq6(mac, &[0; 6])
+}
+
+// Array comparisons written as xor/or reductions: `==` on byte arrays becomes a call to an
+// out-of-line, byte-at-a-time bcmp loop in BPF code.
+
+#[inline(always)]
+pub fn eq6(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0
+}
+
+#[inline(always)]
+pub fn eq4(a: &[u8; 4], b: &[u8; 4]) -> bool {
+    u32::from_ne_bytes(*a) == u32::from_ne_bytes(*b)
+}
+
+#[inline(always)]
+pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut d = 0u8;
+    let mut i = 0;
+    while i < 16 {
+        d |= a[i] ^ b[i];
+        i += 1;
+    }
+    d == 0
+}
+
+#[inline(always)]
+pub fn is_zero16(a: &[u8; 16]) -> bool {
+    eq16(a, &[0; 16])
+}
+
+/// Byte-wise copy into the frame. A plain array assignment may become an out-of-line
+/// memmove loop when LLVM cannot rule out overlap (map value into packet).
+#[inline(always)]
+pub fn set6(dst: &mut [u8; 6], src: &[u8; 6]) {
+    dst[0] = src[0];
+    dst[1] = src[1];
+    dst[2] = src[2];
+    dst[3] = src[3];
+    dst[4] = src[4];
+    dst[5] = src[5];
 }
