@@ -192,6 +192,8 @@ pub fn table() -> Vec<Row> {
     rows.push(tx("DAD solicitation (source ::) is answered to all-nodes", Nd::dad(CLIENT_MAC, VIP6).to_bytes(), d::ANSWERED_DAD));
     rows.push(tx("NS with a nonce option as well", Nd { options: vec![(14, vec![1, 2, 3, 4, 5, 6]), (ND_OPT_SOURCE_LL, CLIENT_MAC.to_vec())], ..sol.clone() }.to_bytes(), d::ANSWERED_NS));
     rows.push(tx("NS with 128 bytes of options", Nd { options: vec![(ND_OPT_SOURCE_LL, CLIENT_MAC.to_vec()), (200, vec![7; 118])], ..sol.clone() }.to_bytes(), d::ANSWERED_NS));
+    rows.push(tx("NS answered to its source link-layer address, not the Ethernet source", Nd { eth_src: OTHER_MAC, ..sol.clone() }.to_bytes(), d::ANSWERED_NS));
+    rows.push(tx("NS without options answered to the Ethernet source", Nd { options: vec![], ..sol.clone() }.to_bytes(), d::ANSWERED_NS));
     rows.push(tx("tagged NS for a VLAN VIP keeps its tag", ns(VIP6_VLAN).with_tci(VLAN).to_bytes(), d::ANSWERED_NS));
     let mut ns_padded = sol.to_bytes();
     ns_padded.extend_from_slice(&[0xee; 6]);
@@ -225,6 +227,7 @@ pub fn table() -> Vec<Row> {
     odd[18..20].copy_from_slice(&34u16.to_be_bytes());
     rows.push(pass("NS with a payload length not a multiple of 8", odd, Up, d::PASSED_NS_INVALID));
     rows.push(pass("NS from a multicast eth source", Nd { eth_src: [0x33, 0x33, 0, 0, 0, 1], ..sol.clone() }.to_bytes(), Up, d::PASSED_BAD_SENDER_MAC));
+    rows.push(pass("NS with a multicast source link-layer address", Nd { options: vec![(ND_OPT_SOURCE_LL, vec![0x33, 0x33, 0, 0, 0, 1])], ..sol.clone() }.to_bytes(), Up, d::PASSED_BAD_SENDER_MAC));
     rows.push(pass("NS unicast to another host's MAC", Nd { eth_dst: OTHER_MAC, dst: VIP6, ..sol.clone() }.to_bytes(), Up, d::PASSED_NOT_FOR_US));
     rows.push(pass("tagged NS for an untagged VIP", ns(VIP6).with_tci(VLAN).to_bytes(), Up, d::PASSED_NOT_VIP));
     rows.push(pass("untagged NS for a VLAN VIP", ns(VIP6_VLAN).to_bytes(), Up, d::PASSED_NOT_VIP));

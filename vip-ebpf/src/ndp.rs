@@ -114,6 +114,10 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
         return Err(decision::PASSED_BAD_SENDER_MAC);
     }
 
+    // The answer goes to the first source link-layer address option, as an ARP reply goes
+    // to the sender hardware address; without one, to the frame's Ethernet source.
+    let mut requester = eth.src;
+    let mut have_sllao = false;
     let mut o = NS_LEN;
     for _ in 0..MAX_OPT_UNITS {
         if o >= plen {
@@ -125,7 +129,15 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
         if opt[1] == 0 || (dad && opt[0] == ND_OPT_SOURCE_LL) {
             return Err(decision::PASSED_NS_INVALID);
         }
+        if opt[0] == ND_OPT_SOURCE_LL && opt[1] == 1 && !have_sllao {
+            let mac: *const [u8; 6] = ptr_at(ctx, icmp_off + o + 2)?;
+            requester = unsafe { *mac };
+            have_sllao = true;
+        }
         o += opt[1] as usize * 8;
+    }
+    if bad_sender(&requester) {
+        return Err(decision::PASSED_BAD_SENDER_MAC);
     }
     if o != plen {
         return Err(decision::PASSED_NS_INVALID);
@@ -148,7 +160,7 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let (dst_mac, dst_ip, flags) = if dad {
         (ALL_NODES_MAC, ALL_NODES, NA_FLAG_OVERRIDE)
     } else {
-        (eth.src, ip.src, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
+        (requester, ip.src, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
     };
 
     // Make the frame exactly as long as the advertisement: the solicitation may be
