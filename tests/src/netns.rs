@@ -60,11 +60,6 @@ impl NetNs {
     pub fn ifindex(&self, dev: &str) -> u32 {
         self.exec("cat", &[&format!("/sys/class/net/{dev}/ifindex")]).trim().parse().expect("ifindex")
     }
-
-    /// An interface statistic such as `rx_packets`.
-    pub fn stat(&self, dev: &str, name: &str) -> u64 {
-        self.exec("cat", &[&format!("/sys/class/net/{dev}/statistics/{name}")]).trim().parse().expect("stat")
-    }
 }
 
 impl Drop for NetNs {

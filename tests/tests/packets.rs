@@ -78,6 +78,30 @@ fn answers_are_counted_per_vip_and_adapter() {
 }
 
 #[test]
+fn removed_vip_and_adapter_stop_answers() {
+    if !root_or_skip("removed_vip_and_adapter_stop_answers") {
+        return;
+    }
+    let mut env = TableEnv::new();
+    let arp = valid_requests()[0].1.clone();
+    env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_TX));
+    let key = vip_tests::fixtures::hosted()[0];
+    env.dp.remove_vip(key).expect("remove vip");
+    let before = env.dp.decisions().unwrap();
+    env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_PASS));
+    let after = env.dp.decisions().unwrap();
+    assert_eq!(after[decision::PASSED_NOT_VIP as usize], before[decision::PASSED_NOT_VIP as usize] + 1);
+    env.dp.set_vip(key, vip_common::VipInfo { allowed: 0b011, id: 0, flags: 0 }).expect("re-add vip");
+    env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_TX));
+    let up = env.ifindex(Arrival::Up);
+    env.dp.remove_adapter(up).expect("remove adapter");
+    let before = env.dp.decisions().unwrap();
+    env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_PASS));
+    let after = env.dp.decisions().unwrap();
+    assert_eq!(after[decision::PASSED_ADAPTER_UNKNOWN as usize], before[decision::PASSED_ADAPTER_UNKNOWN as usize] + 1);
+}
+
+#[test]
 fn every_truncation_is_passed() {
     if !root_or_skip("every_truncation_is_passed") {
         return;

@@ -181,11 +181,6 @@ pub mod decision {
         "passed_vlan_reserved",
         "passed_no_room",
     ];
-
-    /// True for the decisions that send an answer (XDP_TX).
-    pub const fn is_answer(d: u32) -> bool {
-        d <= ANSWERED_DAD
-    }
 }
 
 // The kernel and userspace must agree on every size: a change here is a deliberate ABI break.
