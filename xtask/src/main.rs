@@ -12,14 +12,8 @@ use clap::{Parser, Subcommand};
 
 /// bpf-linker release known to work with the nightly toolchain's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests, the lab and the benchmarks use.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip"),
-    ("ethtool", "ethtool"),
-    ("iputils-arping", "arping"),
-    ("ndisc6", "ndisc6"),
-    ("tcpdump", "tcpdump"),
-];
+/// Debian packages the tests, the lab and the benchmarks use (`ip`, `ethtool`).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool"];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
 #[derive(Parser)]
@@ -160,14 +154,14 @@ fn setup() -> Result<()> {
     println!("==> set-up: Debian packages");
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
-        .filter(|(pkg, _)| {
+        .filter(|pkg| {
             !Command::new("dpkg-query")
                 .args(["-W", "-f=${Status}", pkg])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
                 .unwrap_or(false)
         })
-        .map(|(pkg, _)| *pkg)
+        .copied()
         .collect();
     if missing.is_empty() {
         println!("    all present");
