@@ -49,6 +49,11 @@ pub fn client_mac(i: usize) -> Mac {
     [0x02, 0, 0, 0, 0x02, i as u8]
 }
 
+/// Adapter `i`'s own addresses in the bridged lab (the VIPs' subnets).
+pub fn node_addrs(i: usize) -> (Ipv4Addr, Ipv6Addr) {
+    (Ipv4Addr::new(192, 0, 2, 1 + i as u8), Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1 + i as u16))
+}
+
 fn client_addrs(i: usize) -> (Ipv4Addr, Ipv6Addr) {
     (Ipv4Addr::new(192, 0, 2, 100 + i as u8), Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100 + i as u16))
 }
@@ -77,6 +82,9 @@ impl Lab {
                 let (name, peer) = (format!("vip{i}"), format!("n{i}"));
                 veth(&node, &name, &vip_packet::mac_str(&adapter_mac(i)), &switch, &peer, &format!("02:00:00:00:04:{i:02x}"));
                 switch.ip(&["link", "set", &peer, "master", "br0"]);
+                let (ip4, ip6) = node_addrs(i);
+                node.ip(&["addr", "add", &format!("{ip4}/24"), "dev", &name]);
+                node.ip(&["addr", "add", &format!("{ip6}/64"), "dev", &name, "nodad"]);
                 Adapter { ifindex: node.ifindex(&name), name, mac: adapter_mac(i), peer, slot: i as u8 }
             })
             .collect();

@@ -1,9 +1,15 @@
 //! Loading the XDP program, attaching it, and reading and writing its maps.
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
-    Ebpf,
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
 };
 use bytemuck::Zeroable;
 use vip_common::{answer_index, decision, names, AdapterInfo, VipInfo, VipKey, MAX_IFINDEX};
@@ -24,6 +30,8 @@ pub enum DataplaneError {
     IfindexTooLarge(u32),
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
+    #[error("pinning at {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -46,6 +54,77 @@ impl Dataplane {
             prog.load().map_err(|source| DataplaneError::Program { name, source })?;
         }
         Ok(Dataplane { ebpf })
+    }
+
+    /// Like [`Dataplane::load`], but the maps live under `pin_dir`: maps already pinned
+    /// there (by an agent that was killed or is being replaced) are reused with their
+    /// contents, so answering never stops; missing ones are created and pinned.
+    pub fn load_pinned(object: &[u8], pin_dir: &Path) -> Result<Self> {
+        let paths: Vec<(&'static str, PathBuf)> =
+            [names::VIPS, names::ADAPTERS, names::DECISIONS, names::ANSWERS].iter().map(|n| (*n, pin_dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object)?;
+        for name in [names::PROGRAM, names::PASS_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(Dataplane { ebpf })
+    }
+
+    /// Attaches the responder to `ifindex` and pins the link at `link_path`, so that it
+    /// stays attached when the agent dies. Only bpf_link attachments can be pinned.
+    pub fn attach_pinned(&mut self, ifindex: u32, mode: XdpMode, link_path: &Path) -> Result<PinnedLink> {
+        let program = names::PROGRAM;
+        let prog = self.xdp_mut(program)?;
+        let id = prog.attach_to_if_index(ifindex, mode).map_err(|source| DataplaneError::Attach {
+            program,
+            iface: format!("ifindex {ifindex}"),
+            mode,
+            source,
+        })?;
+        let link = prog.take_link(id).map_err(|source| DataplaneError::Program { name: program, source })?;
+        let fd: FdLink = link.try_into().map_err(|e| DataplaneError::Pin {
+            path: link_path.into(),
+            reason: format!("attachment is not a bpf_link (kernel too old?): {e}"),
+        })?;
+        fd.pin(link_path).map_err(|e| DataplaneError::Pin { path: link_path.into(), reason: e.to_string() })
+    }
+
+    /// Swaps this object's responder into a pinned link atomically (`--reload`): no frame
+    /// sees an adapter without a program.
+    pub fn replace_in_link(&mut self, pinned: PinnedLink) -> Result<()> {
+        let program = names::PROGRAM;
+        let fd: FdLink = pinned.into();
+        let link: XdpLink = fd.try_into().map_err(|e| DataplaneError::Pin { path: PathBuf::new(), reason: format!("{e}") })?;
+        let prog = self.xdp_mut(program)?;
+        let id = prog.attach_to_link(link).map_err(|source| DataplaneError::Program { name: program, source })?;
+        // The pin still holds the link; dropping our fd must not detach it.
+        let link = prog.take_link(id).map_err(|source| DataplaneError::Program { name: program, source })?;
+        std::mem::forget(link);
+        Ok(())
+    }
+
+    /// The VIP keys in the map, for reconciling an adopted map with the config.
+    pub fn vip_keys(&self) -> Result<Vec<VipKey>> {
+        let map = names::VIPS;
+        let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
+        let h: HashMap<&MapData, VipKey, VipInfo> = HashMap::try_from(m).map_err(|source| DataplaneError::Map { map, source })?;
+        Ok(h.keys().filter_map(|k| k.ok()).collect())
+    }
+
+    /// Non-empty adapter entries by ifindex.
+    pub fn adapters(&self) -> Result<Vec<(u32, AdapterInfo)>> {
+        let map = names::ADAPTERS;
+        let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
+        let arr: Array<&MapData, AdapterInfo> = Array::try_from(m).map_err(|source| DataplaneError::Map { map, source })?;
+        Ok(arr.iter().enumerate().filter_map(|(i, a)| a.ok().filter(|a| a.state != 0).map(|a| (i as u32, a))).collect())
     }
 
     fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {

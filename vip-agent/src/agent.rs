@@ -1,0 +1,917 @@
+//! The agent's state machine: adapters and VIPs as the config wants them, the data plane's
+//! maps, and what happens when a link goes down or comes back.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{links::PinnedLink, XdpMode};
+use vip_common::{decision, AdapterInfo, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_UP, MAX_ADAPTERS};
+use vip_packet::{mac_str, Mac};
+
+use crate::{
+    announce::{self, Announcer},
+    config::{Config, HostAdapter, HostView, Subnet, XdpModeCfg},
+    conflict::{self, ProbeTarget},
+    dataplane::Dataplane,
+    host::Host,
+    netlink::{Link, LinkEvent, Rtnl},
+    status::{unix_now, AdapterStatus, FailoverStatus, Histogram, Refusal, Status, VipStatus},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not on the host (yet, or any more).
+    Missing,
+    Up,
+    Down,
+    /// Carrier lost less than `hold_down_ms` ago: still counted as up.
+    HoldDown,
+    /// Carrier back less than `up_delay_ms` ago: still counted as down.
+    UpDelay,
+}
+
+impl Health {
+    fn answers(self) -> bool {
+        matches!(self, Health::Up | Health::HoldDown)
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Health::Missing => "missing",
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::HoldDown => "hold-down",
+            Health::UpDelay => "up-delay",
+        }
+    }
+}
+
+struct AdapterRt {
+    name: String,
+    slot: u8,
+    max_vips: u32,
+    vlans: Vec<u16>,
+    ifindex: Option<u32>,
+    mac: Option<Mac>,
+    health: Health,
+    /// Bumped on every transition so a stale hold-down or up-delay timer does nothing.
+    gen: u64,
+    since: f64,
+    link: Option<PinnedLink>,
+    /// Addresses and routes of the adapter: where a VIP may be taken over.
+    subnets: Vec<Subnet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VipState {
+    Active,
+    Refused,
+}
+
+struct VipRt {
+    addr: IpAddr,
+    vlan: u16,
+    key: VipKey,
+    id: u32,
+    failover: bool,
+    /// Its own adapters (config order) as a slot mask.
+    home: u64,
+    /// The allowed mask in the map now.
+    mask: u64,
+    state: VipState,
+}
+
+/// A hold-down or up-delay timer to start.
+#[derive(Debug)]
+pub struct Timer {
+    pub adapter: usize,
+    pub gen: u64,
+    pub after: Duration,
+}
+
+pub struct Agent {
+    cfg: Config,
+    dp: Dataplane,
+    rtnl: Rtnl,
+    host: Host,
+    ann: Announcer,
+    lo: u32,
+    adapters: Vec<AdapterRt>,
+    vips: Vec<VipRt>,
+    failovers: VecDeque<FailoverStatus>,
+    refusals: Vec<Refusal>,
+    hist_maps: Histogram,
+    hist_announce: Histogram,
+    started: f64,
+    adopted: bool,
+    pub stopping: bool,
+}
+
+const MAX_FAILOVERS_KEPT: usize = 256;
+const MAX_REFUSALS_KEPT: usize = 256;
+
+fn in_subnet(s: &Subnet, a: &IpAddr) -> bool {
+    match (s.addr, a) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let p = s.prefix.min(32) as u32;
+            let m = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+            u32::from(n) & m == u32::from(*a) & m
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let p = s.prefix.min(128) as u32;
+            let m = if p == 0 { 0 } else { u128::MAX << (128 - p) };
+            u128::from(n) & m == u128::from(*a) & m
+        }
+        _ => false,
+    }
+}
+
+fn vip_key(addr: &IpAddr, vlan: u16) -> VipKey {
+    match addr {
+        IpAddr::V4(a) => VipKey::v4(a.octets(), vlan),
+        IpAddr::V6(a) => VipKey::v6(a.octets(), vlan),
+    }
+}
+
+fn xdp_mode(m: XdpModeCfg) -> XdpMode {
+    match m {
+        XdpModeCfg::Auto => XdpMode::Default,
+        XdpModeCfg::Native => XdpMode::Driver,
+        XdpModeCfg::Skb => XdpMode::Skb,
+    }
+}
+
+/// The host as netlink reports it, for `Config::validate_host`.
+pub struct NetlinkHost {
+    pub links: Vec<Link>,
+    pub addrs: Vec<(u32, Subnet)>,
+    pub routes: Vec<(u32, Subnet)>,
+}
+
+impl NetlinkHost {
+    pub fn read(rtnl: &mut Rtnl) -> anyhow::Result<NetlinkHost> {
+        Ok(NetlinkHost { links: rtnl.links()?, addrs: rtnl.addresses()?, routes: rtnl.routes()? })
+    }
+
+    fn subnets(&self, ifindex: u32) -> (Vec<Subnet>, Vec<Subnet>) {
+        // VLAN devices on top of the adapter count as the adapter's.
+        let on: HashSet<u32> =
+            self.links.iter().filter(|l| l.ifindex == ifindex || l.lower == Some(ifindex)).map(|l| l.ifindex).collect();
+        let pick = |v: &[(u32, Subnet)]| v.iter().filter(|(i, _)| on.contains(i)).map(|(_, s)| s.clone()).collect();
+        (pick(&self.addrs), pick(&self.routes))
+    }
+}
+
+impl HostView for NetlinkHost {
+    fn adapter(&self, name: &str) -> Option<HostAdapter> {
+        let l = self.links.iter().find(|l| l.name == name)?;
+        let (addrs, routes) = self.subnets(l.ifindex);
+        Some(HostAdapter { ifindex: l.ifindex, addrs, routes })
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf when `pin_path` is under it and nothing is mounted there.
+fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs = |p: &Path| -> bool {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    };
+    let parent = pin_path.parent().unwrap_or(root);
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    if parent.starts_with(root) && !is_bpffs(root) {
+        let r = unsafe { libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+        if r != 0 {
+            anyhow::bail!("mounting bpffs on /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        }
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+        if is_bpffs(parent) {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("pin_path {} is not on a BPF file system (bpffs)", pin_path.display())
+}
+
+impl Agent {
+    /// Brings the agent up: validates against the host (nothing is touched if that
+    /// fails), loads or adopts the data plane, prepares the adapters, probes and adds the
+    /// VIPs, announces them. On any failure after the first change the host is restored.
+    pub fn start(cfg: Config, object: &[u8], reload: bool) -> anyhow::Result<Agent> {
+        let mut rtnl = Rtnl::open()?;
+        let nh = NetlinkHost::read(&mut rtnl)?;
+        if let Err(e) = cfg.validate_host(&nh) {
+            return Err(crate::ConfigInvalid(e).into());
+        }
+        if cfg.adapters.len() > MAX_ADAPTERS as usize {
+            anyhow::bail!("{} adapters configured; the data plane supports {MAX_ADAPTERS}", cfg.adapters.len());
+        }
+        let lo = nh.links.iter().find(|l| l.name == "lo").map(|l| l.ifindex).unwrap_or(1);
+        ensure_bpffs(&cfg.agent.pin_path)?;
+        let pin = cfg.agent.pin_path.clone();
+        let fresh_pins = !pin.exists();
+        std::fs::create_dir_all(&pin)?;
+        let dp = match Dataplane::load_pinned(object, &pin) {
+            Ok(dp) => dp,
+            Err(e) => {
+                if fresh_pins {
+                    let _ = std::fs::remove_dir(&pin);
+                }
+                return Err(e.into());
+            }
+        };
+        let adopted = !dp.vip_keys()?.is_empty() || !dp.adapters()?.is_empty();
+        let host = Host::open(state_file(&cfg));
+        let a = &cfg.announce;
+        let ann = Announcer::new(a.count, Duration::from_millis(a.interval_ms), a.max_per_second);
+        let now = unix_now();
+        let adapters = cfg
+            .adapters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let link = nh.links.iter().find(|l| l.name == c.name);
+                AdapterRt {
+                    name: c.name.clone(),
+                    slot: i as u8,
+                    max_vips: c.max_vips,
+                    vlans: c.vlans.clone(),
+                    ifindex: None,
+                    mac: link.and_then(|l| l.mac),
+                    health: Health::Missing,
+                    gen: 0,
+                    since: now,
+                    link: None,
+                    subnets: link.map(|l| {
+                        let (mut a, r) = nh.subnets(l.ifindex);
+                        a.extend(r);
+                        a
+                    }).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let vips = cfg
+            .vips
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let vlan = v.vlan.unwrap_or(0);
+                VipRt {
+                    addr: v.address.addr,
+                    vlan,
+                    key: vip_key(&v.address.addr, vlan),
+                    id: i as u32,
+                    failover: v.failover,
+                    home: v.adapters.iter().fold(0u64, |m, a| m | 1 << a),
+                    mask: 0,
+                    state: VipState::Refused,
+                }
+            })
+            .collect();
+        let mut agent = Agent {
+            cfg,
+            dp,
+            rtnl,
+            host,
+            ann,
+            lo,
+            adapters,
+            vips,
+            failovers: VecDeque::new(),
+            refusals: vec![],
+            hist_maps: Histogram::default(),
+            hist_announce: Histogram::default(),
+            started: now,
+            adopted,
+            stopping: false,
+        };
+        if let Err(e) = agent.bring_up(&nh.links, reload) {
+            // A restarted agent that fails leaves the previous agent's pins alone so
+            // answering goes on; a first start takes back everything it did.
+            if !agent.adopted {
+                agent.shutdown();
+            }
+            return Err(e);
+        }
+        Ok(agent)
+    }
+
+    fn bring_up(&mut self, links: &[Link], reload: bool) -> anyhow::Result<()> {
+        let pin = self.cfg.agent.pin_path.clone();
+        let mode = xdp_mode(self.cfg.agent.xdp_mode);
+        let mut configured = HashSet::new();
+        for i in 0..self.adapters.len() {
+            let Some(link) = links.iter().find(|l| l.name == self.adapters[i].name).cloned() else {
+                tracing::warn!(adapter = %self.adapters[i].name, "adapter not present; waiting for it");
+                continue;
+            };
+            configured.insert(link.ifindex);
+            self.attach(i, &link, mode, reload)?;
+        }
+        // Entries and pins a previous agent left for adapters no longer configured.
+        for (ifindex, _) in self.dp.adapters()? {
+            if !configured.contains(&ifindex) {
+                self.dp.remove_adapter(ifindex)?;
+            }
+        }
+        for e in std::fs::read_dir(&pin)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(ix) = name.strip_prefix("link_").and_then(|n| n.parse::<u32>().ok()) {
+                if !configured.contains(&ix) {
+                    tracing::info!(ifindex = ix, "removing a stale link pin");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let wanted: HashSet<VipKey> = self.vips.iter().map(|v| v.key).collect();
+        let in_map: HashSet<VipKey> = self.dp.vip_keys()?.into_iter().collect();
+        for k in in_map.difference(&wanted) {
+            self.dp.remove_vip(*k)?;
+        }
+        // VIPs already in an adopted map are ours: probing them would find ourselves.
+        let mut probe = vec![];
+        for v in &mut self.vips {
+            if in_map.contains(&v.key) || !self.cfg.probe.enabled {
+                v.state = VipState::Active;
+                continue;
+            }
+            let from: Vec<(u32, Mac)> = self
+                .adapters
+                .iter()
+                .filter(|a| v.home & (1 << a.slot) != 0 && a.health.answers())
+                .filter_map(|a| Some((a.ifindex?, a.mac?)))
+                .collect();
+            probe.push(ProbeTarget { vip: v.id, addr: v.addr, vlan: v.vlan, from });
+        }
+        if !probe.is_empty() {
+            let listen: Vec<u32> = self.adapters.iter().filter(|a| a.health.answers()).filter_map(|a| a.ifindex).collect();
+            let ours: HashSet<Mac> = self.adapters.iter().filter_map(|a| a.mac).collect();
+            let p = &self.cfg.probe;
+            let found = conflict::probe(&probe, &listen, &ours, p.count, Duration::from_millis(p.wait_ms))?;
+            for v in &mut self.vips {
+                if !probe.iter().any(|t| t.vip == v.id) {
+                    continue;
+                }
+                match found.get(&v.id) {
+                    Some(c) => {
+                        let reason = format!("address in use: {} from {}", c.what, mac_str(&c.mac));
+                        tracing::warn!(vip = %v.addr, vlan = v.vlan, %reason, "VIP refused");
+                        self.refusals.push(Refusal { at: unix_now(), vip: v.addr.to_string(), adapter: None, reason });
+                    }
+                    None => v.state = VipState::Active,
+                }
+            }
+        }
+        self.recompute(true);
+        for i in 0..self.vips.len() {
+            if self.vips[i].state == VipState::Active {
+                let addr = self.vips[i].addr;
+                self.host.add_vip(&mut self.rtnl, self.lo, addr)?;
+            }
+        }
+        let now = Instant::now();
+        for i in 0..self.vips.len() {
+            self.announce_vip(i, None, now);
+        }
+        self.ann.pump(Instant::now());
+        tracing::info!(
+            adapters = self.adapters.iter().filter(|a| a.health != Health::Missing).count(),
+            vips = self.vips.iter().filter(|v| v.state == VipState::Active).count(),
+            adopted = self.adopted,
+            "agent up"
+        );
+        Ok(())
+    }
+
+    /// Attaches the responder to an adapter that is present (or adopts the pinned
+    /// attachment a previous agent left), and puts it in the map.
+    fn attach(&mut self, i: usize, link: &Link, mode: XdpMode, reload: bool) -> anyhow::Result<()> {
+        let path = self.cfg.agent.pin_path.join(format!("link_{}", link.ifindex));
+        self.host.prepare_adapter(&link.name)?;
+        let pinned = if path.exists() {
+            match PinnedLink::from_pin(&path) {
+                Ok(p) if reload => {
+                    self.dp.replace_in_link(p)?;
+                    tracing::info!(adapter = %link.name, "program replaced in the pinned link");
+                    Some(PinnedLink::from_pin(&path)?)
+                }
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(adapter = %link.name, error = %e, "stale link pin");
+                    let _ = std::fs::remove_file(&path);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let pinned = match pinned {
+            Some(p) => p,
+            None => self.dp.attach_pinned(link.ifindex, mode, &path)?,
+        };
+        self.ann.add_adapter(link.ifindex)?;
+        let a = &mut self.adapters[i];
+        a.link = Some(pinned);
+        a.ifindex = Some(link.ifindex);
+        a.mac = link.mac;
+        a.health = if link.running { Health::Up } else { Health::Down };
+        a.gen += 1;
+        a.since = unix_now();
+        let state = a.health.name();
+        self.write_adapter(i)?;
+        tracing::info!(adapter = %link.name, ifindex = link.ifindex, state, "adapter attached");
+        Ok(())
+    }
+
+    fn write_adapter(&mut self, i: usize) -> anyhow::Result<()> {
+        let a = &self.adapters[i];
+        let Some(ifindex) = a.ifindex else { return Ok(()) };
+        let state = if a.health.answers() { ADAPTER_UP } else { ADAPTER_DOWN };
+        self.dp.set_adapter(ifindex, AdapterInfo { mac: a.mac.unwrap_or_default(), slot: a.slot, state })?;
+        Ok(())
+    }
+
+    fn up_mask(&self) -> u64 {
+        self.adapters.iter().filter(|a| a.health.answers()).fold(0, |m, a| m | 1 << a.slot)
+    }
+
+    /// Why adapter `a` may not take over VIP `v`, if it may not (seed 002's checks).
+    fn takeover_refusal(&self, v: &VipRt, a: &AdapterRt, load: u32) -> Option<String> {
+        if v.vlan != 0 && !a.vlans.contains(&v.vlan) {
+            return Some(format!("does not carry vlan {}", v.vlan));
+        }
+        if !a.subnets.iter().any(|s| in_subnet(s, &v.addr)) {
+            return Some("has no address or route in the VIP's subnet".into());
+        }
+        if load >= a.max_vips {
+            return Some(format!("is at max_vips ({})", a.max_vips));
+        }
+        None
+    }
+
+    /// Recomputes every active VIP's allowed mask: its own adapters while one of them is
+    /// up; otherwise (with failover) the healthy adapters that pass the checks. Writes the
+    /// VIPs whose mask changed (all of them with `all`). Returns the VIPs that changed.
+    fn recompute(&mut self, all: bool) -> Vec<(usize, u64)> {
+        let up = self.up_mask();
+        let mut load: Vec<u32> = vec![0; self.adapters.len()];
+        let mut next: Vec<u64> = vec![0; self.vips.len()];
+        // Home placements first, so takeovers only use capacity that is really spare.
+        for (i, v) in self.vips.iter().enumerate() {
+            if v.state != VipState::Active {
+                continue;
+            }
+            if v.home & up != 0 || !v.failover {
+                next[i] = v.home;
+                for a in &self.adapters {
+                    if v.home & (1 << a.slot) != 0 {
+                        load[a.slot as usize] += 1;
+                    }
+                }
+            }
+        }
+        let mut refusals = vec![];
+        for (i, v) in self.vips.iter().enumerate() {
+            if v.state != VipState::Active || next[i] != 0 {
+                continue;
+            }
+            let mut mask = v.home;
+            let mut why = vec![];
+            for a in self.adapters.iter().filter(|a| up & (1 << a.slot) != 0 && v.home & (1 << a.slot) == 0) {
+                match self.takeover_refusal(v, a, load[a.slot as usize]) {
+                    None => {
+                        mask |= 1 << a.slot;
+                        load[a.slot as usize] += 1;
+                    }
+                    Some(r) => why.push((a.name.clone(), r)),
+                }
+            }
+            if mask == v.home && v.mask != v.home {
+                // Nowhere to go; say so once per change.
+                refusals.extend(why.into_iter().map(|(a, r)| (v.addr, a, r)));
+            }
+            next[i] = mask;
+        }
+        for (vip, adapter, reason) in refusals {
+            tracing::warn!(%vip, %adapter, %reason, "takeover refused");
+            self.refusals.push(Refusal { at: unix_now(), vip: vip.to_string(), adapter: Some(adapter), reason });
+        }
+        if self.refusals.len() > MAX_REFUSALS_KEPT {
+            let extra = self.refusals.len() - MAX_REFUSALS_KEPT;
+            self.refusals.drain(..extra);
+        }
+        let mut changed = vec![];
+        for (i, mask) in next.into_iter().enumerate() {
+            let v = &mut self.vips[i];
+            if v.state != VipState::Active || (!all && v.mask == mask) {
+                continue;
+            }
+            let old = v.mask;
+            v.mask = mask;
+            if let Err(e) = self.dp.set_vip(v.key, VipInfo { allowed: mask, id: v.id, flags: 0 }) {
+                tracing::error!(vip = %v.addr, error = %e, "VIP map write failed");
+            }
+            changed.push((i, old));
+        }
+        changed
+    }
+
+    /// Queues announcements of VIP `i` from every adapter that answers it now (or only
+    /// from `only`), dropping what is still queued where it no longer answers.
+    fn announce_vip(&mut self, i: usize, only: Option<usize>, now: Instant) -> Vec<usize> {
+        let v = &self.vips[i];
+        if v.state != VipState::Active {
+            return vec![];
+        }
+        let mut from = vec![];
+        for (j, a) in self.adapters.iter().enumerate() {
+            let (Some(ifindex), Some(mac)) = (a.ifindex, a.mac) else { continue };
+            let answering = v.mask & (1 << a.slot) != 0 && a.health.answers();
+            if !answering {
+                self.ann.cancel(ifindex, v.id);
+                continue;
+            }
+            if only.is_some_and(|o| o != j) {
+                continue;
+            }
+            self.ann.queue(ifindex, v.id, announce::frame(mac, v.addr, v.vlan), now);
+            from.push(j);
+        }
+        from
+    }
+
+    /// The adapter lost its link (or hold-down ran out, or it was removed): stop answering
+    /// there, move what must move, announce from the survivors.
+    fn fail(&mut self, i: usize, at: Instant, kind: &str) {
+        let bit = 1u64 << self.adapters[i].slot;
+        let carried: Vec<usize> = (0..self.vips.len())
+            .filter(|&v| self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0)
+            .collect();
+        if let Err(e) = self.write_adapter(i) {
+            tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
+        }
+        let changed = self.recompute(false);
+        let maps_at = Instant::now();
+        if let Some(ix) = self.adapters[i].ifindex {
+            self.ann.clear(ix);
+        }
+        let mut touched: Vec<usize> = carried.clone();
+        touched.extend(changed.iter().map(|(v, _)| *v));
+        touched.sort_unstable();
+        touched.dedup();
+        let mut from = HashSet::new();
+        for v in touched {
+            from.extend(self.announce_vip(v, None, maps_at));
+        }
+        let (first, _) = self.ann.pump(Instant::now());
+        self.record(i, kind, at, maps_at, first, carried.len(), from);
+    }
+
+    /// The adapter is back (after up_delay): answer there again, bring home what was
+    /// taken over, announce on it.
+    fn restore(&mut self, i: usize, at: Instant) {
+        if let Err(e) = self.write_adapter(i) {
+            tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
+        }
+        let changed = self.recompute(false);
+        let maps_at = Instant::now();
+        let bit = 1u64 << self.adapters[i].slot;
+        let mut from = HashSet::new();
+        let mut n = 0;
+        for v in 0..self.vips.len() {
+            if self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0 {
+                n += 1;
+                from.extend(self.announce_vip(v, Some(i), maps_at));
+            }
+        }
+        // VIPs that came home stop being announced by the adapters that held them.
+        for (v, _) in changed {
+            self.announce_vip(v, Some(usize::MAX), maps_at);
+        }
+        let (first, _) = self.ann.pump(Instant::now());
+        self.record(i, "up", at, maps_at, first, n, from);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(&mut self, i: usize, kind: &str, at: Instant, maps_at: Instant, first: Option<Instant>, vips: usize, from: HashSet<usize>) {
+        let maps_ns = maps_at.saturating_duration_since(at).as_nanos() as u64;
+        let first_ns = first.map(|f| f.saturating_duration_since(at).as_nanos() as u64);
+        self.hist_maps.observe(maps_ns);
+        if let Some(n) = first_ns {
+            self.hist_announce.observe(n);
+        }
+        let mut from: Vec<String> = from.into_iter().map(|j| self.adapters[j].name.clone()).collect();
+        from.sort();
+        tracing::info!(
+            adapter = %self.adapters[i].name,
+            kind,
+            vips,
+            maps_written_ns = maps_ns,
+            first_announcement_ns = ?first_ns,
+            announced_from = ?from,
+            "failover"
+        );
+        self.failovers.push_back(FailoverStatus {
+            at: unix_now() - at.elapsed().as_secs_f64(),
+            adapter: self.adapters[i].name.clone(),
+            kind: kind.into(),
+            vips,
+            maps_written_ns: maps_ns,
+            first_announcement_ns: first_ns,
+            announced_from: from,
+        });
+        while self.failovers.len() > MAX_FAILOVERS_KEPT {
+            self.failovers.pop_front();
+        }
+    }
+
+    /// Logging waits until the maps are written: it is the slowest part of a failover.
+    fn set_health(&mut self, i: usize, h: Health) {
+        let a = &mut self.adapters[i];
+        a.health = h;
+        a.gen += 1;
+        a.since = unix_now();
+    }
+
+    /// Handles one link event received at `at`. Returns timers to start.
+    pub fn on_event(&mut self, ev: &LinkEvent, at: Instant) -> Vec<Timer> {
+        if self.stopping {
+            return vec![];
+        }
+        match ev {
+            LinkEvent::Removed { ifindex, .. } => {
+                if let Some(i) = self.adapters.iter().position(|a| a.ifindex == Some(*ifindex)) {
+                    self.gone(i, at);
+                }
+                vec![]
+            }
+            LinkEvent::Changed(link) => self.on_link(link, at),
+        }
+    }
+
+    /// The adapter's device went away or was renamed: forget it (its attachment went
+    /// with the device) and fail over.
+    fn gone(&mut self, i: usize, at: Instant) {
+        let Some(ifindex) = self.adapters[i].ifindex else { return };
+        self.set_health(i, Health::Missing);
+        self.fail(i, at, "removed");
+        if let Err(e) = self.dp.remove_adapter(ifindex) {
+            tracing::error!(error = %e, "adapter map write failed");
+        }
+        if let Some(l) = self.adapters[i].link.take() {
+            let _ = l.unpin();
+        }
+        self.ann.remove_adapter(ifindex);
+        self.adapters[i].ifindex = None;
+    }
+
+    fn on_link(&mut self, link: &Link, at: Instant) -> Vec<Timer> {
+        let mut timers = vec![];
+        if let Some(i) = self.adapters.iter().position(|a| a.ifindex == Some(link.ifindex)) {
+            if link.name != self.adapters[i].name {
+                tracing::warn!(adapter = %self.adapters[i].name, new_name = %link.name, "adapter renamed; no longer used");
+                self.gone(i, at);
+            } else {
+                let hold = self.cfg.agent.hold_down_ms;
+                let delay = self.cfg.agent.up_delay_ms;
+                let a = &self.adapters[i];
+                if link.mac.is_some() && link.mac != a.mac {
+                    self.adapters[i].mac = link.mac;
+                    let _ = self.write_adapter(i);
+                }
+                match (self.adapters[i].health, link.running) {
+                    (Health::Up, false) if hold == 0 => {
+                        self.set_health(i, Health::Down);
+                        self.fail(i, at, "down");
+                    }
+                    (Health::Up, false) => {
+                        tracing::info!(adapter = %link.name, hold_down_ms = hold, "link down: holding");
+                        self.set_health(i, Health::HoldDown);
+                        timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(hold) });
+                    }
+                    (Health::HoldDown, true) => {
+                        tracing::info!(adapter = %link.name, "link back within hold_down_ms: no failover");
+                        self.set_health(i, Health::Up);
+                    }
+                    (Health::Down, true) if delay == 0 => {
+                        self.set_health(i, Health::Up);
+                        self.restore(i, at);
+                    }
+                    (Health::Down, true) => {
+                        tracing::info!(adapter = %link.name, up_delay_ms = delay, "link up: waiting");
+                        self.set_health(i, Health::UpDelay);
+                        timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(delay) });
+                    }
+                    (Health::UpDelay, false) => {
+                        tracing::info!(adapter = %link.name, "link down again within up_delay_ms");
+                        self.set_health(i, Health::Down)
+                    }
+                    _ => {}
+                }
+            }
+            return timers;
+        }
+        // A configured adapter appeared (created, re-created or renamed to its name).
+        if let Some(i) = self.adapters.iter().position(|a| a.name == link.name && a.health == Health::Missing) {
+            let mode = xdp_mode(self.cfg.agent.xdp_mode);
+            match self.attach(i, link, mode, false) {
+                Ok(()) => {
+                    let running = self.adapters[i].health == Health::Up;
+                    if running {
+                        let delay = self.cfg.agent.up_delay_ms;
+                        if delay == 0 {
+                            self.restore(i, at);
+                        } else {
+                            self.set_health(i, Health::UpDelay);
+                            let _ = self.write_adapter(i);
+                            timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(delay) });
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(adapter = %link.name, error = %e, "could not attach to the returning adapter"),
+            }
+        }
+        timers
+    }
+
+    /// Events were lost (the socket overflowed): re-read every link and act on the
+    /// differences.
+    pub fn resync(&mut self) -> Vec<Timer> {
+        let links = match self.rtnl.links() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "link dump failed");
+                return vec![];
+            }
+        };
+        let at = Instant::now();
+        let mut timers = vec![];
+        for i in 0..self.adapters.len() {
+            if let Some(ix) = self.adapters[i].ifindex {
+                if !links.iter().any(|l| l.ifindex == ix) {
+                    self.gone(i, at);
+                }
+            }
+        }
+        for l in &links {
+            timers.extend(self.on_link(l, at));
+        }
+        timers
+    }
+
+    /// A hold-down or up-delay timer ran out.
+    pub fn on_timer(&mut self, t: &Timer) {
+        if self.stopping || self.adapters[t.adapter].gen != t.gen {
+            return;
+        }
+        let at = Instant::now();
+        match self.adapters[t.adapter].health {
+            Health::HoldDown => {
+                self.set_health(t.adapter, Health::Down);
+                self.fail(t.adapter, at, "down");
+            }
+            Health::UpDelay => {
+                self.set_health(t.adapter, Health::Up);
+                self.restore(t.adapter, at);
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends what is due; returns when to run again.
+    pub fn pump(&mut self) -> Option<Instant> {
+        self.ann.pump(Instant::now()).1
+    }
+
+    pub fn status(&self) -> Status {
+        let up = self.up_mask();
+        let decisions = match self.dp.decisions() {
+            Ok(d) => decision::NAMES.iter().zip(d).map(|(n, c)| (n.to_string(), c)).collect(),
+            Err(_) => vec![],
+        };
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|a| AdapterStatus {
+                name: a.name.clone(),
+                ifindex: a.ifindex,
+                mac: a.mac.map(|m| mac_str(&m)),
+                slot: a.slot,
+                state: a.health.name().into(),
+                since: a.since,
+                vips: self
+                    .vips
+                    .iter()
+                    .filter(|v| v.state == VipState::Active && v.mask & up & (1 << a.slot) != 0)
+                    .count(),
+                max_vips: a.max_vips,
+            })
+            .collect();
+        let vips = self
+            .vips
+            .iter()
+            .map(|v| {
+                let names = |m: u64| -> Vec<String> {
+                    self.adapters.iter().filter(|a| m & (1 << a.slot) != 0).map(|a| a.name.clone()).collect()
+                };
+                let answers = self
+                    .adapters
+                    .iter()
+                    .filter(|a| (v.home | v.mask) & (1 << a.slot) != 0)
+                    .map(|a| (a.name.clone(), self.dp.answers(v.id, a.slot).unwrap_or(0)))
+                    .collect();
+                VipStatus {
+                    address: v.addr.to_string(),
+                    vlan: v.vlan,
+                    id: v.id,
+                    state: match v.state {
+                        VipState::Active => "active",
+                        VipState::Refused => "refused",
+                    }
+                    .into(),
+                    failover: v.failover,
+                    answering: if v.state == VipState::Active { names(v.mask & up) } else { vec![] },
+                    taken_over_by: names(v.mask & !v.home),
+                    answers,
+                }
+            })
+            .collect();
+        Status {
+            config: self.cfg.path.display().to_string(),
+            pin_path: self.cfg.agent.pin_path.display().to_string(),
+            started: self.started,
+            adopted: self.adopted,
+            adapters,
+            vips,
+            failovers: self.failovers.iter().cloned().collect(),
+            refusals: self.refusals.clone(),
+            decisions,
+            announcements_sent: self.ann.sent,
+            announcements_queued: self.ann.queued(),
+            maps_written: self.hist_maps.clone(),
+            first_announcement: self.hist_announce.clone(),
+        }
+    }
+
+    /// Takes back everything: detaches (unpins the links), removes the pinned maps, the
+    /// VIP addresses and the sysctls. The host is left as the agent found it.
+    pub fn shutdown(&mut self) {
+        self.stopping = true;
+        for a in &mut self.adapters {
+            if let Some(l) = a.link.take() {
+                if let Err(e) = l.unpin() {
+                    tracing::warn!(adapter = %a.name, error = %e, "could not unpin link");
+                }
+            }
+        }
+        let pin = self.cfg.agent.pin_path.clone();
+        if let Ok(rd) = std::fs::read_dir(&pin) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&pin);
+        self.host.restore(&mut self.rtnl);
+        tracing::info!("agent stopped; host restored");
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// A previous agent left everything in place and this one took it over.
+    pub fn was_adopted(&self) -> bool {
+        self.adopted || self.host.adopted()
+    }
+
+}
+
+/// Where the record of host changes lives: next to the control socket.
+pub fn state_file(cfg: &Config) -> PathBuf {
+    let mut p = cfg.agent.control_socket.clone().into_os_string();
+    p.push(".state.json");
+    PathBuf::from(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets() {
+        let s = |a: &str, p| Subnet { addr: a.parse().unwrap(), prefix: p };
+        let ip = |a: &str| -> IpAddr { a.parse().unwrap() };
+        assert!(in_subnet(&s("192.0.2.0", 24), &ip("192.0.2.10")));
+        assert!(!in_subnet(&s("192.0.2.0", 24), &ip("192.0.3.10")));
+        assert!(in_subnet(&s("0.0.0.0", 0), &ip("198.51.100.1")));
+        assert!(in_subnet(&s("2001:db8::1", 64), &ip("2001:db8::10")));
+        assert!(!in_subnet(&s("2001:db8::1", 64), &ip("2001:db9::10")));
+        assert!(!in_subnet(&s("192.0.2.0", 24), &ip("2001:db8::10")));
+    }
+}

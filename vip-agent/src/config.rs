@@ -1,0 +1,1246 @@
+//! The agent's TOML configuration: parsing with positions, and validation against the
+//! host, so that every error names the file, the line and the key.
+//!
+//! INTERFACE CONTRACT (the daemon codes against these types and functions; keep them):
+//! - `Config::load(path) -> Result<Config, ConfigErrors>`: reads and parses, runs the
+//!   static checks (no host access).
+//! - `Config::validate_host(&self, &dyn HostView) -> Result<(), ConfigErrors>`: the checks
+//!   that need the host (adapters exist, subnets reachable).
+//! - `ConfigErrors` displays one error per line as `FILE:LINE: KEY: message`.
+//!
+//! The file is read into toml's spanned document tree and walked by hand rather than
+//! deserialized with serde: serde stops at the first error, and the walk reports them all.
+
+use std::{
+    collections::{hash_map::Entry, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use toml::{
+    de::{DeTable, DeValue},
+    Spanned,
+};
+use vip_common::{MAX_ADAPTERS, MAX_IFINDEX, MAX_VIPS};
+
+/// `[agent] xdp_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpModeCfg {
+    /// Native (driver) mode where the driver supports it, else skb mode.
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub xdp_mode: XdpModeCfg,
+    pub hold_down_ms: u64,
+    pub up_delay_ms: u64,
+    pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub pin_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AnnounceConfig {
+    pub count: u32,
+    pub interval_ms: u64,
+    pub max_per_second: u32,
+}
+
+/// `[probe]`: conflict detection before a VIP is first brought up (RFC 5227 / DAD).
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub enabled: bool,
+    /// Probes sent per address.
+    pub count: u32,
+    /// How long to listen for a defender after the last probe.
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    pub name: String,
+    pub max_vips: u32,
+    /// 802.1Q VLANs this adapter carries (tagged). Untagged VIPs need no entry.
+    pub vlans: Vec<u16>,
+    /// Line of this `[[adapter]]` table, for errors found later (at run time).
+    pub line: usize,
+    /// Line of its `name` key (the table's line if the key is missing).
+    pub name_line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subnet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+#[derive(Debug, Clone)]
+pub struct VipConfig {
+    /// The address itself and the prefix of its subnet.
+    pub address: Subnet,
+    /// Its home adapters, in order (indexes into `Config::adapters`).
+    pub adapters: Vec<usize>,
+    pub vlan: Option<u16>,
+    pub failover: bool,
+    pub line: usize,
+    /// Line of its `address` key (the table's line if the key is missing).
+    pub address_line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub agent: AgentConfig,
+    pub announce: AnnounceConfig,
+    pub probe: ProbeConfig,
+    pub adapters: Vec<AdapterConfig>,
+    pub vips: Vec<VipConfig>,
+}
+
+/// What validation needs to know about one adapter on the host.
+#[derive(Debug, Clone, Default)]
+pub struct HostAdapter {
+    pub ifindex: u32,
+    /// Addresses on the adapter (and on VLAN devices on top of it), with their prefixes.
+    pub addrs: Vec<Subnet>,
+    /// Routes out of the adapter (destination and prefix).
+    pub routes: Vec<Subnet>,
+}
+
+/// The host as validation sees it (netlink in the agent, a table in unit tests).
+pub trait HostView {
+    fn adapter(&self, name: &str) -> Option<HostAdapter>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    /// Dotted key, e.g. `vip[2].address` or `agent.xdp_mode`.
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            xdp_mode: XdpModeCfg::Auto,
+            hold_down_ms: 0,
+            up_delay_ms: 0,
+            control_socket: "/run/vip-agent.sock".into(),
+            metrics_listen: None,
+            pin_path: "/sys/fs/bpf/vip".into(),
+        }
+    }
+}
+
+impl Default for AnnounceConfig {
+    fn default() -> Self {
+        Self { count: 3, interval_ms: 100, max_per_second: 2000 }
+    }
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self { enabled: true, count: 2, wait_ms: 200 }
+    }
+}
+
+/// `[[adapter]] max_vips` when not given.
+pub const DEFAULT_MAX_VIPS: u32 = 1024;
+
+impl Subnet {
+    pub fn is_v6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
+    /// Whether `ip` lies in this subnet; never true across address families.
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        let (net, ip, width) = match (self.addr, *ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => (u32::from(n).into(), u32::from(a).into(), 32),
+            (IpAddr::V6(n), IpAddr::V6(a)) => (u128::from(n), u128::from(a), 128),
+            _ => return false,
+        };
+        // A shift by the full width (prefix 0) is None: everything matches.
+        let shift = width - u32::from(self.prefix).min(width);
+        net.checked_shr(shift).unwrap_or(0) == ip.checked_shr(shift).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// `ADDR/PREFIX`, the prefix within the family's width (0 allowed, as in a default route).
+impl FromStr for Subnet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some((addr, prefix)) = s.split_once('/') else {
+            return Err(format!("{s:?} has no prefix length (write e.g. {:?})", format!("{s}/24")));
+        };
+        let bad = || format!("{s:?} is not an IP address with a prefix");
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        match prefix.parse::<u8>() {
+            Ok(prefix) if prefix <= width => Ok(Subnet { addr, prefix }),
+            _ => Err(format!("{s:?}: the prefix must be 0 to {width}")),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file.display(), self.line)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+const ROOT_KEYS: &[&str] = &["agent", "announce", "probe", "adapter", "vip"];
+const AGENT_KEYS: &[&str] =
+    &["xdp_mode", "hold_down_ms", "up_delay_ms", "control_socket", "metrics_listen", "pin_path"];
+const ANNOUNCE_KEYS: &[&str] = &["count", "interval_ms", "max_per_second"];
+const PROBE_KEYS: &[&str] = &["enabled", "count", "wait_ms"];
+const ADAPTER_KEYS: &[&str] = &["name", "max_vips", "vlans"];
+const VIP_KEYS: &[&str] = &["address", "adapters", "vlan", "failover"];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text),
+            Err(e) => Err(ConfigErrors(vec![ConfigError {
+                file: path.into(),
+                line: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])),
+        }
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let mut cx = Cx::new(path, text);
+        let (doc, syntax) = DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            // The recovered tree is only good enough to name the key near each error.
+            for e in &syntax {
+                let span = e.span().unwrap_or(0..0);
+                let mut message = e.message().replace('\n', " ");
+                let key = locate(doc.get_ref(), span.start, "").unwrap_or_else(|| {
+                    match text.get(span.clone()) {
+                        Some(s) if !s.is_empty() && s.len() <= 40 && !s.contains('\n') => {
+                            message += &format!(": `{s}`");
+                        }
+                        _ => {}
+                    }
+                    String::new()
+                });
+                cx.err(cx.line(span.start), key, message);
+            }
+            return Err(ConfigErrors(cx.errors));
+        }
+
+        let root = Tbl { t: Some(doc.get_ref()), key: String::new(), line: 1 };
+        cx.check_keys(&root, ROOT_KEYS);
+
+        let d = AgentConfig::default();
+        let t = cx.section(&root, "agent", AGENT_KEYS);
+        let agent = AgentConfig {
+            xdp_mode: cx.opt(&t, "xdp_mode", xdp_mode).unwrap_or(d.xdp_mode),
+            hold_down_ms: cx.opt(&t, "hold_down_ms", int(0, i64::MAX)).unwrap_or(d.hold_down_ms),
+            up_delay_ms: cx.opt(&t, "up_delay_ms", int(0, i64::MAX)).unwrap_or(d.up_delay_ms),
+            control_socket: cx.opt(&t, "control_socket", socket_path).unwrap_or(d.control_socket),
+            metrics_listen: cx.opt(&t, "metrics_listen", socket_addr),
+            pin_path: cx.opt(&t, "pin_path", path_value).unwrap_or(d.pin_path),
+        };
+
+        let d = AnnounceConfig::default();
+        let t = cx.section(&root, "announce", ANNOUNCE_KEYS);
+        let announce = AnnounceConfig {
+            count: cx.opt(&t, "count", int(1, 100)).unwrap_or(d.count),
+            interval_ms: cx.opt(&t, "interval_ms", int(1, i64::MAX)).unwrap_or(d.interval_ms),
+            max_per_second: cx.opt(&t, "max_per_second", int(1, u32::MAX.into())).unwrap_or(d.max_per_second),
+        };
+
+        let d = ProbeConfig::default();
+        let t = cx.section(&root, "probe", PROBE_KEYS);
+        let probe = ProbeConfig {
+            enabled: cx.opt(&t, "enabled", boolean).unwrap_or(d.enabled),
+            count: cx.opt(&t, "count", int(1, 10)).unwrap_or(d.count),
+            wait_ms: cx.opt(&t, "wait_ms", int(1, 10_000)).unwrap_or(d.wait_ms),
+        };
+
+        let adapter_tables = cx.tables(&root, "adapter", ADAPTER_KEYS);
+        let mut adapters = Vec::<AdapterConfig>::new();
+        let mut by_name = HashMap::<String, usize>::new();
+        for t in &adapter_tables {
+            let name = cx.req(t, "name", string);
+            let name_line = cx.key_line(t, "name");
+            if let Some(Err(m)) = name.as_deref().map(check_ifname) {
+                cx.err(name_line, t.key("name"), m);
+            }
+            let name = name.unwrap_or_default();
+            if !name.is_empty() {
+                match by_name.entry(name.clone()) {
+                    Entry::Occupied(e) => {
+                        let first = &adapters[*e.get()];
+                        let msg = format!("adapter {name} is already defined at line {}", first.name_line);
+                        cx.err(name_line, t.key("name"), msg);
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(adapters.len());
+                    }
+                }
+            }
+            let mut vlans = Vec::new();
+            cx.each(t, "vlans", |v| {
+                let vlan = int(1, 4094)(v)?;
+                if vlans.contains(&vlan) {
+                    return Err(format!("VLAN {vlan} is listed twice"));
+                }
+                vlans.push(vlan);
+                Ok(())
+            });
+            adapters.push(AdapterConfig {
+                name,
+                max_vips: cx.opt(t, "max_vips", int(1, u32::MAX.into())).unwrap_or(DEFAULT_MAX_VIPS),
+                vlans,
+                line: t.line,
+                name_line,
+            });
+        }
+        if let Some(t) = adapter_tables.get(MAX_ADAPTERS as usize) {
+            let msg = format!("more than {MAX_ADAPTERS} adapters, the data plane's limit");
+            cx.err(t.line, t.key.clone(), msg);
+        }
+
+        let vip_tables = cx.tables(&root, "vip", VIP_KEYS);
+        let mut vips = Vec::<VipConfig>::new();
+        // (address, VLAN) is the data plane's key: a second VIP with both equal is refused.
+        let mut seen = HashMap::<(IpAddr, Option<u16>), usize>::new();
+        for t in &vip_tables {
+            let address = cx.req(t, "address", |v| vip_address(&string(v)?));
+            let address_line = cx.key_line(t, "address");
+            let vlan = cx.opt(t, "vlan", int(1, 4094));
+
+            let mut homes = Vec::new();
+            if cx.require(t, "adapters")
+                && t.get("adapters").and_then(|v| v.get_ref().as_array()).is_some_and(|a| a.is_empty())
+            {
+                cx.err(cx.key_line(t, "adapters"), t.key("adapters"), "must name at least one adapter");
+            }
+            cx.each(t, "adapters", |v| {
+                let name = string(v)?;
+                match by_name.get(&name) {
+                    None => Err(format!("{name:?} is not the name of an [[adapter]]")),
+                    Some(a) if homes.contains(a) => Err(format!("{name} is listed twice")),
+                    Some(&a) => {
+                        homes.push(a);
+                        Ok(())
+                    }
+                }
+            });
+
+            if let Some(vlan) = vlan {
+                let lacking = names(&adapters, homes.iter().filter(|&&a| !adapters[a].vlans.contains(&vlan)));
+                if !lacking.is_empty() {
+                    let msg = format!("VLAN {vlan} is not in the vlans of {lacking}");
+                    cx.err(cx.key_line(t, "vlan"), t.key("vlan"), msg);
+                }
+            }
+            if let Some(a) = &address {
+                match seen.entry((a.addr, vlan)) {
+                    Entry::Occupied(e) => {
+                        let on = vlan.map_or("untagged".into(), |v| format!("on VLAN {v}"));
+                        let first = &vips[*e.get()];
+                        let msg = format!("{} {on} is already defined at line {}", a.addr, first.address_line);
+                        cx.err(address_line, t.key("address"), msg);
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(vips.len());
+                    }
+                }
+            }
+            vips.push(VipConfig {
+                // The placeholder is never returned: a missing address is an error.
+                address: address.unwrap_or(Subnet { addr: Ipv4Addr::UNSPECIFIED.into(), prefix: 0 }),
+                adapters: homes,
+                vlan,
+                failover: cx.opt(t, "failover", boolean).unwrap_or(true),
+                line: t.line,
+                address_line,
+            });
+        }
+        if let Some(t) = vip_tables.get(MAX_VIPS as usize) {
+            cx.err(t.line, t.key.clone(), format!("more than {MAX_VIPS} VIPs, the data plane's limit"));
+        }
+
+        for (i, (a, t)) in adapters.iter().zip(&adapter_tables).enumerate() {
+            let used = vips.iter().filter(|v| v.adapters.contains(&i)).count();
+            if used > a.max_vips as usize {
+                let line = t.get("max_vips").map_or(a.name_line, |v| cx.line_of(v));
+                let msg = format!("{used} VIPs use {}, more than its max_vips of {}", a.name, a.max_vips);
+                cx.err(line, t.key("max_vips"), msg);
+            }
+        }
+
+        cx.into_errors()?;
+        Ok(Config { path: path.into(), agent, announce, probe, adapters, vips })
+    }
+
+    pub fn validate_host(&self, host: &dyn HostView) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut err = |line, key, message| {
+            errors.push(ConfigError { file: self.path.clone(), line, key, message });
+        };
+        let found: Vec<Option<HostAdapter>> = self
+            .adapters
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let h = host.adapter(&a.name);
+                let key = format!("adapter[{i}].name");
+                match &h {
+                    None => err(a.name_line, key, format!("adapter {} does not exist on this host", a.name)),
+                    Some(h) if h.ifindex >= MAX_IFINDEX => {
+                        let msg = format!(
+                            "adapter {} has ifindex {}; the data plane serves ifindexes below {MAX_IFINDEX}",
+                            a.name, h.ifindex
+                        );
+                        err(a.name_line, key, msg);
+                    }
+                    Some(_) => {}
+                }
+                h
+            })
+            .collect();
+
+        for (i, vip) in self.vips.iter().enumerate() {
+            let ip = vip.address.addr;
+            let outside = vip.adapters.iter().filter(|&&a| {
+                // A default route reaches everything but puts no adapter in the VIP's subnet.
+                found[a].as_ref().is_some_and(|h| {
+                    !h.addrs.iter().chain(h.routes.iter().filter(|r| r.prefix > 0)).any(|s| s.contains(&ip))
+                })
+            });
+            let outside = names(&self.adapters, outside);
+            if !outside.is_empty() {
+                let msg = format!(
+                    "no address or route on {outside} contains {ip}; a VIP must be in a subnet of each of its adapters"
+                );
+                err(vip.address_line, format!("vip[{i}].address"), msg);
+            }
+        }
+        into_errors(errors)
+    }
+}
+
+/// The names of the adapters at `idx`, comma-separated.
+fn names<'a>(adapters: &[AdapterConfig], idx: impl Iterator<Item = &'a usize>) -> String {
+    idx.map(|&a| adapters[a].name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn into_errors(mut errors: Vec<ConfigError>) -> Result<(), ConfigErrors> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    // Stable: errors on one line keep the order they were found in.
+    errors.sort_by_key(|e| e.line);
+    Err(ConfigErrors(errors))
+}
+
+type Val<'i> = Spanned<DeValue<'i>>;
+
+/// Collects the errors found while reading one file.
+struct Cx<'a> {
+    file: &'a Path,
+    /// Byte offset of the start of each line.
+    line_starts: Vec<usize>,
+    errors: Vec<ConfigError>,
+}
+
+/// A table being read, with its dotted key and line for errors about it or its keys.
+/// `t` is None when the table is absent or not a table (then every key reads as absent).
+struct Tbl<'t, 'i> {
+    t: Option<&'t DeTable<'i>>,
+    key: String,
+    line: usize,
+}
+
+impl<'t, 'i> Tbl<'t, 'i> {
+    fn get(&self, name: &str) -> Option<&'t Val<'i>> {
+        self.t?.get(name)
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.key.is_empty() {
+            name.into()
+        } else {
+            format!("{}.{name}", self.key)
+        }
+    }
+}
+
+impl<'a> Cx<'a> {
+    fn new(file: &'a Path, text: &str) -> Self {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Self { file, line_starts, errors: Vec::new() }
+    }
+
+    /// 1-based line of a byte offset.
+    fn line(&self, at: usize) -> usize {
+        self.line_starts.partition_point(|&s| s <= at)
+    }
+
+    fn line_of<T>(&self, v: &Spanned<T>) -> usize {
+        self.line(v.span().start)
+    }
+
+    /// Line of `name` in `t`, or of the table itself when the key is absent.
+    fn key_line(&self, t: &Tbl, name: &str) -> usize {
+        t.get(name).map_or(t.line, |v| self.line_of(v))
+    }
+
+    fn err(&mut self, line: usize, key: impl Into<String>, message: impl Into<String>) {
+        let (key, message) = (key.into(), message.into());
+        self.errors.push(ConfigError { file: self.file.into(), line, key, message });
+    }
+
+    fn into_errors(self) -> Result<(), ConfigErrors> {
+        into_errors(self.errors)
+    }
+
+    fn check_keys(&mut self, t: &Tbl, known: &[&str]) {
+        for k in t.t.into_iter().flat_map(|t| t.keys()) {
+            if !known.contains(&k.get_ref().as_ref()) {
+                let msg = format!("unknown key (expected one of {})", known.join(", "));
+                self.err(self.line_of(k), t.key(k.get_ref()), msg);
+            }
+        }
+    }
+
+    /// An optional `[name]` table of `root`.
+    fn section<'t, 'i>(&mut self, root: &Tbl<'t, 'i>, name: &str, known: &[&str]) -> Tbl<'t, 'i> {
+        let mut t = Tbl { t: None, key: root.key(name), line: 1 };
+        if let Some(v) = root.get(name) {
+            t.line = self.line_of(v);
+            match v.get_ref() {
+                DeValue::Table(x) => t.t = Some(x),
+                other => self.err(t.line, t.key.clone(), expected("a table", other)),
+            }
+        }
+        self.check_keys(&t, known);
+        t
+    }
+
+    /// The `[[name]]` tables of `root`, at least one required.
+    fn tables<'t, 'i>(&mut self, root: &Tbl<'t, 'i>, name: &str, known: &[&str]) -> Vec<Tbl<'t, 'i>> {
+        let Some(v) = root.get(name) else {
+            self.err(1, name, format!("at least one [[{name}]] is required"));
+            return Vec::new();
+        };
+        let Some(items) = v.get_ref().as_array() else {
+            let msg = format!("expected an array of tables ([[{name}]]), found a {}", v.get_ref().type_str());
+            self.err(self.line_of(v), name, msg);
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.err(self.line_of(v), name, format!("at least one [[{name}]] is required"));
+        }
+        let mut out = Vec::new();
+        for (j, e) in items.iter().enumerate() {
+            let t = Tbl { t: None, key: format!("{name}[{j}]"), line: self.line_of(e) };
+            match e.get_ref() {
+                DeValue::Table(x) => {
+                    let t = Tbl { t: Some(x), ..t };
+                    self.check_keys(&t, known);
+                    out.push(t);
+                }
+                other => self.err(t.line, t.key, expected("a table", other)),
+            }
+        }
+        out
+    }
+
+    /// Reports `name` missing from `t`; true if it is present.
+    fn require(&mut self, t: &Tbl, name: &str) -> bool {
+        let present = t.get(name).is_some();
+        // A table that is itself broken was reported already.
+        if !present && t.t.is_some() {
+            self.err(t.line, t.key(name), "is required");
+        }
+        present
+    }
+
+    fn opt<T>(&mut self, t: &Tbl, name: &str, conv: impl FnOnce(&DeValue) -> Result<T, String>) -> Option<T> {
+        let v = t.get(name)?;
+        conv(v.get_ref()).map_err(|m| self.err(self.line_of(v), t.key(name), m)).ok()
+    }
+
+    fn req<T>(&mut self, t: &Tbl, name: &str, conv: impl FnOnce(&DeValue) -> Result<T, String>) -> Option<T> {
+        self.require(t, name);
+        self.opt(t, name, conv)
+    }
+
+    /// Feeds each element of array `name` to `f`, reporting the ones it refuses.
+    fn each(&mut self, t: &Tbl, name: &str, mut f: impl FnMut(&DeValue) -> Result<(), String>) {
+        let Some(v) = t.get(name) else { return };
+        let Some(items) = v.get_ref().as_array() else {
+            self.err(self.line_of(v), t.key(name), expected("an array", v.get_ref()));
+            return;
+        };
+        for (j, e) in items.iter().enumerate() {
+            if let Err(m) = f(e.get_ref()) {
+                self.err(self.line_of(e), format!("{}[{j}]", t.key(name)), m);
+            }
+        }
+    }
+}
+
+/// The dotted key of the innermost entry whose key or value covers byte `at`.
+fn locate(t: &DeTable, at: usize, prefix: &str) -> Option<String> {
+    let covers = |s: std::ops::Range<usize>| s.start <= at && at <= s.end;
+    for (k, v) in t.iter() {
+        let key = if prefix.is_empty() { k.get_ref().to_string() } else { format!("{prefix}.{}", k.get_ref()) };
+        let hit = covers(k.span()) || covers(v.span());
+        // Tables of an array of tables span only their header: look inside them all.
+        let inner = match v.get_ref() {
+            DeValue::Table(t) => locate(t, at, &key),
+            DeValue::Array(a) => a.iter().enumerate().find_map(|(j, e)| {
+                let key = format!("{key}[{j}]");
+                match e.get_ref() {
+                    DeValue::Table(t) => locate(t, at, &key),
+                    _ => covers(e.span()).then_some(key),
+                }
+            }),
+            _ => None,
+        };
+        if inner.is_some() {
+            return inner;
+        }
+        if hit {
+            return Some(key);
+        }
+    }
+    None
+}
+
+fn expected(what: &str, v: &DeValue) -> String {
+    let ty = v.type_str();
+    let a = if ty.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("expected {what}, found {a} {ty}")
+}
+
+/// An integer in `lo..=hi` converted to `T` (the range keeps the conversion exact).
+fn int<T: TryFrom<i64>>(lo: i64, hi: i64) -> impl Fn(&DeValue) -> Result<T, String> {
+    move |v| {
+        let DeValue::Integer(i) = v else { return Err(expected("an integer", v)) };
+        let n = i64::from_str_radix(i.as_str(), i.radix()).ok();
+        n.filter(|n| (lo..=hi).contains(n)).and_then(|n| T::try_from(n).ok()).ok_or_else(|| {
+            // Type-sized upper bounds say little: name them only for values above them.
+            let range = match n {
+                Some(n) if n < lo && hi >= u32::MAX.into() => format!("at least {lo}"),
+                _ if hi == i64::MAX => format!("at least {lo}"),
+                _ => format!("{lo} to {hi}"),
+            };
+            format!("must be {range}, not {i}")
+        })
+    }
+}
+
+fn string(v: &DeValue) -> Result<String, String> {
+    v.as_str().map(str::to_owned).ok_or_else(|| expected("a string", v))
+}
+
+fn boolean(v: &DeValue) -> Result<bool, String> {
+    v.as_bool().ok_or_else(|| expected("true or false", v))
+}
+
+fn xdp_mode(v: &DeValue) -> Result<XdpModeCfg, String> {
+    match string(v)?.as_str() {
+        "auto" => Ok(XdpModeCfg::Auto),
+        "native" => Ok(XdpModeCfg::Native),
+        "skb" => Ok(XdpModeCfg::Skb),
+        s => Err(format!("{s:?} is not one of auto, native, skb")),
+    }
+}
+
+fn path_value(v: &DeValue) -> Result<PathBuf, String> {
+    let s = string(v)?;
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(s.into())
+}
+
+fn socket_path(v: &DeValue) -> Result<PathBuf, String> {
+    let p = path_value(v)?;
+    // sun_path is 108 bytes including the terminating NUL.
+    let len = p.as_os_str().len();
+    if len > 107 {
+        return Err(format!("is {len} bytes long; a Unix socket path holds at most 107"));
+    }
+    Ok(p)
+}
+
+fn socket_addr(v: &DeValue) -> Result<SocketAddr, String> {
+    let s = string(v)?;
+    s.parse().map_err(|_| format!("{s:?} is not an IP address and port, e.g. \"127.0.0.1:9477\""))
+}
+
+/// The kernel's rules for an interface name (`dev_valid_name`).
+fn check_ifname(name: &str) -> Result<(), String> {
+    let valid = (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid interface name (1 to 15 bytes, no '/', ':' or whitespace)"))
+    }
+}
+
+fn vip_address(s: &str) -> Result<Subnet, String> {
+    let net: Subnet = s.parse()?;
+    let why = match net.addr {
+        _ if net.prefix == 0 => "has prefix 0; a VIP's subnet needs a prefix of at least 1",
+        ip if ip.is_unspecified() => "is the unspecified address",
+        ip if ip.is_loopback() => "is a loopback address",
+        ip if ip.is_multicast() => "is a multicast address",
+        IpAddr::V4(a) if a.is_broadcast() => "is the broadcast address",
+        // /31 and /32 have no broadcast address (RFC 3021).
+        IpAddr::V4(a) if net.prefix <= 30 && u32::from(a) | (u32::MAX << (32 - net.prefix)) == u32::MAX => {
+            "is the broadcast address of its subnet"
+        }
+        IpAddr::V6(a) if a.is_unicast_link_local() => "is an IPv6 link-local address",
+        _ => return Ok(net),
+    };
+    Err(format!("{s:?} {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    const FULL: &str = r#"[agent]
+xdp_mode = "native"
+hold_down_ms = 2000
+up_delay_ms = 500
+control_socket = "/run/x.sock"
+metrics_listen = "[::1]:9000"
+pin_path = "/sys/fs/bpf/x"
+
+[announce]
+count = 5
+interval_ms = 50
+max_per_second = 100
+
+[probe]
+enabled = false
+count = 3
+wait_ms = 1000
+
+[[adapter]]
+name = "eth0"
+max_vips = 8
+vlans = [100, 200]
+
+[[adapter]]
+name = "eth1"
+vlans = [100]
+
+[[vip]]
+address = "192.0.2.10/24"
+adapters = ["eth0", "eth1"]
+
+[[vip]]
+address = "2001:db8::10/64"
+adapters = ["eth1"]
+vlan = 100
+failover = false
+"#;
+
+    #[test]
+    fn full_config_parses_with_all_values() {
+        let c = parse(FULL).unwrap();
+        let a = &c.agent;
+        assert_eq!(a.xdp_mode, XdpModeCfg::Native);
+        assert_eq!((a.hold_down_ms, a.up_delay_ms), (2000, 500));
+        assert_eq!(a.control_socket, Path::new("/run/x.sock"));
+        assert_eq!(a.metrics_listen, Some("[::1]:9000".parse().unwrap()));
+        assert_eq!(a.pin_path, Path::new("/sys/fs/bpf/x"));
+        assert_eq!((c.announce.count, c.announce.interval_ms, c.announce.max_per_second), (5, 50, 100));
+        assert_eq!((c.probe.enabled, c.probe.count, c.probe.wait_ms), (false, 3, 1000));
+
+        let ad: Vec<_> =
+            c.adapters.iter().map(|a| (a.name.as_str(), a.max_vips, a.vlans.clone(), a.line, a.name_line)).collect();
+        assert_eq!(ad, [("eth0", 8, vec![100, 200], 19, 20), ("eth1", 1024, vec![100], 24, 25)]);
+
+        let v = &c.vips;
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].address, "192.0.2.10/24".parse().unwrap());
+        assert_eq!((v[0].adapters.clone(), v[0].vlan, v[0].failover), (vec![0, 1], None, true));
+        assert_eq!((v[0].line, v[0].address_line), (28, 29));
+        assert_eq!(v[1].address, Subnet { addr: "2001:db8::10".parse().unwrap(), prefix: 64 });
+        assert_eq!((v[1].adapters.clone(), v[1].vlan, v[1].failover), (vec![1], Some(100), false));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("[[adapter]]\nname = \"eth0\"\n[[vip]]\naddress = \"192.0.2.1/24\"\nadapters = [\"eth0\"]\n")
+            .unwrap();
+        let a = &c.agent;
+        assert_eq!(a.xdp_mode, XdpModeCfg::Auto);
+        assert_eq!((a.hold_down_ms, a.up_delay_ms, a.metrics_listen), (0, 0, None));
+        assert_eq!(a.control_socket, Path::new("/run/vip-agent.sock"));
+        assert_eq!(a.pin_path, Path::new("/sys/fs/bpf/vip"));
+        assert_eq!((c.announce.count, c.announce.interval_ms, c.announce.max_per_second), (3, 100, 2000));
+        assert_eq!((c.probe.enabled, c.probe.count, c.probe.wait_ms), (true, 2, 200));
+        assert_eq!((c.adapters[0].max_vips, c.adapters[0].vlans.len()), (1024, 0));
+        assert_eq!((c.vips[0].vlan, c.vips[0].failover), (None, true));
+    }
+
+    #[test]
+    fn inline_tables_are_accepted() {
+        let c =
+            parse("adapter = [{ name = \"eth0\" }]\nvip = [{ address = \"192.0.2.1/24\", adapters = [\"eth0\"] }]\n")
+                .unwrap();
+        assert_eq!((c.adapters[0].line, c.vips[0].line), (1, 2));
+    }
+
+    // Five lines; the cases' own lines start at 6. TOML 'literal strings' keep quotes unescaped.
+    const BASE: &str = "[[adapter]]\nname = 'eth0'\n[[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n";
+
+    /// (what, file text, expected (line, key, part of the message) in order).
+    type Case = (&'static str, String, &'static [(usize, &'static str, &'static str)]);
+
+    fn cases() -> Vec<Case> {
+        let base = |extra: &str| format!("{BASE}{extra}");
+        let after = |head: &str| format!("{head}{BASE}");
+        let vip = |address: &str| base(&format!("[[vip]]\naddress = '{address}'\nadapters = ['eth0']\n"));
+        vec![
+            (
+                "syntax: duplicate key",
+                "[agent]\nhold_down_ms = 1\nhold_down_ms = 2\n".into(),
+                &[(3, "", "duplicate key")],
+            ),
+            ("syntax: bare address", "[[vip]]\naddress = 192.0.2.1/24\n".into(), &[(2, "vip[0].address", "")]),
+            ("unknown root key", base("[agnet]\n"), &[(6, "agnet", "unknown key")]),
+            ("unknown agent key", after("[agent]\nhold_down = 5\n"), &[(2, "agent.hold_down", "unknown key")]),
+            ("unknown vip key", base("vlam = 3\n"), &[(6, "vip[0].vlam", "unknown key")]),
+            ("nested unknown", base("[vip.x]\n"), &[(6, "vip[0].x", "unknown key")]),
+            (
+                "wrong type",
+                after("[agent]\nhold_down_ms = '2s'\n"),
+                &[(2, "agent.hold_down_ms", "expected an integer, found a string")],
+            ),
+            ("section wrong type", after("agent = 3\n"), &[(1, "agent", "expected a table")]),
+            (
+                "vip not an array",
+                "[[adapter]]\nname = 'eth0'\n[vip]\naddress = '192.0.2.1/24'\n".into(),
+                &[(3, "vip", "expected an array of tables")],
+            ),
+            ("no adapter, no vip", "[agent]\n".into(), &[(1, "adapter", "at least one"), (1, "vip", "at least one")]),
+            ("xdp_mode", after("[agent]\nxdp_mode = 'fast'\n"), &[(2, "agent.xdp_mode", "\"fast\" is not one of")]),
+            (
+                "negative hold",
+                after("[agent]\nhold_down_ms = -1\n"),
+                &[(2, "agent.hold_down_ms", "at least 0, not -1")],
+            ),
+            (
+                "metrics",
+                after("[agent]\nmetrics_listen = 'localhost:1'\n"),
+                &[(2, "agent.metrics_listen", "not an IP address and port")],
+            ),
+            ("empty pin path", after("[agent]\npin_path = ''\n"), &[(2, "agent.pin_path", "must not be empty")]),
+            (
+                "long socket",
+                after(&format!("[agent]\ncontrol_socket = '/{}'\n", "s".repeat(107))),
+                &[(2, "agent.control_socket", "at most 107")],
+            ),
+            (
+                "announce ranges",
+                after("[announce]\ncount = 0\ninterval_ms = 0\nmax_per_second = 0\n"),
+                &[
+                    (2, "announce.count", "1 to 100, not 0"),
+                    (3, "announce.interval_ms", "at least 1"),
+                    (4, "announce.max_per_second", "at least 1, not 0"),
+                ],
+            ),
+            ("announce count high", after("[announce]\ncount = 101\n"), &[(2, "announce.count", "not 101")]),
+            (
+                "announce rate above u32",
+                after("[announce]\nmax_per_second = 5_000_000_000\n"),
+                &[(2, "announce.max_per_second", "1 to 4294967295, not 5000000000")],
+            ),
+            (
+                "probe ranges",
+                after("[probe]\nenabled = 1\ncount = 11\nwait_ms = 10001\n"),
+                &[
+                    (2, "probe.enabled", "expected true or false"),
+                    (3, "probe.count", "1 to 10"),
+                    (4, "probe.wait_ms", "1 to 10000"),
+                ],
+            ),
+            (
+                "bad interface names",
+                "[[adapter]]\nname = 'eth0:1'\n[[adapter]]\nname = 'a-very-long-name'\n\
+                 [[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0:1']\n"
+                    .into(),
+                &[(2, "adapter[0].name", "not a valid interface name"), (4, "adapter[1].name", "not a valid")],
+            ),
+            (
+                "missing name",
+                "[[adapter]]\nmax_vips = 2\n[[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n".into(),
+                &[(1, "adapter[0].name", "is required"), (5, "vip[0].adapters[0]", "not the name of an [[adapter]]")],
+            ),
+            (
+                "duplicate adapter",
+                base("[[adapter]]\nname = 'eth0'\n"),
+                &[(7, "adapter[1].name", "adapter eth0 is already defined at line 2")],
+            ),
+            (
+                // An invalid max_vips falls back to the default: no second error about its use.
+                "max_vips zero",
+                "[[adapter]]\nname = 'eth0'\nmax_vips = 0\n[[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n"
+                    .into(),
+                &[(3, "adapter[0].max_vips", "at least 1, not 0")],
+            ),
+            (
+                "vlans",
+                "[[adapter]]\nname = 'eth0'\nvlans = [\n  100,\n  0,\n  100,\n  4095,\n]\n\
+                 [[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n"
+                    .into(),
+                &[
+                    (5, "adapter[0].vlans[1]", "1 to 4094, not 0"),
+                    (6, "adapter[0].vlans[2]", "VLAN 100 is listed twice"),
+                    (7, "adapter[0].vlans[3]", "not 4095"),
+                ],
+            ),
+            (
+                "vlans not an array",
+                "[[adapter]]\nname = 'eth0'\nvlans = 100\n[[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n"
+                    .into(),
+                &[(3, "adapter[0].vlans", "expected an array")],
+            ),
+            (
+                "bad address",
+                vip("192.0.2.300/24"),
+                &[(7, "vip[1].address", "\"192.0.2.300/24\" is not an IP address with a prefix")],
+            ),
+            ("no prefix", vip("192.0.2.3"), &[(7, "vip[1].address", "no prefix length")]),
+            ("v4 prefix", vip("192.0.2.3/33"), &[(7, "vip[1].address", "0 to 32")]),
+            ("v6 prefix", vip("2001:db8::1/129"), &[(7, "vip[1].address", "0 to 128")]),
+            ("prefix 0", vip("192.0.2.3/0"), &[(7, "vip[1].address", "prefix 0")]),
+            ("unspecified", vip("::/64"), &[(7, "vip[1].address", "unspecified")]),
+            ("multicast", vip("224.0.0.5/24"), &[(7, "vip[1].address", "multicast")]),
+            ("loopback", vip("::1/128"), &[(7, "vip[1].address", "loopback")]),
+            ("broadcast", vip("255.255.255.255/32"), &[(7, "vip[1].address", "is the broadcast address")]),
+            ("subnet broadcast", vip("192.0.2.255/24"), &[(7, "vip[1].address", "broadcast address of its subnet")]),
+            ("link-local", vip("fe80::1/64"), &[(7, "vip[1].address", "link-local")]),
+            (
+                "missing address and adapters",
+                base("[[vip]]\nvlan = 5\n"),
+                &[(6, "vip[1].address", "is required"), (6, "vip[1].adapters", "is required")],
+            ),
+            (
+                "empty adapters",
+                base("[[vip]]\naddress = '192.0.2.3/24'\nadapters = []\n"),
+                &[(8, "vip[1].adapters", "at least one adapter")],
+            ),
+            (
+                "unknown and twice-listed adapter",
+                base("[[vip]]\naddress = '192.0.2.3/24'\nadapters = [\n  'eth0',\n  'eth9',\n  'eth0',\n]\n"),
+                &[
+                    (10, "vip[1].adapters[1]", "\"eth9\" is not the name of an [[adapter]]"),
+                    (11, "vip[1].adapters[2]", "eth0 is listed twice"),
+                ],
+            ),
+            (
+                "duplicate vip, other prefix",
+                vip("192.0.2.1/25"),
+                &[(7, "vip[1].address", "192.0.2.1 untagged is already defined at line 4")],
+            ),
+            (
+                "same address on a VLAN is another VIP, twice on it a duplicate",
+                "[[adapter]]\nname = 'eth0'\nvlans = [7]\n\
+                 [[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n\
+                 [[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\nvlan = 7\n\
+                 [[vip]]\nvlan = 7\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n"
+                    .into(),
+                &[(13, "vip[2].address", "192.0.2.1 on VLAN 7 is already defined at line 8")],
+            ),
+            (
+                "vlan not carried",
+                "[[adapter]]\nname = 'eth0'\nvlans = [7]\n[[adapter]]\nname = 'eth1'\n[[adapter]]\nname = 'eth2'\n\
+                 [[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0', 'eth1', 'eth2']\nvlan = 7\n"
+                    .into(),
+                &[(11, "vip[0].vlan", "VLAN 7 is not in the vlans of eth1, eth2")],
+            ),
+            (
+                "more VIPs than max_vips",
+                "[[adapter]]\nname = 'eth0'\nmax_vips = 1\n\
+                 [[vip]]\naddress = '192.0.2.1/24'\nadapters = ['eth0']\n\
+                 [[vip]]\naddress = '192.0.2.2/24'\nadapters = ['eth0']\n"
+                    .into(),
+                &[(3, "adapter[0].max_vips", "2 VIPs use eth0, more than its max_vips of 1")],
+            ),
+            (
+                "more VIPs than the default max_vips: on the name line",
+                format!(
+                    "[[adapter]]\n\nname = 'eth0'\n{}",
+                    (0..=DEFAULT_MAX_VIPS)
+                        .map(|i| format!(
+                            "[[vip]]\naddress = '10.0.{}.{}/16'\nadapters = ['eth0']\n",
+                            i / 200,
+                            i % 200 + 1
+                        ))
+                        .collect::<String>()
+                ),
+                &[(3, "adapter[0].max_vips", "1025 VIPs use eth0, more than its max_vips of 1024")],
+            ),
+        ]
+    }
+
+    #[test]
+    fn each_error_names_its_line_and_key() {
+        for (what, text, want) in cases() {
+            let errs = parse(&text).expect_err(what).0;
+            let got: Vec<_> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+            let want_lk: Vec<_> = want.iter().map(|&(l, k, _)| (l, k)).collect();
+            assert_eq!(got, want_lk, "{what}: {errs:#?}");
+            for (e, (_, _, part)) in errs.iter().zip(want) {
+                assert!(e.message.contains(part), "{what}: {:?} lacks {part:?}", e.message);
+                assert_eq!(e.file, Path::new("t.toml"));
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_adapters_is_the_data_plane_limit() {
+        let mut text: String = (0..=MAX_ADAPTERS).map(|i| format!("[[adapter]]\nname = \"e{i}\"\n")).collect();
+        text += "[[vip]]\naddress = \"192.0.2.1/24\"\nadapters = [\"e0\"]\n";
+        let errs = parse(&text).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].line, errs[0].key.as_str()), (2 * MAX_ADAPTERS as usize + 1, "adapter[64]"));
+    }
+
+    #[test]
+    fn all_errors_are_reported_in_line_order() {
+        let text = r#"[agent]
+xdp_mode = "turbo"
+[[adapter]]
+name = "eth0"
+max_vips = 1
+[[vip]]
+address = "192.0.2.300/24"
+adapters = ["eth0", "eth5"]
+[[vip]]
+address = "192.0.2.10/24"
+adapters = ["eth0"]
+vlan = 100
+colour = "red"
+[[vip]]
+address = "192.0.2.11/24"
+adapters = ["eth0"]
+"#;
+        let errs = parse(text).unwrap_err();
+        let got: Vec<_> = errs.0.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (2, "agent.xdp_mode"),
+                (5, "adapter[0].max_vips"),
+                (7, "vip[0].address"),
+                (8, "vip[0].adapters[1]"),
+                (12, "vip[1].vlan"),
+                (13, "vip[1].colour"),
+            ]
+        );
+        let shown = errs.to_string();
+        assert_eq!(shown.lines().count(), 6);
+        assert_eq!(
+            shown.lines().nth(2),
+            Some("t.toml:7: vip[0].address: \"192.0.2.300/24\" is not an IP address with a prefix")
+        );
+    }
+
+    #[test]
+    fn unreadable_file_is_line_0() {
+        let errs = Config::load(Path::new("/nonexistent/vip.toml")).unwrap_err().0;
+        assert_eq!((errs.len(), errs[0].line, errs[0].key.as_str()), (1, 0, ""));
+        assert!(errs[0].to_string().starts_with("/nonexistent/vip.toml:0: cannot read the file: "));
+    }
+
+    #[test]
+    fn subnet_contains() {
+        let s = |t: &str| t.parse::<Subnet>().unwrap();
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        assert!(s("192.0.2.1/24").contains(&ip("192.0.2.200")));
+        assert!(!s("192.0.2.1/24").contains(&ip("192.0.3.1")));
+        assert!(s("192.0.2.1/32").contains(&ip("192.0.2.1")));
+        assert!(s("0.0.0.0/0").contains(&ip("203.0.113.9")));
+        assert!(!s("0.0.0.0/0").contains(&ip("2001:db8::1")));
+        assert!(s("2001:db8::1/64").contains(&ip("2001:db8::ffff")));
+        assert!(!s("2001:db8::1/64").contains(&ip("2001:db8:0:1::1")));
+        assert!(s("::/0").contains(&ip("2001:db8::1")));
+        assert_eq!(s("2001:db8::1/64").to_string(), "2001:db8::1/64");
+        assert!(s("2001:db8::1/64").is_v6());
+        assert!("192.0.2.1/+4".parse::<Subnet>().is_err());
+    }
+
+    fn examples() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    }
+
+    #[test]
+    fn examples_are_valid() {
+        for name in ["lab.toml", "two-adapters.toml"] {
+            let c = Config::load(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!c.vips.is_empty());
+        }
+    }
+
+    /// Each file in examples/bad lists the errors it must produce as `# expect: LINE [KEY]`.
+    #[test]
+    fn bad_examples_report_what_they_expect() {
+        let dir = examples().join("bad");
+        let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        assert!(!files.is_empty());
+        for path in files {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let want: Vec<(usize, String)> = (text.lines())
+                .filter_map(|l| l.strip_prefix("# expect: "))
+                .map(|l| {
+                    let (line, key) = l.split_once(' ').unwrap_or((l, ""));
+                    (line.parse().unwrap(), key.to_owned())
+                })
+                .collect();
+            let errs = Config::parse(&path, &text).expect_err(&path.display().to_string());
+            let got: Vec<_> = errs.0.iter().map(|e| (e.line, e.key.clone())).collect();
+            assert_eq!(got, want, "{}:\n{errs}", path.display());
+        }
+    }
+
+    struct FakeHost(HashMap<&'static str, HostAdapter>);
+
+    impl HostView for FakeHost {
+        fn adapter(&self, name: &str) -> Option<HostAdapter> {
+            self.0.get(name).cloned()
+        }
+    }
+
+    fn host(adapters: &[(&'static str, u32, &[&str], &[&str])]) -> FakeHost {
+        let nets = |l: &[&str]| l.iter().map(|s| s.parse().unwrap()).collect();
+        FakeHost(
+            adapters
+                .iter()
+                .map(|&(n, ifindex, addrs, routes)| {
+                    (n, HostAdapter { ifindex, addrs: nets(addrs), routes: nets(routes) })
+                })
+                .collect(),
+        )
+    }
+
+    const HOSTED: &str = r#"[[adapter]]
+name = "eth0"
+[[adapter]]
+name = "eth1"
+[[adapter]]
+name = "eth7"
+[[vip]]
+address = "192.0.2.10/24"
+adapters = ["eth0", "eth1"]
+[[vip]]
+address = "2001:db8::10/64"
+adapters = ["eth0", "eth1"]
+[[vip]]
+address = "198.51.100.10/24"
+adapters = ["eth0", "eth7"]
+"#;
+
+    #[test]
+    fn validate_host_cases() {
+        let c = parse(HOSTED).unwrap();
+        let v4 = ["192.0.2.1/24", "2001:db8::1/64"];
+        let eth0: (&str, u32, &[&str], &[&str]) = ("eth0", 2, &v4, &["198.51.100.0/24"]);
+        // eth1 reaches 192.0.2.0/24 only through a route, and 2001:db8::/64 through an address.
+        let eth1: (&str, u32, &[&str], &[&str]) = ("eth1", 3, &["2001:db8::2/64"], &["0.0.0.0/0", "192.0.2.0/24"]);
+        let eth7: (&str, u32, &[&str], &[&str]) = ("eth7", 9, &["198.51.100.1/24"], &[]);
+        c.validate_host(&host(&[eth0, eth1, eth7])).unwrap();
+
+        type HostCase<'a> = (&'a str, FakeHost, &'a [(usize, &'a str, &'a str)]);
+        let cases: Vec<HostCase> = vec![
+            (
+                "missing adapter",
+                host(&[eth0, eth1]),
+                &[(6, "adapter[2].name", "adapter eth7 does not exist on this host")],
+            ),
+            (
+                "subnet missing on one adapter, and a default route is not a subnet",
+                host(&[eth0, ("eth1", 3, &["2001:db8::2/64"], &["0.0.0.0/0"]), eth7]),
+                &[(8, "vip[0].address", "no address or route on eth1 contains 192.0.2.10")],
+            ),
+            (
+                "IPv6 missing on both, and an IPv4 route does not count",
+                host(&[
+                    ("eth0", 2, &["192.0.2.1/24"], &["198.51.100.0/24"]),
+                    ("eth1", 3, &[], &["192.0.2.0/24", "2001:db8:1::/64"]),
+                    eth7,
+                ]),
+                &[(11, "vip[1].address", "no address or route on eth0, eth1 contains 2001:db8::10")],
+            ),
+            (
+                "ifindex beyond the data plane",
+                host(&[eth0, eth1, ("eth7", 70_000, &["198.51.100.1/24"], &[])]),
+                &[(6, "adapter[2].name", "ifindex 70000")],
+            ),
+        ];
+        for (what, h, want) in cases {
+            let errs = c.validate_host(&h).expect_err(what).0;
+            let got: Vec<_> = errs.iter().map(|e| (e.line, e.key.as_str())).collect();
+            let want_lk: Vec<_> = want.iter().map(|&(l, k, _)| (l, k)).collect();
+            assert_eq!(got, want_lk, "{what}: {errs:#?}");
+            for (e, (_, _, part)) in errs.iter().zip(want) {
+                assert!(e.message.contains(part), "{what}: {:?} lacks {part:?}", e.message);
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The control socket (`vip-agent status`) and the Prometheus metrics listener.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
+};
+
+use crate::{agent::Agent, status::Status};
+
+pub type Shared = Arc<Mutex<Agent>>;
+
+/// Serves `status` requests: one line in, one JSON document out.
+pub async fn serve_control(listener: UnixListener, agent: Shared) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = BufReader::new(r);
+            if r.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match line.trim() {
+                "status" => {
+                    let s = agent.lock().expect("agent lock").status();
+                    serde_json::to_string(&s).expect("serialisable")
+                }
+                other => format!("{{\"error\":\"unknown command {other:?}\"}}"),
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+/// Serves the metrics in Prometheus text format on any path.
+pub async fn serve_metrics(listener: TcpListener, agent: Shared) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            // The request itself does not matter; read until the end of its headers.
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 8192 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = agent.lock().expect("agent lock").status().prometheus();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// The client side of `vip-agent status`.
+pub async fn query_status(socket: &Path) -> anyhow::Result<Status> {
+    let mut s = UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e} (is the agent running?)", socket.display()))?;
+    s.write_all(b"status\n").await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(serde_json::from_str(&out)?)
+}

@@ -1,0 +1,142 @@
+//! Changes the agent makes to the host outside BPF, recorded so they can be undone: VIP
+//! addresses on `lo`, and per-adapter sysctls. The record is also written to a state file
+//! so that an agent restarted after SIGKILL still restores what the host had originally.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::Subnet,
+    netlink::{NetlinkError, Rtnl},
+};
+
+/// Per-adapter sysctls and the values the agent needs.
+/// - arp_ignore=1: the kernel answers ARP only for addresses on the receiving adapter, so
+///   a VIP on `lo` is answered by the data plane alone.
+/// - arp_announce=2: the kernel's own ARP requests use the adapter's address, never a VIP.
+/// - ignore_routes_with_linkdown=1: replies do not go out of an adapter that lost carrier.
+pub const ADAPTER_SYSCTLS: &[(&str, &str)] = &[
+    ("ipv4/conf/{}/arp_ignore", "1"),
+    ("ipv4/conf/{}/arp_announce", "2"),
+    ("ipv4/conf/{}/ignore_routes_with_linkdown", "1"),
+    ("ipv6/conf/{}/ignore_routes_with_linkdown", "1"),
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SavedSysctl {
+    pub path: PathBuf,
+    pub original: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddedAddress {
+    pub ifindex: u32,
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+/// What the agent changed, in the order it changed it.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct HostChanges {
+    pub sysctls: Vec<SavedSysctl>,
+    pub addresses: Vec<AddedAddress>,
+}
+
+pub struct Host {
+    pub changes: HostChanges,
+    state_file: PathBuf,
+}
+
+fn sysctl_path(template: &str, dev: &str) -> PathBuf {
+    Path::new("/proc/sys/net").join(template.replace("{}", dev))
+}
+
+impl Host {
+    /// Picks up the record a previous agent left (it was killed), or starts empty.
+    pub fn open(state_file: PathBuf) -> Host {
+        let changes = fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<HostChanges>(&b).ok())
+            .unwrap_or_default();
+        Host { changes, state_file }
+    }
+
+    pub fn adopted(&self) -> bool {
+        !self.changes.sysctls.is_empty() || !self.changes.addresses.is_empty()
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        if let Some(dir) = self.state_file.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = self.state_file.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(&self.changes).expect("serialisable"))?;
+        fs::rename(&tmp, &self.state_file)
+    }
+
+    /// Sets the agent's sysctls on `dev`, remembering each original value the first time.
+    /// A sysctl the kernel does not have for this device (IPv6 disabled) is left alone.
+    pub fn prepare_adapter(&mut self, dev: &str) -> std::io::Result<()> {
+        for (template, value) in ADAPTER_SYSCTLS {
+            let path = sysctl_path(template, dev);
+            let Ok(current) = fs::read_to_string(&path) else { continue };
+            let current = current.trim().to_string();
+            if !self.changes.sysctls.iter().any(|s| s.path == path) {
+                self.changes.sysctls.push(SavedSysctl { path: path.clone(), original: current.clone() });
+                self.save()?;
+            }
+            if current != *value {
+                fs::write(&path, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a VIP as a host address on `lo` (/32 or /128) so the stack accepts its
+    /// traffic. An address this agent added before (it was restarted) is kept as is.
+    pub fn add_vip(&mut self, rtnl: &mut Rtnl, lo: u32, addr: std::net::IpAddr) -> Result<(), NetlinkError> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let rec = AddedAddress { ifindex: lo, addr, prefix };
+        if self.changes.addresses.contains(&rec) {
+            match rtnl.add_address(lo, &Subnet { addr, prefix }) {
+                Ok(()) => {}
+                Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+        rtnl.add_address(lo, &Subnet { addr, prefix })?;
+        self.changes.addresses.push(rec);
+        self.save().map_err(NetlinkError::Io)
+    }
+
+    pub fn remove_vip(&mut self, rtnl: &mut Rtnl, addr: std::net::IpAddr) -> Result<(), NetlinkError> {
+        if let Some(pos) = self.changes.addresses.iter().position(|a| a.addr == addr) {
+            let a = self.changes.addresses.remove(pos);
+            let _ = self.save();
+            rtnl.del_address(a.ifindex, &Subnet { addr: a.addr, prefix: a.prefix })?;
+        }
+        Ok(())
+    }
+
+    /// Undoes everything, newest first, and removes the state file. Errors are logged and
+    /// the rest is still undone: a half-restored host is worse than a logged warning.
+    pub fn restore(&mut self, rtnl: &mut Rtnl) {
+        for a in self.changes.addresses.drain(..).rev() {
+            if let Err(e) = rtnl.del_address(a.ifindex, &Subnet { addr: a.addr, prefix: a.prefix }) {
+                tracing::warn!(addr = %a.addr, error = %e, "could not remove VIP address");
+            }
+        }
+        for s in self.changes.sysctls.drain(..).rev() {
+            if let Err(e) = fs::write(&s.path, &s.original) {
+                // The adapter may have gone away; there is nothing to restore then.
+                tracing::debug!(path = %s.path.display(), error = %e, "sysctl not restored");
+            }
+        }
+        let _ = fs::remove_file(&self.state_file);
+    }
+}

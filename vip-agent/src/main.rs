@@ -1,0 +1,271 @@
+//! `vip-agent`: run the agent, check a config, or ask a running agent for its status.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::Notify;
+use vip_agent::{
+    agent::{Agent, NetlinkHost, Timer},
+    config::Config,
+    control::{self, Shared},
+    netlink::{LinkEvents, NetlinkError, Rtnl},
+    ConfigInvalid,
+};
+
+/// Keeps virtual IP addresses reachable across adapter and link failures: an XDP data
+/// plane answers ARP and neighbor solicitations on every healthy adapter, and the agent
+/// rewrites its maps and announces moved addresses within microseconds of a failure.
+#[derive(Parser)]
+#[command(name = "vip-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent until SIGINT or SIGTERM, then take back everything it changed.
+    Run {
+        /// The TOML config (see docs/configuration.md).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The built XDP object (`cargo xtask build-ebpf` prints its path).
+        #[arg(long, env = "VIP_EBPF_OBJECT")]
+        bpf_object: PathBuf,
+        /// Replace the program of pinned attachments a previous agent left (an upgrade)
+        /// instead of adopting them as they are.
+        #[arg(long)]
+        reload: bool,
+        /// Run in this network namespace (a name under /run/netns).
+        #[arg(long)]
+        netns: Option<String>,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Validate a config against this host without changing anything. Exit code 2 on
+    /// any error, each naming the file, line and key.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Check against this network namespace (a name under /run/netns).
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Show a running agent's adapters, VIPs, recent failovers and refusals.
+    Status {
+        /// The agent's config (its control_socket is used).
+        #[arg(long, short, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket [default: /run/vip-agent.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn enter_netns(name: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{name}");
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        anyhow::bail!("entering {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config, netns } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let host = netns
+                .as_deref()
+                .map_or(Ok(()), enter_netns)
+                .and_then(|()| Ok(NetlinkHost::read(&mut Rtnl::open()?)?));
+            let host = match host {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("vip-agent: reading the host: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+            match cfg.validate_host(&host) {
+                Ok(()) => {
+                    println!("{}: ok ({} adapters, {} VIPs)", config.display(), cfg.adapters.len(), cfg.vips.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Status { config, socket, json } => {
+            let socket = match (config, socket) {
+                (Some(c), _) => match load_config(&c) {
+                    Ok(cfg) => cfg.agent.control_socket,
+                    Err(code) => return code,
+                },
+                (None, Some(s)) => s,
+                (None, None) => PathBuf::from("/run/vip-agent.sock"),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            match rt.block_on(control::query_status(&socket)) {
+                Ok(s) if json => {
+                    println!("{}", serde_json::to_string_pretty(&s).expect("serialisable"));
+                    ExitCode::SUCCESS
+                }
+                Ok(s) => {
+                    print!("{}", s.human());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vip-agent: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Run { config, bpf_object, reload, netns, log_json } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            if log_json {
+                sub.json().init();
+            } else {
+                sub.init();
+            }
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match run(cfg, bpf_object, reload, netns) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.downcast_ref::<ConfigInvalid>().is_some() => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn spawn_timers(rt: &tokio::runtime::Handle, agent: &Shared, notify: &Arc<Notify>, timers: Vec<Timer>) {
+    for t in timers {
+        let (agent, notify) = (agent.clone(), notify.clone());
+        rt.spawn(async move {
+            tokio::time::sleep(t.after).await;
+            agent.lock().expect("agent lock").on_timer(&t);
+            notify.notify_one();
+        });
+    }
+}
+
+fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> anyhow::Result<()> {
+    // Before any thread exists: every thread the agent starts inherits the namespace.
+    if let Some(ns) = &netns {
+        enter_netns(ns)?;
+    }
+    let object = std::fs::read(&object).with_context(|| format!("reading the XDP object {}", object.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Subscribed before the first dump, so no change between the two is missed.
+    let mut events = LinkEvents::open()?;
+    let socket_path = cfg.agent.control_socket.clone();
+    let metrics = cfg.agent.metrics_listen;
+    let _guard = rt.enter();
+    let agent = Agent::start(cfg, &object, reload)?;
+    let agent: Shared = Arc::new(Mutex::new(agent));
+    let notify = Arc::new(Notify::new());
+
+    // The link watcher: a thread of its own, so an event is acted on as soon as recv returns.
+    {
+        let (agent, notify, handle) = (agent.clone(), notify.clone(), rt.handle().clone());
+        std::thread::Builder::new().name("link-watcher".into()).spawn(move || loop {
+            let timers = match events.recv() {
+                Ok((at, evs)) => {
+                    let mut a = agent.lock().expect("agent lock");
+                    evs.iter().flat_map(|e| a.on_event(e, at)).collect::<Vec<_>>()
+                }
+                Err(NetlinkError::Io(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    tracing::warn!("link events were lost; re-reading all links");
+                    agent.lock().expect("agent lock").resync()
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "link watcher");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    vec![]
+                }
+            };
+            spawn_timers(&handle, &agent, &notify, timers);
+            notify.notify_one();
+        })?;
+    }
+
+    rt.block_on(async {
+        // Announcement rounds after the first, paced per adapter.
+        {
+            let (agent, notify) = (agent.clone(), notify.clone());
+            tokio::spawn(async move {
+                loop {
+                    let next = agent.lock().expect("agent lock").pump();
+                    match next {
+                        Some(t) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(t.max(Instant::now()))) => {}
+                                _ = notify.notified() => {}
+                            }
+                        }
+                        None => notify.notified().await,
+                    }
+                }
+            });
+        }
+        let _ = std::fs::remove_file(&socket_path);
+        if let Some(dir) = socket_path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = tokio::net::UnixListener::bind(&socket_path)
+            .with_context(|| format!("control socket {}", socket_path.display()))?;
+        tokio::spawn(control::serve_control(listener, agent.clone()));
+        if let Some(addr) = metrics {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, "metrics listening");
+                    tokio::spawn(control::serve_metrics(l, agent.clone()));
+                }
+                Err(e) => tracing::error!(%addr, error = %e, "metrics listener not started"),
+            }
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping");
+        anyhow::Ok(())
+    })?;
+    agent.lock().expect("agent lock").shutdown();
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}

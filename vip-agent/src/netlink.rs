@@ -1,0 +1,278 @@
+//! rtnetlink, synchronously: dumps of links, addresses and routes, adding and removing
+//! addresses, and a socket subscribed to link events. Blocking sockets on purpose: the
+//! link watcher owns a thread, so an event is handled the moment `recv` returns, with no
+//! executor wake-up in between.
+
+use std::{
+    io,
+    net::IpAddr,
+    time::Instant,
+};
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+};
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkFlags, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    AddressFamily, RouteNetlinkMessage,
+};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::config::Subnet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("netlink: {0}")]
+    Decode(String),
+    #[error("netlink request refused: {0}")]
+    Refused(io::Error),
+}
+
+type Result<T> = std::result::Result<T, NetlinkError>;
+
+/// One link as netlink reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    /// Administratively up and with carrier (IFF_UP and IFF_LOWER_UP).
+    pub running: bool,
+    /// The lower device of a VLAN or macvlan (IFLA_LINK), if any.
+    pub lower: Option<u32>,
+}
+
+impl Link {
+    fn from_msg(m: &LinkMessage) -> Link {
+        let mut l = Link {
+            ifindex: m.header.index,
+            name: String::new(),
+            mac: None,
+            running: m.header.flags.contains(LinkFlags::Up) && m.header.flags.contains(LinkFlags::LowerUp),
+            lower: None,
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => l.name = n.clone(),
+                LinkAttribute::Address(b) if b.len() == 6 => l.mac = Some(b[..6].try_into().unwrap()),
+                LinkAttribute::Link(i) => l.lower = Some(*i),
+                _ => {}
+            }
+        }
+        l
+    }
+}
+
+/// A change the link watcher reacts to.
+#[derive(Debug, Clone)]
+pub enum LinkEvent {
+    /// RTM_NEWLINK: a link appeared or changed (carrier, flags, name).
+    Changed(Link),
+    /// RTM_DELLINK.
+    Removed { ifindex: u32, name: String },
+}
+
+/// An rtnetlink socket for requests.
+pub struct Rtnl {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Rtnl {
+    pub fn open() -> Result<Rtnl> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        Ok(Rtnl { sock, seq: 1 })
+    }
+
+    /// Sends one request and collects the replies until the dump ends or the ack comes.
+    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        self.seq = self.seq.wrapping_add(1);
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        req.finalize();
+        let mut buf = vec![0u8; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+        let mut out = vec![];
+        let mut rbuf = vec![0u8; 1 << 16];
+        loop {
+            let n = self.sock.recv(&mut &mut rbuf[..], 0)?;
+            let mut off = 0;
+            while off < n {
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rbuf[off..n])
+                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+                let len = m.header.length as usize;
+                if len == 0 {
+                    return Err(NetlinkError::Decode("zero-length message".into()));
+                }
+                off += (len + 3) & !3;
+                if m.header.sequence_number != self.seq {
+                    continue;
+                }
+                match m.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(out),
+                            Some(_) => Err(NetlinkError::Refused(e.to_io())),
+                        }
+                    }
+                    NetlinkPayload::InnerMessage(inner) => {
+                        out.push(inner);
+                        if flags & NLM_F_DUMP == 0 && flags & NLM_F_ACK == 0 {
+                            return Ok(out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub fn links(&mut self) -> Result<Vec<Link>> {
+        let replies = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(Link::from_msg(l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Addresses by ifindex.
+    pub fn addresses(&mut self) -> Result<Vec<(u32, Subnet)>> {
+        let replies = self.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)?;
+        let mut out = vec![];
+        for m in &replies {
+            let RouteNetlinkMessage::NewAddress(a) = m else { continue };
+            // IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS otherwise.
+            let local = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = local.or_else(|| {
+                a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(addr) = addr {
+                out.push((a.header.index, Subnet { addr, prefix: a.header.prefix_len }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unicast routes of the main table, by output ifindex.
+    pub fn routes(&mut self) -> Result<Vec<(u32, Subnet)>> {
+        let mut out = vec![];
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = RouteMessage::default();
+            req.header.address_family = family;
+            let replies = self.request(RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)?;
+            for m in &replies {
+                let RouteNetlinkMessage::NewRoute(r) = m else { continue };
+                if r.header.kind != RouteType::Unicast {
+                    continue;
+                }
+                let mut oif = None;
+                let mut dst = None;
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+                        RouteAttribute::Destination(RouteAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+                        _ => {}
+                    }
+                }
+                let dst = dst.unwrap_or(match family {
+                    AddressFamily::Inet => IpAddr::V4(0.into()),
+                    _ => IpAddr::V6(0u128.into()),
+                });
+                if let Some(oif) = oif {
+                    out.push((oif, Subnet { addr: dst, prefix: r.header.destination_prefix_length }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn address_msg(ifindex: u32, s: &Subnet) -> AddressMessage {
+        let mut m = AddressMessage::default();
+        m.header.family = match s.addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        m.header.prefix_len = s.prefix;
+        m.header.index = ifindex;
+        m.attributes.push(AddressAttribute::Local(s.addr));
+        m.attributes.push(AddressAttribute::Address(s.addr));
+        m
+    }
+
+    /// Adds an address; fails with EEXIST if it is already there.
+    pub fn add_address(&mut self, ifindex: u32, s: &Subnet) -> Result<()> {
+        let m = Self::address_msg(ifindex, s);
+        self.request(RouteNetlinkMessage::NewAddress(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).map(|_| ())
+    }
+
+    pub fn del_address(&mut self, ifindex: u32, s: &Subnet) -> Result<()> {
+        let m = Self::address_msg(ifindex, s);
+        self.request(RouteNetlinkMessage::DelAddress(m), NLM_F_ACK).map(|_| ())
+    }
+}
+
+/// A socket subscribed to RTNLGRP_LINK.
+pub struct LinkEvents {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+const RTNLGRP_LINK: u32 = 1;
+
+impl LinkEvents {
+    pub fn open() -> Result<LinkEvents> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind(&SocketAddr::new(0, 0))?;
+        sock.add_membership(RTNLGRP_LINK)?;
+        // A burst of link changes must not overflow the queue while a failover is handled.
+        let _ = sock.set_rx_buf_sz(4 << 20);
+        Ok(LinkEvents { sock, buf: vec![0u8; 1 << 16] })
+    }
+
+    /// Blocks for the next datagram; returns when it arrived (read right after `recv`)
+    /// and the link events in it. ENOBUFS (events were lost) is returned as an error so
+    /// the caller can resynchronise from a dump.
+    pub fn recv(&mut self) -> Result<(Instant, Vec<LinkEvent>)> {
+        let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+        let at = Instant::now();
+        let mut out = vec![];
+        let mut off = 0;
+        while off < n {
+            let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n]) else { break };
+            let len = m.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            off += (len + 3) & !3;
+            match m.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => out.push(LinkEvent::Changed(Link::from_msg(&l))),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    let l = Link::from_msg(&l);
+                    out.push(LinkEvent::Removed { ifindex: l.ifindex, name: l.name })
+                }
+                _ => {}
+            }
+        }
+        Ok((at, out))
+    }
+}
