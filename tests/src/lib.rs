@@ -1,10 +1,13 @@
 //! Shared machinery for vip's root-only tests and benchmarks: network namespace guards,
 //! veth topologies, raw packet sockets, and loading the built XDP object.
+pub mod agentproc;
 pub mod bench;
 pub mod fixtures;
 pub mod netns;
 pub mod rawsock;
 pub mod topo;
+pub mod keepalived;
+pub mod probe;
 
 use std::path::PathBuf;
 

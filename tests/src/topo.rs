@@ -113,6 +113,21 @@ impl Lab {
         Lab { node, switch: None, adapters, clients }
     }
 
+    /// Pulls adapter `i`'s cable: its switch port goes down, so the adapter loses carrier.
+    pub fn pull(&self, i: usize) {
+        self.switch.as_ref().expect("bridged lab").ip(&["link", "set", &self.adapters[i].peer, "down"]);
+    }
+
+    /// Plugs adapter `i`'s cable back in.
+    pub fn plug(&self, i: usize) {
+        self.switch.as_ref().expect("bridged lab").ip(&["link", "set", &self.adapters[i].peer, "up"]);
+    }
+
+    /// The agent config tables for this lab's adapters.
+    pub fn adapter_tables(&self) -> String {
+        self.adapters.iter().map(|a| format!("[[adapter]]\nname = \"{}\"\n", a.name)).collect()
+    }
+
     /// Attaches the responder to every adapter in `mode` and readies the peers and maps
     /// ([`Lab::attach_peers`], [`Lab::fill_maps`]).
     pub fn start_dataplane(&self, dp: &mut Dataplane, mode: XdpMode) {

@@ -12,7 +12,7 @@
 //! deserialized with serde: serde stops at the first error, and the walk reports them all.
 
 use std::{
-    collections::{hash_map::Entry, HashMap},
+    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -257,16 +257,13 @@ impl Config {
             for e in &syntax {
                 let span = e.span().unwrap_or(0..0);
                 let mut message = e.message().replace('\n', " ");
-                let key = locate(doc.get_ref(), span.start, "").unwrap_or_else(|| {
-                    match text.get(span.clone()) {
-                        Some(s) if !s.is_empty() && s.len() <= 40 && !s.contains('\n') => {
-                            message += &format!(": `{s}`");
-                        }
-                        _ => {}
-                    }
-                    String::new()
-                });
-                cx.err(cx.line(span.start), key, message);
+                let key = locate(doc.get_ref(), span.start, "");
+                // Without a key to name, quote the offending text.
+                let text_at = text.get(span.clone()).filter(|s| (1..=40).contains(&s.len()) && !s.contains('\n'));
+                if let (None, Some(s)) = (&key, text_at) {
+                    message = format!("{message}: `{s}`");
+                }
+                cx.err(cx.line(span.start), key.unwrap_or_default(), message);
             }
             return Err(ConfigErrors(cx.errors));
         }
@@ -301,111 +298,8 @@ impl Config {
             wait_ms: cx.opt(&t, "wait_ms", int(1, 10_000)).unwrap_or(d.wait_ms),
         };
 
-        let adapter_tables = cx.tables(&root, "adapter", ADAPTER_KEYS);
-        let mut adapters = Vec::<AdapterConfig>::new();
-        let mut by_name = HashMap::<String, usize>::new();
-        for t in &adapter_tables {
-            let name = cx.req(t, "name", string);
-            let name_line = cx.key_line(t, "name");
-            if let Some(Err(m)) = name.as_deref().map(check_ifname) {
-                cx.err(name_line, t.key("name"), m);
-            }
-            let name = name.unwrap_or_default();
-            if !name.is_empty() {
-                match by_name.entry(name.clone()) {
-                    Entry::Occupied(e) => {
-                        let first = &adapters[*e.get()];
-                        let msg = format!("adapter {name} is already defined at line {}", first.name_line);
-                        cx.err(name_line, t.key("name"), msg);
-                    }
-                    Entry::Vacant(e) => {
-                        e.insert(adapters.len());
-                    }
-                }
-            }
-            let mut vlans = Vec::new();
-            cx.each(t, "vlans", |v| {
-                let vlan = int(1, 4094)(v)?;
-                if vlans.contains(&vlan) {
-                    return Err(format!("VLAN {vlan} is listed twice"));
-                }
-                vlans.push(vlan);
-                Ok(())
-            });
-            adapters.push(AdapterConfig {
-                name,
-                max_vips: cx.opt(t, "max_vips", int(1, u32::MAX.into())).unwrap_or(DEFAULT_MAX_VIPS),
-                vlans,
-                line: t.line,
-                name_line,
-            });
-        }
-        if let Some(t) = adapter_tables.get(MAX_ADAPTERS as usize) {
-            let msg = format!("more than {MAX_ADAPTERS} adapters, the data plane's limit");
-            cx.err(t.line, t.key.clone(), msg);
-        }
-
-        let vip_tables = cx.tables(&root, "vip", VIP_KEYS);
-        let mut vips = Vec::<VipConfig>::new();
-        // (address, VLAN) is the data plane's key: a second VIP with both equal is refused.
-        let mut seen = HashMap::<(IpAddr, Option<u16>), usize>::new();
-        for t in &vip_tables {
-            let address = cx.req(t, "address", |v| vip_address(&string(v)?));
-            let address_line = cx.key_line(t, "address");
-            let vlan = cx.opt(t, "vlan", int(1, 4094));
-
-            let mut homes = Vec::new();
-            if cx.require(t, "adapters")
-                && t.get("adapters").and_then(|v| v.get_ref().as_array()).is_some_and(|a| a.is_empty())
-            {
-                cx.err(cx.key_line(t, "adapters"), t.key("adapters"), "must name at least one adapter");
-            }
-            cx.each(t, "adapters", |v| {
-                let name = string(v)?;
-                match by_name.get(&name) {
-                    None => Err(format!("{name:?} is not the name of an [[adapter]]")),
-                    Some(a) if homes.contains(a) => Err(format!("{name} is listed twice")),
-                    Some(&a) => {
-                        homes.push(a);
-                        Ok(())
-                    }
-                }
-            });
-
-            if let Some(vlan) = vlan {
-                let lacking = names(&adapters, homes.iter().filter(|&&a| !adapters[a].vlans.contains(&vlan)));
-                if !lacking.is_empty() {
-                    let msg = format!("VLAN {vlan} is not in the vlans of {lacking}");
-                    cx.err(cx.key_line(t, "vlan"), t.key("vlan"), msg);
-                }
-            }
-            if let Some(a) = &address {
-                match seen.entry((a.addr, vlan)) {
-                    Entry::Occupied(e) => {
-                        let on = vlan.map_or("untagged".into(), |v| format!("on VLAN {v}"));
-                        let first = &vips[*e.get()];
-                        let msg = format!("{} {on} is already defined at line {}", a.addr, first.address_line);
-                        cx.err(address_line, t.key("address"), msg);
-                    }
-                    Entry::Vacant(e) => {
-                        e.insert(vips.len());
-                    }
-                }
-            }
-            vips.push(VipConfig {
-                // The placeholder is never returned: a missing address is an error.
-                address: address.unwrap_or(Subnet { addr: Ipv4Addr::UNSPECIFIED.into(), prefix: 0 }),
-                adapters: homes,
-                vlan,
-                failover: cx.opt(t, "failover", boolean).unwrap_or(true),
-                line: t.line,
-                address_line,
-            });
-        }
-        if let Some(t) = vip_tables.get(MAX_VIPS as usize) {
-            cx.err(t.line, t.key.clone(), format!("more than {MAX_VIPS} VIPs, the data plane's limit"));
-        }
-
+        let (adapters, adapter_tables) = cx.adapters(&root);
+        let vips = cx.vips(&root, &adapters);
         for (i, (a, t)) in adapters.iter().zip(&adapter_tables).enumerate() {
             let used = vips.iter().filter(|v| v.adapters.contains(&i)).count();
             if used > a.max_vips as usize {
@@ -611,6 +505,106 @@ impl<'a> Cx<'a> {
     fn req<T>(&mut self, t: &Tbl, name: &str, conv: impl FnOnce(&DeValue) -> Result<T, String>) -> Option<T> {
         self.require(t, name);
         self.opt(t, name, conv)
+    }
+
+    /// The `[[adapter]]` tables, and the tables themselves for later checks on their keys.
+    fn adapters<'t, 'i>(&mut self, root: &Tbl<'t, 'i>) -> (Vec<AdapterConfig>, Vec<Tbl<'t, 'i>>) {
+        let tables = self.tables(root, "adapter", ADAPTER_KEYS);
+        let mut adapters = Vec::<AdapterConfig>::new();
+        for t in &tables {
+            let name = self.req(t, "name", string);
+            let name_line = self.key_line(t, "name");
+            if let Some(Err(m)) = name.as_deref().map(check_ifname) {
+                self.err(name_line, t.key("name"), m);
+            }
+            let name = name.unwrap_or_default();
+            if let Some(first) = adapters.iter().find(|a| !name.is_empty() && a.name == name) {
+                let msg = format!("adapter {name} is already defined at line {}", first.name_line);
+                self.err(name_line, t.key("name"), msg);
+            }
+            let mut vlans = Vec::new();
+            self.each(t, "vlans", |v| {
+                let vlan = int(1, 4094)(v)?;
+                if vlans.contains(&vlan) {
+                    return Err(format!("VLAN {vlan} is listed twice"));
+                }
+                vlans.push(vlan);
+                Ok(())
+            });
+            adapters.push(AdapterConfig {
+                name,
+                max_vips: self.opt(t, "max_vips", int(1, u32::MAX.into())).unwrap_or(DEFAULT_MAX_VIPS),
+                vlans,
+                line: t.line,
+                name_line,
+            });
+        }
+        if let Some(t) = tables.get(MAX_ADAPTERS as usize) {
+            let msg = format!("more than {MAX_ADAPTERS} adapters, the data plane's limit");
+            self.err(t.line, t.key.clone(), msg);
+        }
+        (adapters, tables)
+    }
+
+    fn vips(&mut self, root: &Tbl, adapters: &[AdapterConfig]) -> Vec<VipConfig> {
+        let tables = self.tables(root, "vip", VIP_KEYS);
+        let mut vips = Vec::<VipConfig>::new();
+        // (address, VLAN) is the data plane's key: a second VIP with both equal is refused.
+        let mut seen = HashMap::<(IpAddr, Option<u16>), usize>::new();
+        for t in &tables {
+            let address = self.req(t, "address", |v| vip_address(&string(v)?));
+            let address_line = self.key_line(t, "address");
+            let vlan = self.opt(t, "vlan", int(1, 4094));
+
+            let mut homes = Vec::new();
+            if self.require(t, "adapters")
+                && t.get("adapters").and_then(|v| v.get_ref().as_array()).is_some_and(|a| a.is_empty())
+            {
+                self.err(self.key_line(t, "adapters"), t.key("adapters"), "must name at least one adapter");
+            }
+            self.each(t, "adapters", |v| {
+                let name = string(v)?;
+                // The first of duplicate names (themselves an error) stands for them all.
+                match adapters.iter().position(|a| a.name == name) {
+                    None => Err(format!("{name:?} is not the name of an [[adapter]]")),
+                    Some(a) if homes.contains(&a) => Err(format!("{name} is listed twice")),
+                    Some(a) => {
+                        homes.push(a);
+                        Ok(())
+                    }
+                }
+            });
+
+            if let Some(vlan) = vlan {
+                let lacking = names(adapters, homes.iter().filter(|&&a| !adapters[a].vlans.contains(&vlan)));
+                if !lacking.is_empty() {
+                    let msg = format!("VLAN {vlan} is not in the vlans of {lacking}");
+                    self.err(self.key_line(t, "vlan"), t.key("vlan"), msg);
+                }
+            }
+            if let Some(a) = &address {
+                if let Some(&first) = seen.get(&(a.addr, vlan)) {
+                    let on = vlan.map_or("untagged".into(), |v| format!("on VLAN {v}"));
+                    let msg = format!("{} {on} is already defined at line {}", a.addr, vips[first].address_line);
+                    self.err(address_line, t.key("address"), msg);
+                } else {
+                    seen.insert((a.addr, vlan), vips.len());
+                }
+            }
+            vips.push(VipConfig {
+                // The placeholder is never returned: a missing address is an error.
+                address: address.unwrap_or(Subnet { addr: Ipv4Addr::UNSPECIFIED.into(), prefix: 0 }),
+                adapters: homes,
+                vlan,
+                failover: self.opt(t, "failover", boolean).unwrap_or(true),
+                line: t.line,
+                address_line,
+            });
+        }
+        if let Some(t) = tables.get(MAX_VIPS as usize) {
+            self.err(t.line, t.key.clone(), format!("more than {MAX_VIPS} VIPs, the data plane's limit"));
+        }
+        vips
     }
 
     /// Feeds each element of array `name` to `f`, reporting the ones it refuses.
@@ -1146,7 +1140,8 @@ adapters = ["eth0"]
         assert!(!files.is_empty());
         for path in files {
             let text = std::fs::read_to_string(&path).unwrap();
-            let want: Vec<(usize, String)> = (text.lines())
+            let want: Vec<(usize, String)> = text
+                .lines()
                 .filter_map(|l| l.strip_prefix("# expect: "))
                 .map(|l| {
                     let (line, key) = l.split_once(' ').unwrap_or((l, ""));

@@ -246,14 +246,30 @@ fn sh_counting_skips(cmd: &mut Command) -> Result<usize> {
     Ok(skips)
 }
 
+/// Builds the agent binary; returns its path.
+fn build_agent(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "-p", "vip-agent", "--bin", "vip-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    sh(&mut cmd)?;
+    let bin = workspace_root().join("target").join(if release { "release" } else { "debug" }).join("vip-agent");
+    if !bin.exists() {
+        bail!("{} was not built", bin.display());
+    }
+    Ok(bin)
+}
+
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     let obj = build_ebpf()?;
+    let agent = build_agent(false)?;
     println!("==> test: unit tests (stable, unprivileged)");
     sh(Command::new("cargo").args(["test", "--workspace", "--exclude", "vip-tests", "--exclude", "vip-ebpf"]))?;
     println!("==> test: XDP and namespace tests (root)");
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "-p", "vip-tests", "--", "--test-threads=1", "--nocapture"]).args(args).env("VIP_EBPF_OBJECT", &obj);
+    cmd.args(["test", "-p", "vip-tests", "--", "--test-threads=1", "--nocapture"]).args(args).env("VIP_EBPF_OBJECT", &obj).env("VIP_AGENT_BIN", &agent);
     if is_root() {
         // As root nothing has a reason to be skipped: make any skip a failure.
         cmd.env("VIP_NO_SKIP", "1");

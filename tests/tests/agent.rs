@@ -1,0 +1,560 @@
+//! The real agent in namespaces: a switch bridge, a node with 3 adapters, clients. Cables
+//! are pulled by setting the switch-side port down, as an operator's switch would see it.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use vip_packet::{mac_str, parse_mac, Arp, Mac};
+use vip_tests::{
+    agentproc::{agent_bin, wait_timeout, AgentFiles, AgentProc},
+    netns::NetNs,
+    probe::{outage, realtime_ns, EchoServer, Prober, WireWatch},
+    rawsock::RawSocket,
+    root_or_skip,
+    topo::{Client, Lab, VIP4, VIP6},
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Both VIPs on all three adapters, probing off (the lab has nobody else), one quick
+/// announcement round so the tests do not wait on pacing.
+fn lab_body(lab: &Lab) -> String {
+    format!(
+        "[announce]\ncount = 2\ninterval_ms = 50\n[probe]\nenabled = false\n{}\
+         [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n\
+         [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n",
+        lab.adapter_tables()
+    )
+}
+
+/// The lab and the pass program on the switch ports: a veth delivers the responder's
+/// XDP_TX frames only to a peer with an XDP program (a real switch port needs nothing).
+fn lab(clients: usize) -> (Lab, vip_agent::dataplane::Dataplane) {
+    let lab = Lab::bridged(3, clients);
+    let mut dp = vip_tests::load_dataplane();
+    lab.attach_peers(&mut dp);
+    (lab, dp)
+}
+
+/// The client's neighbor entry for `ip`, if it has a link-layer address.
+fn neigh_mac(c: &Client, ip: IpAddr) -> Option<Mac> {
+    let out = c.ns.ip(&["neigh", "show", &ip.to_string(), "dev", &c.iface]);
+    let mut words = out.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "lladdr" {
+            return words.next().and_then(parse_mac);
+        }
+    }
+    None
+}
+
+/// Makes the client's kernel resolve `ip` (a datagram to the discard port).
+fn poke(c: &Client, ip: IpAddr) {
+    c.ns.run(|| {
+        let any: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let s = UdpSocket::bind(any).unwrap();
+        let _ = s.send_to(b"x", (ip, 9));
+    });
+}
+
+fn wait_neigh(c: &Client, ip: IpAddr, what: &str, timeout: Duration, ok: impl Fn(Mac) -> bool) -> Mac {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(m) = neigh_mac(c, ip) {
+            if ok(m) {
+                return m;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: client neighbor entry for {ip} is {:?}", neigh_mac(c, ip).map(|m| mac_str(&m)));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn adapter_of(lab: &Lab, mac: Mac) -> usize {
+    lab.adapters.iter().position(|a| a.mac == mac).unwrap_or_else(|| panic!("{} is no adapter's MAC", mac_str(&mac)))
+}
+
+fn resolve(lab: &Lab, c: &Client, ip: IpAddr) -> usize {
+    poke(c, ip);
+    let m = wait_neigh(c, ip, "resolving", 2 * SECOND, |m| lab.adapters.iter().any(|a| a.mac == m));
+    adapter_of(lab, m)
+}
+
+fn adapter_state(s: &vip_agent::status::Status, name: &str) -> String {
+    s.adapters.iter().find(|a| a.name == name).map(|a| a.state.clone()).unwrap_or_default()
+}
+
+fn vip_status<'a>(s: &'a vip_agent::status::Status, addr: &str) -> &'a vip_agent::status::VipStatus {
+    s.vips.iter().find(|v| v.address == addr).unwrap_or_else(|| panic!("{addr} not in status"))
+}
+
+/// Pulling the cable of the adapter a client uses moves the client's neighbor entry for
+/// both VIPs to a surviving adapter; the timings show in status and metrics; the adapter
+/// announces itself again when the cable is back.
+#[test]
+fn cable_pull_moves_clients_and_return_is_announced() {
+    if !root_or_skip("cable_pull_moves_clients_and_return_is_announced") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("pull");
+    files.write("metrics_listen = \"127.0.0.1:9477\"", &lab_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let c = &lab.clients[0];
+    let watch = WireWatch::start(&c.ns, &c.iface, &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).unwrap();
+    let j = resolve(&lab, c, VIP4.into());
+    resolve(&lab, c, VIP6.into());
+    // Make both entries point at adapter j, whichever answered first.
+    lab.pull(j);
+    let dead = lab.adapters[j].mac;
+    for ip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let m = wait_neigh(c, ip, "after the pull", 2 * SECOND, |m| m != dead);
+        assert!(lab.adapters.iter().any(|a| a.mac == m && a.mac != dead), "{ip} moved to {}", mac_str(&m));
+    }
+    let s = agent.wait_for("adapter down", 2 * SECOND, |s| adapter_state(s, &lab.adapters[j].name) == "down");
+    for addr in [VIP4.to_string(), VIP6.to_string()] {
+        let v = vip_status(&s, &addr);
+        assert_eq!(v.answering.len(), 2, "{addr}: {:?}", v.answering);
+        assert!(!v.answering.contains(&lab.adapters[j].name));
+    }
+    let f = s.failovers.iter().find(|f| f.adapter == lab.adapters[j].name && f.kind == "down").expect("failover recorded");
+    assert_eq!(f.vips, 2);
+    assert!(f.first_announcement_ns.is_some() && f.maps_written_ns > 0, "{f:?}");
+    assert_eq!(f.announced_from.len(), 2);
+    // The same figures on the metrics endpoint (inside the node's namespace).
+    let metrics = lab.node.run(|| {
+        let mut t = TcpStream::connect("127.0.0.1:9477").expect("metrics");
+        t.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        t.read_to_string(&mut out).unwrap();
+        out
+    });
+    assert!(metrics.contains("vip_failover_maps_written_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains(&format!("vip_adapter_up{{adapter=\"{}\",state=\"down\"}} 0", lab.adapters[j].name)), "{metrics}");
+
+    // Cable back: the adapter answers again and announces itself.
+    let back = realtime_ns();
+    lab.plug(j);
+    let (_, mac) = watch.wait_first_after(back, 2 * SECOND).expect("announcement after return");
+    assert_eq!(mac, dead, "the returning adapter announces with its own MAC");
+    let s = agent.wait_for("adapter up", 2 * SECOND, |s| adapter_state(s, &lab.adapters[j].name) == "up");
+    assert_eq!(vip_status(&s, &VIP4.to_string()).answering.len(), 3);
+    for ip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        wait_neigh(c, ip, "after the return", 2 * SECOND, |m| m == dead);
+    }
+    assert!(agent.stop().success());
+}
+
+fn tcp_echo(ns: &NetNs, port: u16) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let l = ns.run(|| TcpListener::bind(("::", port)).expect("tcp listen"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    l.set_nonblocking(true).unwrap();
+    let h = std::thread::spawn(move || {
+        while !st.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    std::thread::spawn(move || {
+                        let mut b = [0u8; 64];
+                        while let Ok(n) = s.read(&mut b) {
+                            if n == 0 || s.write_all(&b[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    (stop, h)
+}
+
+/// A UDP request loop (both families) and a TCP connection to a service on the VIP keep
+/// working across the failure of the adapter the client uses.
+#[test]
+fn udp_and_tcp_survive_a_cable_pull() {
+    if !root_or_skip("udp_and_tcp_survive_a_cable_pull") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("svc");
+    files.write("", &lab_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let c = &lab.clients[0];
+    let _echo = EchoServer::start(&lab.node, 7007).unwrap();
+    let (tcp_stop, tcp_thread) = tcp_echo(&lab.node, 7008);
+    let j = resolve(&lab, c, VIP4.into());
+    resolve(&lab, c, VIP6.into());
+    let p4 = Prober::start(&c.ns, (VIP4, 7007).into(), Duration::from_millis(1)).unwrap();
+    let p6 = Prober::start(&c.ns, (VIP6, 7007).into(), Duration::from_millis(1)).unwrap();
+    let mut tcp = c.ns.run(|| TcpStream::connect((VIP4, 7008)).expect("tcp connect"));
+    tcp.set_read_timeout(Some(5 * SECOND)).unwrap();
+    let exchange = |tcp: &mut TcpStream, i: u32| {
+        tcp.write_all(&i.to_be_bytes()).unwrap();
+        let mut b = [0u8; 4];
+        tcp.read_exact(&mut b).unwrap_or_else(|e| panic!("tcp exchange {i}: {e}"));
+        assert_eq!(u32::from_be_bytes(b), i);
+    };
+    for i in 0..50 {
+        exchange(&mut tcp, i);
+        std::thread::sleep(Duration::from_millis(4));
+    }
+    let pulled = Instant::now();
+    lab.pull(j);
+    for i in 50..600 {
+        exchange(&mut tcp, i);
+        std::thread::sleep(Duration::from_millis(4));
+    }
+    for (name, p) in [("udp4", p4), ("udp6", p6)] {
+        let recs = p.stop();
+        let out = outage(&recs, pulled).unwrap_or_else(|| panic!("{name}: no reply after the pull"));
+        // The last half second must be answered in full: the service is back for good.
+        let tail: Vec<_> = recs.iter().filter(|r| r.sent + Duration::from_millis(500) > recs.last().unwrap().sent).collect();
+        let lost = tail.iter().filter(|r| r.received.is_none()).count();
+        assert!(lost == 0, "{name}: {lost} of the last {} probes unanswered (outage {out:?})", tail.len());
+        eprintln!("{name}: outage {out:?} after pulling {}", lab.adapters[j].name);
+    }
+    tcp_stop.store(true, Ordering::Relaxed);
+    drop(tcp);
+    tcp_thread.join().unwrap();
+    assert!(agent.stop().success());
+}
+
+/// A flap shorter than hold_down_ms changes nothing: no failover, no announcement, the
+/// client keeps its entry. A longer one fails over once hold-down runs out.
+#[test]
+fn flap_shorter_than_hold_down_changes_nothing() {
+    if !root_or_skip("flap_shorter_than_hold_down_changes_nothing") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("flap");
+    files.write("hold_down_ms = 600", &lab_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let c = &lab.clients[0];
+    let watch = WireWatch::start(&c.ns, &c.iface, &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).unwrap();
+    let j = resolve(&lab, c, VIP4.into());
+    let name = lab.adapters[j].name.clone();
+    // Past the start-up announcement rounds.
+    std::thread::sleep(Duration::from_millis(200));
+    let t = realtime_ns();
+    lab.pull(j);
+    agent.wait_for("hold-down", SECOND, |s| adapter_state(s, &name) == "hold-down");
+    std::thread::sleep(Duration::from_millis(100));
+    lab.plug(j);
+    agent.wait_for("up again", SECOND, |s| adapter_state(s, &name) == "up");
+    std::thread::sleep(Duration::from_millis(900));
+    let s = agent.status();
+    assert!(s.failovers.is_empty(), "{:?}", s.failovers);
+    assert_eq!(watch.first_after(t), None, "no announcement for a short flap");
+    assert_eq!(neigh_mac(c, VIP4.into()), Some(lab.adapters[j].mac));
+
+    // Longer than hold-down: a failover, timed from when hold-down ran out.
+    lab.pull(j);
+    let s = agent.wait_for("down after hold-down", 2 * SECOND, |s| adapter_state(s, &name) == "down");
+    assert_eq!(s.failovers.len(), 1);
+    wait_neigh(c, VIP4.into(), "after hold-down", SECOND, |m| m != lab.adapters[j].mac);
+    assert!(agent.stop().success());
+}
+
+/// All adapters down shows in status with nothing answering; the first one back takes
+/// every VIP and announces them. With up_delay_ms it waits first.
+#[test]
+fn all_down_then_one_returns_after_up_delay() {
+    if !root_or_skip("all_down_then_one_returns_after_up_delay") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("alldown");
+    files.write("up_delay_ms = 300", &lab_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let c = &lab.clients[0];
+    let watch = WireWatch::start(&c.ns, &c.iface, &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).unwrap();
+    for i in 0..3 {
+        lab.pull(i);
+    }
+    let s = agent.wait_for("all down", 2 * SECOND, |s| s.adapters.iter().all(|a| a.state == "down"));
+    for v in &s.vips {
+        assert!(v.answering.is_empty(), "{} answering on {:?}", v.address, v.answering);
+    }
+    let back = realtime_ns();
+    lab.plug(1);
+    agent.wait_for("up-delay", SECOND, |s| adapter_state(s, "vip1") == "up-delay");
+    assert_eq!(watch.first_after(back), None, "nothing announced during up_delay");
+    let s = agent.wait_for("vip1 up", 2 * SECOND, |s| adapter_state(s, "vip1") == "up");
+    assert_eq!(vip_status(&s, &VIP4.to_string()).answering, vec!["vip1".to_string()]);
+    let (after, mac) = watch.wait_first_after(back, SECOND).expect("announced on return");
+    assert_eq!(mac, lab.adapters[1].mac);
+    assert!(after >= 300_000_000, "announced {after} ns after the cable came back, before up_delay");
+    assert_eq!(resolve(&lab, c, VIP6.into()), 1);
+    assert!(agent.stop().success());
+}
+
+/// Seed 002: a VIP whose own adapters are all down moves to another healthy adapter in
+/// its subnet (and back); one with failover = false stays dark.
+#[test]
+fn takeover_and_pinned_vips() {
+    if !root_or_skip("takeover_and_pinned_vips") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("takeover");
+    files.write(
+        "",
+        &format!(
+            "[probe]\nenabled = false\n{}\
+             [[vip]]\naddress = \"192.0.2.20/24\"\nadapters = [\"vip0\"]\n\
+             [[vip]]\naddress = \"192.0.2.21/24\"\nadapters = [\"vip0\"]\nfailover = false\n",
+            lab.adapter_tables()
+        ),
+    );
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    lab.pull(0);
+    let s = agent.wait_for("takeover", 2 * SECOND, |s| adapter_state(s, "vip0") == "down");
+    let moved = vip_status(&s, "192.0.2.20");
+    assert_eq!(moved.answering, vec!["vip1".to_string(), "vip2".to_string()]);
+    assert_eq!(moved.taken_over_by, moved.answering);
+    assert!(vip_status(&s, "192.0.2.21").answering.is_empty());
+    let c = &lab.clients[0];
+    let m = {
+        poke(c, "192.0.2.20".parse().unwrap());
+        wait_neigh(c, "192.0.2.20".parse().unwrap(), "taken over", 2 * SECOND, |_| true)
+    };
+    assert_ne!(adapter_of(&lab, m), 0);
+    lab.plug(0);
+    let s = agent.wait_for("home again", 2 * SECOND, |s| adapter_state(s, "vip0") == "up");
+    let home = vip_status(&s, "192.0.2.20");
+    assert_eq!(home.answering, vec!["vip0".to_string()]);
+    assert!(home.taken_over_by.is_empty());
+    assert_eq!(vip_status(&s, "192.0.2.21").answering, vec!["vip0".to_string()]);
+    assert!(agent.stop().success());
+}
+
+/// What the host looks like to an operator: addresses, XDP attachments, sysctls, pins.
+fn host_snapshot(lab: &Lab, pin_root: &str) -> String {
+    // Link-local addresses finish DAD on their own time: "tentative" is not ours.
+    let mut s = lab.node.ip(&["-d", "addr"]).replace(" tentative", "");
+    s += &lab.node.ip(&["-d", "link"]);
+    for a in &lab.adapters {
+        for k in ["ipv4/conf/{}/arp_ignore", "ipv4/conf/{}/arp_announce", "ipv4/conf/{}/ignore_routes_with_linkdown", "ipv6/conf/{}/ignore_routes_with_linkdown"] {
+            s += &lab.node.exec("cat", &[&format!("/proc/sys/net/{}", k.replace("{}", &a.name))]);
+        }
+    }
+    s += &std::fs::read_dir(pin_root).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned() + "\n").collect::<String>()).unwrap_or_default();
+    s
+}
+
+/// Bad configs and a config that does not fit the host exit 2, name file, line and key,
+/// and leave the host exactly as it was. The agent's own clean stop restores it too.
+#[test]
+fn bad_config_changes_nothing_and_stop_restores_the_host() {
+    if !root_or_skip("bad_config_changes_nothing_and_stop_restores_the_host") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("bad");
+    let before = host_snapshot(&lab, "/sys/fs/bpf");
+    let adapters = lab.adapter_tables();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown key", format!("{adapters}[[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\"]\ncolour = \"red\"\n"), "colour"),
+        ("missing adapter", format!("{adapters}[[adapter]]\nname = \"eth9\"\n[[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"eth9\"]\n"), "does not exist"),
+        ("wrong subnet", format!("{adapters}[[vip]]\naddress = \"198.51.100.10/24\"\nadapters = [\"vip0\"]\n"), "vip[0].address"),
+        ("bad address", format!("{adapters}[[vip]]\naddress = \"192.0.2.300/24\"\nadapters = [\"vip0\"]\n"), "vip[0].address"),
+        ("syntax", format!("{adapters}[[vip]\n"), ""),
+    ];
+    for (name, body, needle) in cases {
+        files.write("", &body);
+        for sub in ["check", "run"] {
+            let mut cmd = std::process::Command::new(agent_bin());
+            cmd.args([sub, "--config"]).arg(&files.config).args(["--netns", &lab.node.name]);
+            if sub == "run" {
+                cmd.env("VIP_EBPF_OBJECT", vip_tests::object_path());
+            }
+            let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+            let st = wait_timeout(&mut child, 10 * SECOND);
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            assert_eq!(st.code(), Some(2), "{name} ({sub}): {err}");
+            let file = files.config.display().to_string();
+            assert!(err.contains(&format!("{file}:")) && err.contains(needle), "{name} ({sub}): {err}");
+            assert_eq!(host_snapshot(&lab, "/sys/fs/bpf"), before, "{name} ({sub}) changed the host");
+        }
+    }
+    // A good config changes the host while running and restores it on SIGTERM.
+    files.write("", &lab_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    assert_ne!(host_snapshot(&lab, "/sys/fs/bpf"), before);
+    assert!(agent.stop().success());
+    assert_eq!(host_snapshot(&lab, "/sys/fs/bpf"), before, "host not restored after SIGTERM");
+}
+
+/// Counts, from a client, broadcast ARP requests for the VIP that got no answer, one
+/// request every 2 ms, until stopped.
+struct ArpLoop {
+    stop: Arc<AtomicBool>,
+    unanswered: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ArpLoop {
+    fn start(c: &Client) -> ArpLoop {
+        let sock = c.ns.run(|| RawSocket::open(&c.iface).unwrap());
+        let (stop, unanswered, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (st, un, se) = (stop.clone(), unanswered.clone(), sent.clone());
+        let (mac, ip) = (c.mac, c.ip4);
+        let thread = std::thread::spawn(move || {
+            let req = Arp::request(mac, ip, VIP4).to_bytes();
+            while !st.load(Ordering::Relaxed) {
+                sock.send(&req).unwrap();
+                se.fetch_add(1, Ordering::Relaxed);
+                let got = sock.collect(Duration::from_millis(2), |f| {
+                    vip_packet::parse_arp(f).filter(|a| a.op == 2 && a.spa == VIP4 && a.tha == mac).map(|_| ())
+                });
+                if got.is_empty() {
+                    un.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        ArpLoop { stop, unanswered, sent, thread }
+    }
+
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        (self.sent.load(Ordering::Relaxed), self.unanswered.load(Ordering::Relaxed))
+    }
+}
+
+fn xdp_prog_ids(lab: &Lab) -> Vec<String> {
+    lab.adapters
+        .iter()
+        .map(|a| {
+            let out = lab.node.ip(&["-d", "link", "show", &a.name]);
+            out.split_whitespace().skip_while(|w| *w != "prog/xdp").nth(2).unwrap_or("none").to_string()
+        })
+        .collect()
+}
+
+/// SIGKILL leaves the pinned program and maps answering; a restarted agent adopts them
+/// (and with --reload swaps in a new program) without a single request going unanswered;
+/// then a clean stop restores the host.
+#[test]
+fn sigkill_and_restart_keep_answering() {
+    if !root_or_skip("sigkill_and_restart_keep_answering") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("kill");
+    files.write("", &lab_body(&lab));
+    let before = host_snapshot(&lab, "/sys/fs/bpf");
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    assert!(!agent.status().adopted);
+    let c = &lab.clients[0];
+    let arp = ArpLoop::start(c);
+    std::thread::sleep(Duration::from_millis(100));
+    let ids = xdp_prog_ids(&lab);
+    agent.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(xdp_prog_ids(&lab), ids, "the program stays attached after SIGKILL");
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    assert!(agent.status().adopted, "restart adopts the pinned maps");
+    assert_eq!(xdp_prog_ids(&lab), ids, "adopting keeps the attached program");
+    agent.kill();
+    let agent = AgentProc::start(&lab.node, &files, &["--reload"]);
+    let new_ids = xdp_prog_ids(&lab);
+    assert!(new_ids.iter().zip(&ids).all(|(a, b)| a != b && a != "none"), "--reload replaces the program: {ids:?} -> {new_ids:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let (sent, unanswered) = arp.finish();
+    assert!(sent > 100, "only {sent} requests sent");
+    assert_eq!(unanswered, 0, "{unanswered} of {sent} ARP requests unanswered across SIGKILL and restarts");
+    // Still a working agent: it fails over.
+    lab.pull(0);
+    agent.wait_for("failover after adoption", 2 * SECOND, |s| adapter_state(s, "vip0") == "down" && !s.failovers.is_empty());
+    lab.plug(0);
+    agent.wait_for("vip0 up", 2 * SECOND, |s| adapter_state(s, "vip0") == "up");
+    assert!(agent.stop().success());
+    assert_eq!(host_snapshot(&lab, "/sys/fs/bpf"), before, "host not restored");
+}
+
+/// A VIP another host already answers for is refused with the reason in status, and
+/// neither answered nor added to the host; the other VIPs come up.
+#[test]
+fn conflicting_vip_is_refused() {
+    if !root_or_skip("conflicting_vip_is_refused") {
+        return;
+    }
+    let (lab, _peers) = lab(2);
+    let squatter = &lab.clients[1];
+    squatter.ns.ip(&["addr", "add", &format!("{VIP4}/24"), "dev", &squatter.iface]);
+    squatter.ns.ip(&["addr", "add", &format!("{VIP6}/64"), "dev", &squatter.iface, "nodad"]);
+    let files = AgentFiles::new("conflict");
+    files.write(
+        "",
+        &format!(
+            "[probe]\ncount = 2\nwait_ms = 200\n{}\
+             [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\"]\n\
+             [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\"]\n\
+             [[vip]]\naddress = \"192.0.2.30/24\"\nadapters = [\"vip0\", \"vip1\"]\n",
+            lab.adapter_tables()
+        ),
+    );
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let s = agent.status();
+    for addr in [VIP4.to_string(), VIP6.to_string()] {
+        let v = vip_status(&s, &addr);
+        assert_eq!(v.state, "refused", "{addr}");
+        assert!(v.answering.is_empty());
+        let r = s.refusals.iter().find(|r| r.vip == addr).unwrap_or_else(|| panic!("no refusal for {addr}"));
+        assert!(r.reason.contains(&mac_str(&squatter.mac)), "{}", r.reason);
+    }
+    assert_eq!(vip_status(&s, "192.0.2.30").state, "active");
+    let lo = lab.node.ip(&["addr", "show", "lo"]);
+    assert!(!lo.contains(&VIP4.to_string()) && !lo.contains(&VIP6.to_string()) && lo.contains("192.0.2.30"), "{lo}");
+    assert!(agent.log_text().contains("VIP refused"));
+    assert!(agent.stop().success());
+}
+
+/// Adapters removed and re-added (same name, new ifindex) are let go and taken back.
+#[test]
+fn adapter_removed_and_recreated() {
+    if !root_or_skip("adapter_removed_and_recreated") {
+        return;
+    }
+    let (lab, mut peers) = lab(1);
+    let files = AgentFiles::new("readd");
+    files.write("", &lab_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    lab.node.ip(&["link", "del", "vip2"]);
+    let s = agent.wait_for("vip2 missing", 2 * SECOND, |s| adapter_state(s, "vip2") == "missing");
+    assert!(s.failovers.iter().any(|f| f.adapter == "vip2" && f.kind == "removed"));
+    assert_eq!(vip_status(&s, &VIP4.to_string()).answering.len(), 2);
+    let sw = lab.switch.as_ref().unwrap();
+    vip_tests::netns::veth(&lab.node, "vip2", "02:00:00:00:01:12", sw, "n2", "02:00:00:00:04:02");
+    sw.ip(&["link", "set", "n2", "master", "br0"]);
+    sw.run(|| peers.attach_pass("n2", aya::programs::XdpMode::Driver).map(|_| ()).unwrap_or_else(|e| panic!("{e}")));
+    lab.node.ip(&["addr", "add", "192.0.2.3/24", "dev", "vip2"]);
+    let s = agent.wait_for("vip2 back", 3 * SECOND, |s| adapter_state(s, "vip2") == "up");
+    let a = s.adapters.iter().find(|a| a.name == "vip2").unwrap();
+    assert_eq!(a.mac.as_deref(), Some("02:00:00:00:01:12"));
+    assert_eq!(vip_status(&s, &VIP4.to_string()).answering.len(), 3);
+    let c = &lab.clients[0];
+    // The new device answers: pull the other two so only it can.
+    lab.pull(0);
+    lab.pull(1);
+    agent.wait_for("only vip2", 2 * SECOND, |s| vip_status(s, &VIP4.to_string()).answering == vec!["vip2".to_string()]);
+    poke(c, VIP4.into());
+    wait_neigh(c, VIP4.into(), "via the new vip2", 2 * SECOND, |m| m == parse_mac("02:00:00:00:01:12").unwrap());
+    assert!(agent.stop().success());
+}
