@@ -797,12 +797,11 @@ impl Agent {
         self.ann.pump(Instant::now()).1
     }
 
+    /// Status without the data plane's counters (cheap: taken under the lock); see
+    /// [`fill_counters`] for the rest.
     pub fn status(&self) -> Status {
         let up = self.up_mask();
-        let decisions = match self.dp.decisions() {
-            Ok(d) => decision::NAMES.iter().zip(d).map(|(n, c)| (n.to_string(), c)).collect(),
-            Err(_) => vec![],
-        };
+        let decisions = vec![];
         let adapters = self
             .adapters
             .iter()
@@ -832,7 +831,7 @@ impl Agent {
                     .adapters
                     .iter()
                     .filter(|a| (v.home | v.mask) & (1 << a.slot) != 0)
-                    .map(|a| (a.name.clone(), self.dp.answers(v.id, a.slot).unwrap_or(0)))
+                    .map(|a| (a.name.clone(), 0))
                     .collect();
                 VipStatus {
                     address: v.addr.to_string(),
@@ -898,6 +897,17 @@ impl Agent {
         self.adopted || self.host.adopted()
     }
 
+}
+
+/// Reads the data plane's counters into a status taken by [`Agent::status`].
+pub fn fill_counters(s: &mut Status, c: &crate::dataplane::Counters) {
+    s.decisions = decision::NAMES.iter().zip(c.decisions()).map(|(n, v)| (n.to_string(), v)).collect();
+    let slots: std::collections::HashMap<String, u8> = s.adapters.iter().map(|a| (a.name.clone(), a.slot)).collect();
+    for v in &mut s.vips {
+        for (name, n) in &mut v.answers {
+            *n = slots.get(name.as_str()).map_or(0, |slot| c.answers(v.id, *slot));
+        }
+    }
 }
 
 /// Where the record of host changes lives: next to the control socket.

@@ -10,15 +10,26 @@ use tokio::{
     net::{TcpListener, UnixListener, UnixStream},
 };
 
-use crate::{agent::Agent, status::Status};
+use crate::{
+    agent::{fill_counters, Agent},
+    dataplane::Counters,
+    status::Status,
+};
 
 pub type Shared = Arc<Mutex<Agent>>;
 
+/// The agent's status with counters; the lock is held only for the cheap part.
+fn full_status(agent: &Shared, counters: &Counters) -> Status {
+    let mut s = agent.lock().expect("agent lock").status();
+    fill_counters(&mut s, counters);
+    s
+}
+
 /// Serves `status` requests: one line in, one JSON document out.
-pub async fn serve_control(listener: UnixListener, agent: Shared) {
+pub async fn serve_control(listener: UnixListener, agent: Shared, counters: Arc<Counters>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let agent = agent.clone();
+        let (agent, counters) = (agent.clone(), counters.clone());
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -27,10 +38,7 @@ pub async fn serve_control(listener: UnixListener, agent: Shared) {
                 return;
             }
             let reply = match line.trim() {
-                "status" => {
-                    let s = agent.lock().expect("agent lock").status();
-                    serde_json::to_string(&s).expect("serialisable")
-                }
+                "status" => serde_json::to_string(&full_status(&agent, &counters)).expect("serialisable"),
                 other => format!("{{\"error\":\"unknown command {other:?}\"}}"),
             };
             let _ = w.write_all(reply.as_bytes()).await;
@@ -40,10 +48,10 @@ pub async fn serve_control(listener: UnixListener, agent: Shared) {
 }
 
 /// Serves the metrics in Prometheus text format on any path.
-pub async fn serve_metrics(listener: TcpListener, agent: Shared) {
+pub async fn serve_metrics(listener: TcpListener, agent: Shared, counters: Arc<Counters>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let agent = agent.clone();
+        let (agent, counters) = (agent.clone(), counters.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             // The request itself does not matter; read until the end of its headers.
@@ -54,7 +62,7 @@ pub async fn serve_metrics(listener: TcpListener, agent: Shared) {
                     Ok(n) => seen.extend_from_slice(&buf[..n]),
                 }
             }
-            let body = agent.lock().expect("agent lock").status().prometheus();
+            let body = full_status(&agent, &counters).prometheus();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()

@@ -236,3 +236,32 @@ impl Dataplane {
         Ok(v.iter().sum())
     }
 }
+
+/// Independent handles on the pinned counter maps, so status and metrics can read them
+/// without holding the agent's lock (a failover must never wait behind a status query).
+pub struct Counters {
+    decisions: PerCpuArray<MapData, u64>,
+    answers: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    pub fn open(pin_dir: &Path) -> Result<Counters> {
+        let open = |name: &'static str| -> Result<PerCpuArray<MapData, u64>> {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(|source| DataplaneError::Map { map: name, source })?;
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|source| DataplaneError::Map { map: name, source })
+        };
+        Ok(Counters { decisions: open(names::DECISIONS)?, answers: open(names::ANSWERS)? })
+    }
+
+    pub fn decisions(&self) -> [u64; decision::COUNT as usize] {
+        let mut out = [0u64; decision::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.decisions.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+        }
+        out
+    }
+
+    pub fn answers(&self, vip_id: u32, slot: u8) -> u64 {
+        self.answers.get(&answer_index(vip_id, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}

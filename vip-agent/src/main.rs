@@ -194,7 +194,16 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     let socket_path = cfg.agent.control_socket.clone();
     let metrics = cfg.agent.metrics_listen;
     let _guard = rt.enter();
+    let pin_path = cfg.agent.pin_path.clone();
     let agent = Agent::start(cfg, &object, reload)?;
+    let counters = match vip_agent::dataplane::Counters::open(&pin_path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            let mut a = agent;
+            a.shutdown();
+            return Err(e.into());
+        }
+    };
     let agent: Shared = Arc::new(Mutex::new(agent));
     let notify = Arc::new(Notify::new());
 
@@ -247,12 +256,12 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
         }
         let listener = tokio::net::UnixListener::bind(&socket_path)
             .with_context(|| format!("control socket {}", socket_path.display()))?;
-        tokio::spawn(control::serve_control(listener, agent.clone()));
+        tokio::spawn(control::serve_control(listener, agent.clone(), counters.clone()));
         if let Some(addr) = metrics {
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => {
                     tracing::info!(%addr, "metrics listening");
-                    tokio::spawn(control::serve_metrics(l, agent.clone()));
+                    tokio::spawn(control::serve_metrics(l, agent.clone(), counters.clone()));
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "metrics listener not started"),
             }

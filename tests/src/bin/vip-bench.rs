@@ -1,6 +1,7 @@
 //! `cargo xtask bench dataplane`: the XDP data plane's cost per frame beside an empty
 //! program, and ARP answers per second on veth against the kernel's own ARP, variants
-//! interleaved in one run. Prints a Markdown report; `--write FILE` puts it in FILE.
+//! interleaved in one run. `cargo xtask bench failover`: cable pulls with the agent
+//! against keepalived's VRRP. Each prints a Markdown report; `--write FILE` puts it in FILE.
 
 use std::{
     time::{Duration, Instant},
@@ -33,10 +34,36 @@ enum Which {
         #[arg(long)]
         write: Option<String>,
     },
+    Failover {
+        /// Cable pulls with the agent.
+        #[arg(long, default_value_t = 200)]
+        pulls: usize,
+        /// Cable pulls with keepalived at advert_int 1 (each takes several seconds).
+        #[arg(long, default_value_t = 20)]
+        ka_pulls: usize,
+        /// Cable pulls with keepalived at its smallest advert_int.
+        #[arg(long, default_value_t = 100)]
+        ka_min_pulls: usize,
+        /// Write the report into this Markdown file (its `failover` section).
+        #[arg(long)]
+        write: Option<String>,
+    },
 }
 
 fn main() {
-    let Which::Dataplane { quick, write } = Cli::parse().which;
+    let (quick, write) = match Cli::parse().which {
+        Which::Dataplane { quick, write } => (quick, write),
+        Which::Failover { pulls, ka_pulls, ka_min_pulls, write } => {
+            let object = std::fs::read(vip_tests::object_path()).expect("reading the XDP object");
+            let report = vip_tests::failover::run(pulls, ka_pulls, ka_min_pulls, &object);
+            println!("{report}");
+            if let Some(path) = write {
+                write_section(&path, "failover", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+                println!("written to {path}");
+            }
+            return;
+        }
+    };
     let mut report = String::new();
     report.push_str(&format!("## Data plane (`cargo xtask bench dataplane`)\n\nMachine: {}\n\n", machine()));
     report.push_str(&per_frame(if quick { 2_000 } else { 50_000 }));
