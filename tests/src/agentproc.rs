@@ -62,6 +62,19 @@ impl AgentFiles {
         }
     }
 
+    /// Files for an existing config (its control socket and pin path as it says).
+    pub fn for_config(config: &Path) -> AgentFiles {
+        let cfg = vip_agent::config::Config::load(config).unwrap_or_else(|e| panic!("{e}"));
+        let dir = TempDir::new("lab");
+        AgentFiles {
+            config: config.to_path_buf(),
+            socket: cfg.agent.control_socket,
+            pin_path: cfg.agent.pin_path,
+            log: dir.0.join("agent.log"),
+            dir,
+        }
+    }
+
     /// Writes a config: `[agent]` (with this test's socket and pins, plus `agent_extra`
     /// lines), then `body` (the `[announce]`, `[probe]`, `[[adapter]]` and `[[vip]]` tables).
     pub fn write(&self, agent_extra: &str, body: &str) {

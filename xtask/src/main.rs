@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the lab and the benchmarks use (`ip`, `ethtool`).
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool"];
+/// Only `cargo xtask bench failover` needs it: the comparison runs the real daemon.
+const BENCH_PACKAGES: &[&str] = &["keepalived"];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
 #[derive(Parser)]
@@ -29,8 +31,10 @@ enum Verb {
     Setup,
     /// Build the XDP object (nightly, -Z build-std=core, bpf-linker).
     BuildEbpf,
-    /// Run the lab: namespaces with a node of 3 adapters and clients, the data plane
-    /// answering, live counters until Ctrl-C. Arguments after `--` go to the lab.
+    /// Run the lab: namespaces with a switch, a node of 3 adapters and 3 clients, the agent
+    /// on examples/lab.toml, a cable pulled and plugged back on a timer, live status until
+    /// Ctrl-C (`-- lab --help` for its options). With other arguments after `--`, run the
+    /// agent itself with them on this host (`-- run --config FILE`, `-- status`).
     Run {
         #[arg(last = true)]
         args: Vec<String>,
@@ -54,6 +58,13 @@ enum Bench {
     /// second on veth: XDP responder against the kernel.
     Dataplane {
         /// Fewer samples, for a quick look (the docs are not rewritten).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Cable pulls: the agent (200 pulls) against keepalived's VRRP at advert_int 1 and at
+    /// its smallest interval, seen from a client probing every 500 µs.
+    Failover {
+        /// Fewer pulls, for a quick look (the docs are not rewritten).
         #[arg(long)]
         quick: bool,
     },
@@ -152,7 +163,12 @@ fn setup() -> Result<()> {
     }
 
     println!("==> set-up: Debian packages");
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing (apt-get, as root).
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|pkg| {
             !Command::new("dpkg-query")
@@ -164,7 +180,7 @@ fn setup() -> Result<()> {
         .copied()
         .collect();
     if missing.is_empty() {
-        println!("    all present");
+        println!("    all present: {}", packages.join(", "));
     } else if is_root() {
         sh(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
         sh(Command::new("apt-get")
@@ -283,17 +299,30 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// No arguments: the lab with the agent on `examples/lab.toml`. Arguments: the agent
+/// itself on this host's real adapters (`cargo xtask run -- run --config FILE`).
 fn run(args: &[String]) -> Result<()> {
     setup()?;
     let obj = build_ebpf()?;
+    let agent = build_agent(true)?;
+    let lab_args: &[String] = match args.first().map(String::as_str) {
+        None => &[],
+        Some("lab") => &args[1..],
+        Some(_) => {
+            println!("==> run: vip-agent {}", args.join(" "));
+            return sh(Command::new(&agent).args(args).env("VIP_EBPF_OBJECT", &obj));
+        }
+    };
     if !is_root() {
         bail!("the lab creates network namespaces and attaches XDP: run as root");
     }
-    println!("==> run: lab (Ctrl-C to stop; the namespaces are removed on exit)");
+    println!("==> run: lab with the agent on examples/lab.toml (Ctrl-C to stop; the lab is removed on exit)");
     sh(Command::new("cargo")
         .args(["run", "--release", "-p", "vip-tests", "--bin", "vip-lab", "--"])
-        .args(args)
-        .env("VIP_EBPF_OBJECT", &obj))
+        .args(lab_args)
+        .current_dir(workspace_root())
+        .env("VIP_EBPF_OBJECT", &obj)
+        .env("VIP_AGENT_BIN", &agent))
 }
 
 fn bench(which: Bench) -> Result<()> {
@@ -312,6 +341,19 @@ fn bench(which: Bench) -> Result<()> {
                 cmd.args(["--write", "docs/benchmarks.md"]);
             }
             sh(cmd.env("VIP_EBPF_OBJECT", &obj))
+        }
+        Bench::Failover { quick } => {
+            println!("==> set-up: benchmark packages");
+            ensure_packages(BENCH_PACKAGES)?;
+            let agent = build_agent(true)?;
+            let mut cmd = Command::new("cargo");
+            cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "failover"]);
+            if quick {
+                cmd.args(["--pulls", "20", "--ka-pulls", "2", "--ka-min-pulls", "10"]);
+            } else {
+                cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            sh(cmd.current_dir(workspace_root()).env("VIP_EBPF_OBJECT", &obj).env("VIP_AGENT_BIN", &agent))
         }
     }
 }

@@ -1,34 +1,35 @@
 //! `cargo xtask run`: a lab in network namespaces. A switch (Linux bridge), a node with 3
-//! adapters answering for the VIPs through the XDP data plane, and 3 clients. Shows which
-//! adapter each client's kernel resolved each VIP to, marks an adapter down and up again
-//! on a timer, and prints the data plane's counters until interrupted; then removes the lab.
+//! adapters, 3 clients, and the real agent on the node with `examples/lab.toml`. Shows
+//! which adapter each client resolved each VIP to, pulls a cable and plugs it back on a
+//! timer, and prints the agent's status and each failover's timings until interrupted;
+//! then stops the agent and removes the lab.
 
 use std::{
     net::UdpSocket,
+    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
 use clap::Parser;
-use vip_common::{decision, ADAPTER_DOWN, ADAPTER_UP};
 use vip_tests::{
+    agentproc::{AgentFiles, AgentProc},
     load_dataplane,
-    topo::{Lab, VIP4, VIP6},
+    topo::Lab,
 };
 
 #[derive(Parser)]
-#[command(about = "vip lab: a node with 3 adapters and 3 clients in network namespaces")]
+#[command(about = "vip lab: the agent on a node with 3 adapters and 3 clients, in network namespaces")]
 struct Cli {
+    /// The agent's config; its adapters must be vip0..vip2 (the lab's).
+    #[arg(long, default_value = "examples/lab.toml")]
+    config: PathBuf,
     /// Stop after this many seconds (0: run until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     duration: u64,
-    /// Mark adapter vip1 down, then up again, every this many seconds (0: never).
-    #[arg(long, default_value_t = 10)]
-    flap_every: u64,
-    /// XDP attach mode: native or skb.
-    #[arg(long, default_value = "native")]
-    mode: String,
+    /// Pull vip1's cable, and plug it back, every this many seconds (0: never).
+    #[arg(long, default_value_t = 8)]
+    pull_every: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -39,69 +40,89 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn main() {
     let cli = Cli::parse();
-    let mode = match cli.mode.as_str() {
-        "native" => XdpMode::Driver,
-        "skb" => XdpMode::Skb,
-        m => {
-            eprintln!("--mode must be native or skb, not {m}");
-            std::process::exit(2);
-        }
-    };
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let lab = Lab::bridged(3, 3);
-    let mut dp = load_dataplane();
-    lab.start_dataplane(&mut dp, mode);
-    println!("lab up: node {} with adapters {}", lab.node.name, lab.adapters.iter().map(|a| format!("{} ({})", a.name, vip_packet::mac_str(&a.mac))).collect::<Vec<_>>().join(", "));
-    println!("VIPs {VIP4} and {VIP6}; clients {}", lab.clients.iter().map(|c| c.ns.name.as_str()).collect::<Vec<_>>().join(", "));
-    show_resolution(&lab);
+    // A veth delivers XDP_TX frames only to a peer with an XDP program; a switch port
+    // would need nothing.
+    let mut peers = load_dataplane();
+    lab.attach_peers(&mut peers);
+    let files = AgentFiles::for_config(&cli.config);
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    println!(
+        "lab up: node {} with adapters {}; agent log {}",
+        lab.node.name,
+        lab.adapters.iter().map(|a| format!("{} ({})", a.name, vip_packet::mac_str(&a.mac))).collect::<Vec<_>>().join(", "),
+        files.log.display()
+    );
+    let vips: Vec<String> = agent.status().vips.iter().map(|v| v.address.clone()).collect();
+    show_resolution(&lab, &vips);
+    print!("{}", agent.status().human());
 
     let start = Instant::now();
-    let mut last = dp.decisions().expect("counters");
-    let mut down = false;
-    let mut next_flap = cli.flap_every;
+    let mut seen = 0;
+    let mut pulled = false;
     let mut tick = 0u64;
     while !STOP.load(Ordering::Relaxed) && (cli.duration == 0 || start.elapsed() < Duration::from_secs(cli.duration)) {
         std::thread::sleep(Duration::from_secs(1));
         tick += 1;
-        let now = dp.decisions().expect("counters");
-        let changed: Vec<String> = (0..now.len())
-            .filter(|&i| now[i] != last[i])
-            .map(|i| format!("{}+{}", decision::NAMES[i], now[i] - last[i]))
-            .collect();
-        let answers: Vec<String> = lab
-            .adapters
-            .iter()
-            .map(|a| format!("{}: {}", a.name, dp.answers(0, a.slot).unwrap_or(0) + dp.answers(1, a.slot).unwrap_or(0)))
-            .collect();
-        println!("[{tick:>4}s] answers per adapter {{{}}}  last second: {}", answers.join(", "), if changed.is_empty() { "-".into() } else { changed.join(" ") });
-        last = now;
-        if cli.flap_every > 0 && tick >= next_flap {
-            next_flap += cli.flap_every;
-            down = !down;
-            let a = &lab.adapters[1];
-            lab.set_adapter_state(&mut dp, a, if down { ADAPTER_DOWN } else { ADAPTER_UP });
-            println!("==> adapter {} marked {} in the data plane", a.name, if down { "DOWN" } else { "UP" });
-            show_resolution(&lab);
+        let Some(s) = agent.try_status() else {
+            println!("agent is gone; log:\n{}", agent.log_text());
+            break;
+        };
+        let states: Vec<String> = s.adapters.iter().map(|a| format!("{} {}", a.name, a.state)).collect();
+        let answering: Vec<String> = s.vips.iter().map(|v| format!("{} -> [{}]", v.address, v.answering.join(","))).collect();
+        println!("[{tick:>4}s] {}  |  {}", states.join(", "), answering.join("  "));
+        for f in &s.failovers[seen.min(s.failovers.len())..] {
+            println!(
+                "       failover: {} {} ({} VIPs) event -> maps written {:.1} µs, -> first announcement {}, announced from {}",
+                f.adapter,
+                f.kind,
+                f.vips,
+                f.maps_written_ns as f64 / 1e3,
+                f.first_announcement_ns.map_or("-".into(), |n| format!("{:.1} µs", n as f64 / 1e3)),
+                if f.announced_from.is_empty() { "-".into() } else { f.announced_from.join(",") }
+            );
+        }
+        seen = s.failovers.len();
+        if cli.pull_every > 0 && tick % cli.pull_every == 0 {
+            pulled = !pulled;
+            if pulled {
+                println!("==> pulling vip1's cable (switch port {} down)", lab.adapters[1].peer);
+                lab.pull(1);
+            } else {
+                println!("==> plugging vip1's cable back in");
+                lab.plug(1);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            show_resolution(&lab, &vips);
         }
     }
-    println!("removing the lab");
+    println!("stopping the agent and removing the lab");
+    let st = agent.stop();
+    if !st.success() {
+        eprintln!("agent exited with {st}");
+    }
 }
 
-/// Has each client's own kernel resolve both VIPs afresh and prints the adapter chosen.
-fn show_resolution(lab: &Lab) {
+/// Prints the adapter each client's kernel uses for each VIP now (resolving it first if
+/// the client has no entry yet).
+fn show_resolution(lab: &Lab, vips: &[String]) {
     for c in &lab.clients {
         let mut line = format!("  {}:", c.ns.name);
-        for (vip, target, bind) in [(VIP4.to_string(), format!("{VIP4}:9"), "0.0.0.0:0"), (VIP6.to_string(), format!("[{VIP6}]:9"), "[::]:0")] {
-            let _ = std::process::Command::new("ip").args(["-n", &c.ns.name, "neigh", "flush", "to", &vip]).status();
-            c.ns.run(|| UdpSocket::bind(bind).and_then(|s| s.send_to(b"lab", target.as_str())).map(|_| ()).ok());
-            std::thread::sleep(Duration::from_millis(50));
-            let out = c.ns.ip(&["neigh", "show", &vip]);
+        for vip in vips {
+            let entry = |c: &vip_tests::topo::Client| c.ns.ip(&["neigh", "show", vip]);
+            if !entry(c).contains("lladdr") {
+                let (target, bind) = if vip.contains(':') { (format!("[{vip}]:9"), "[::]:0") } else { (format!("{vip}:9"), "0.0.0.0:0") };
+                c.ns.run(|| UdpSocket::bind(bind).and_then(|s| s.send_to(b"lab", target.as_str())).map(|_| ()).ok());
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            let out = entry(c);
             let mac = out.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).unwrap_or("unresolved").to_string();
             let adapter = lab.adapters.iter().find(|a| vip_packet::mac_str(&a.mac) == mac).map(|a| a.name.clone()).unwrap_or_else(|| "-".into());
-            line.push_str(&format!("  {vip} -> {mac} ({adapter})"));
+            line.push_str(&format!("  {vip} -> {adapter}"));
         }
         println!("{line}");
     }
