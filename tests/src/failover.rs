@@ -88,11 +88,12 @@ pub fn vip(pulls: usize, object: &[u8]) -> Samples {
     let mut s = Samples::default();
     let mut windows = vec![];
     for k in 0..pulls {
-        let seen = agent.status().failovers.len();
+        // The histogram's count keeps counting; the list of recent failovers is capped.
+        let seen = agent.status().maps_written.count;
         let t = realtime_ns();
         let at = Instant::now();
         port.set(false);
-        let st = agent.wait_for("failover", Duration::from_secs(5), |st| st.failovers.len() > seen);
+        let st = agent.wait_for("failover", Duration::from_secs(5), |st| st.maps_written.count > seen);
         let f = st.failovers.last().unwrap();
         s.maps.push(f.maps_written_ns as f64);
         match watch.wait_first_after(t, Duration::from_secs(2)) {
@@ -102,7 +103,7 @@ pub fn vip(pulls: usize, object: &[u8]) -> Samples {
         std::thread::sleep(Duration::from_millis(100));
         windows.push((at, Instant::now()));
         port.set(true);
-        agent.wait_for("back", Duration::from_secs(5), |st| st.failovers.len() > seen + 1);
+        agent.wait_for("back", Duration::from_secs(5), |st| st.maps_written.count > seen + 1);
         std::thread::sleep(Duration::from_millis(100));
     }
     let recs = prober.stop();

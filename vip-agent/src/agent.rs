@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::programs::{links::PinnedLink, XdpMode};
-use vip_common::{decision, AdapterInfo, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_UP, MAX_ADAPTERS};
+use vip_common::{decision, names, AdapterInfo, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_UP, MAX_ADAPTERS};
 use vip_packet::{mac_str, Mac};
 
 use crate::{
@@ -82,6 +82,8 @@ struct VipRt {
     /// The allowed mask in the map now.
     mask: u64,
     state: VipState,
+    /// No adapter may answer for it (its own are down, no takeover possible): said once.
+    stranded: bool,
 }
 
 /// A hold-down or up-delay timer to start.
@@ -221,6 +223,9 @@ impl Agent {
             Ok(dp) => dp,
             Err(e) => {
                 if fresh_pins {
+                    for n in [names::VIPS, names::ADAPTERS, names::DECISIONS, names::ANSWERS] {
+                        let _ = std::fs::remove_file(pin.join(n));
+                    }
                     let _ = std::fs::remove_dir(&pin);
                 }
                 return Err(e.into());
@@ -250,7 +255,8 @@ impl Agent {
                     link: None,
                     subnets: link.map(|l| {
                         let (mut a, r) = nh.subnets(l.ifindex);
-                        a.extend(r);
+                        // A default route is no sign of being in a subnet (as in validation).
+                        a.extend(r.into_iter().filter(|s| s.prefix > 0));
                         a
                     }).unwrap_or_default(),
                 }
@@ -271,6 +277,7 @@ impl Agent {
                     home: v.adapters.iter().fold(0u64, |m, a| m | 1 << a),
                     mask: 0,
                     state: VipState::Refused,
+                    stranded: false,
                 }
             })
             .collect();
@@ -305,6 +312,7 @@ impl Agent {
     fn bring_up(&mut self, links: &[Link], reload: bool) -> anyhow::Result<()> {
         let pin = self.cfg.agent.pin_path.clone();
         let mode = xdp_mode(self.cfg.agent.xdp_mode);
+        self.host.prepare_host()?;
         let mut configured = HashSet::new();
         for i in 0..self.adapters.len() {
             let Some(link) = links.iter().find(|l| l.name == self.adapters[i].name).cloned() else {
@@ -312,7 +320,7 @@ impl Agent {
                 continue;
             };
             configured.insert(link.ifindex);
-            self.attach(i, &link, mode, reload)?;
+            self.attach(i, &link, mode, reload, None)?;
         }
         // Entries and pins a previous agent left for adapters no longer configured.
         for (ifindex, _) in self.dp.adapters()? {
@@ -369,6 +377,11 @@ impl Agent {
             }
         }
         self.recompute(true);
+        let keep: Vec<IpAddr> = self.vips.iter().filter(|v| v.state == VipState::Active).map(|v| v.addr).collect();
+        for addr in self.host.stale_vips(&keep) {
+            tracing::info!(%addr, "removing a VIP no longer configured from lo");
+            self.host.remove_vip(&mut self.rtnl, addr)?;
+        }
         for i in 0..self.vips.len() {
             if self.vips[i].state == VipState::Active {
                 let addr = self.vips[i].addr;
@@ -391,7 +404,7 @@ impl Agent {
 
     /// Attaches the responder to an adapter that is present (or adopts the pinned
     /// attachment a previous agent left), and puts it in the map.
-    fn attach(&mut self, i: usize, link: &Link, mode: XdpMode, reload: bool) -> anyhow::Result<()> {
+    fn attach(&mut self, i: usize, link: &Link, mode: XdpMode, reload: bool, initial: Option<Health>) -> anyhow::Result<()> {
         let path = self.cfg.agent.pin_path.join(format!("link_{}", link.ifindex));
         self.host.prepare_adapter(&link.name)?;
         let pinned = if path.exists() {
@@ -420,7 +433,7 @@ impl Agent {
         a.link = Some(pinned);
         a.ifindex = Some(link.ifindex);
         a.mac = link.mac;
-        a.health = if link.running { Health::Up } else { Health::Down };
+        a.health = initial.unwrap_or(if link.running { Health::Up } else { Health::Down });
         a.gen += 1;
         a.since = unix_now();
         let state = a.health.name();
@@ -477,6 +490,7 @@ impl Agent {
             }
         }
         let mut refusals = vec![];
+        let mut stranded = vec![false; self.vips.len()];
         for (i, v) in self.vips.iter().enumerate() {
             if v.state != VipState::Active || next[i] != 0 {
                 continue;
@@ -492,15 +506,23 @@ impl Agent {
                     Some(r) => why.push((a.name.clone(), r)),
                 }
             }
-            if mask == v.home && v.mask != v.home {
-                // Nowhere to go; say so once per change.
-                refusals.extend(why.into_iter().map(|(a, r)| (v.addr, a, r)));
+            stranded[i] = mask == v.home;
+            // Said when the placement changes (not again while it stays the same).
+            if (mask == v.home && !v.stranded) || (mask != v.home && mask != v.mask) {
+                if why.is_empty() && mask == v.home {
+                    why.push((String::new(), "no other healthy adapter".into()));
+                }
+                refusals.extend(why.into_iter().map(|(a, r)| (i, v.addr, a, r)));
             }
             next[i] = mask;
         }
-        for (vip, adapter, reason) in refusals {
+        for (v, s) in self.vips.iter_mut().zip(stranded) {
+            v.stranded = s;
+        }
+        for (_, vip, adapter, reason) in refusals {
             tracing::warn!(%vip, %adapter, %reason, "takeover refused");
-            self.refusals.push(Refusal { at: unix_now(), vip: vip.to_string(), adapter: Some(adapter), reason });
+            let adapter = if adapter.is_empty() { None } else { Some(adapter) };
+            self.refusals.push(Refusal { at: unix_now(), vip: vip.to_string(), adapter, reason });
         }
         if self.refusals.len() > MAX_REFUSALS_KEPT {
             let extra = self.refusals.len() - MAX_REFUSALS_KEPT;
@@ -549,13 +571,14 @@ impl Agent {
     /// The adapter lost its link (or hold-down ran out, or it was removed): stop answering
     /// there, move what must move, announce from the survivors.
     fn fail(&mut self, i: usize, at: Instant, kind: &str) {
+        // First of all: the adapter stops answering.
+        if let Err(e) = self.write_adapter(i) {
+            tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
+        }
         let bit = 1u64 << self.adapters[i].slot;
         let carried: Vec<usize> = (0..self.vips.len())
             .filter(|&v| self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0)
             .collect();
-        if let Err(e) = self.write_adapter(i) {
-            tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
-        }
         let changed = self.recompute(false);
         let maps_at = Instant::now();
         if let Some(ix) = self.adapters[i].ifindex {
@@ -667,8 +690,17 @@ impl Agent {
     /// with the device) and fail over.
     fn gone(&mut self, i: usize, at: Instant) {
         let Some(ifindex) = self.adapters[i].ifindex else { return };
+        let was_answering = self.adapters[i].health.answers();
         self.set_health(i, Health::Missing);
-        self.fail(i, at, "removed");
+        if was_answering {
+            self.fail(i, at, "removed");
+        } else {
+            // Already failed over: nothing moves, nothing to announce.
+            if let Err(e) = self.write_adapter(i) {
+                tracing::error!(error = %e, "adapter map write failed");
+            }
+            tracing::info!(adapter = %self.adapters[i].name, "adapter removed (was down)");
+        }
         if let Err(e) = self.dp.remove_adapter(ifindex) {
             tracing::error!(error = %e, "adapter map write failed");
         }
@@ -728,20 +760,21 @@ impl Agent {
         // A configured adapter appeared (created, re-created or renamed to its name).
         if let Some(i) = self.adapters.iter().position(|a| a.name == link.name && a.health == Health::Missing) {
             let mode = xdp_mode(self.cfg.agent.xdp_mode);
-            match self.attach(i, link, mode, false) {
-                Ok(()) => {
-                    let running = self.adapters[i].health == Health::Up;
-                    if running {
-                        let delay = self.cfg.agent.up_delay_ms;
-                        if delay == 0 {
-                            self.restore(i, at);
-                        } else {
-                            self.set_health(i, Health::UpDelay);
-                            let _ = self.write_adapter(i);
-                            timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(delay) });
-                        }
+            let delay = self.cfg.agent.up_delay_ms;
+            // A returning device waits out up_delay like a returning cable, written as
+            // down until then.
+            let initial = if link.running && delay > 0 { Health::UpDelay } else if link.running { Health::Up } else { Health::Down };
+            if let Err(e) = self.refresh_subnets(i, link.ifindex) {
+                tracing::warn!(adapter = %link.name, error = %e, "could not read its addresses");
+            }
+            match self.attach(i, link, mode, false, Some(initial)) {
+                Ok(()) => match initial {
+                    Health::Up => self.restore(i, at),
+                    Health::UpDelay => {
+                        timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(delay) })
                     }
-                }
+                    _ => {}
+                },
                 Err(e) => tracing::error!(adapter = %link.name, error = %e, "could not attach to the returning adapter"),
             }
         }
@@ -751,6 +784,9 @@ impl Agent {
     /// Events were lost (the socket overflowed): re-read every link and act on the
     /// differences.
     pub fn resync(&mut self) -> Vec<Timer> {
+        if self.stopping {
+            return vec![];
+        }
         let links = match self.rtnl.links() {
             Ok(l) => l,
             Err(e) => {
@@ -771,6 +807,15 @@ impl Agent {
             timers.extend(self.on_link(l, at));
         }
         timers
+    }
+
+    /// Re-reads the addresses and routes of a (re-created) adapter for takeover checks.
+    fn refresh_subnets(&mut self, i: usize, ifindex: u32) -> anyhow::Result<()> {
+        let nh = NetlinkHost::read(&mut self.rtnl)?;
+        let (mut a, r) = nh.subnets(ifindex);
+        a.extend(r.into_iter().filter(|s| s.prefix > 0));
+        self.adapters[i].subnets = a;
+        Ok(())
     }
 
     /// A hold-down or up-delay timer ran out.
@@ -877,10 +922,16 @@ impl Agent {
                 }
             }
         }
+        // Only our own pins: pin_path may be shared with other tools.
         let pin = self.cfg.agent.pin_path.clone();
+        for n in [names::VIPS, names::ADAPTERS, names::DECISIONS, names::ANSWERS] {
+            let _ = std::fs::remove_file(pin.join(n));
+        }
         if let Ok(rd) = std::fs::read_dir(&pin) {
             for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
+                if e.file_name().to_string_lossy().starts_with("link_") {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         let _ = std::fs::remove_dir(&pin);

@@ -119,8 +119,15 @@ pub fn probe(
         }
         let next_probe = if sent < count { start + gap * sent } else { end };
         let slice = next_probe.min(end).saturating_duration_since(now).min(Duration::from_millis(5));
+        if listeners.is_empty() {
+            std::thread::sleep(slice);
+        }
         for l in &listeners {
+            // A busy adapter never drains: stop reading when the probe schedule is due.
             while let Some(n) = l.recv(&mut buf, if slice.is_zero() { Duration::ZERO } else { slice / listeners.len() as u32 })? {
+                if Instant::now() >= next_probe.min(end) {
+                    break;
+                }
                 if n == 0 {
                     continue;
                 }

@@ -33,9 +33,11 @@ pub async fn serve_control(listener: UnixListener, agent: Shared, counters: Arc<
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            let mut r = BufReader::new(r);
-            if r.read_line(&mut line).await.is_err() {
-                return;
+            // One short command line; anything longer or slower is not a client of ours.
+            let mut r = BufReader::new(r.take(256));
+            match tokio::time::timeout(std::time::Duration::from_secs(5), r.read_line(&mut line)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
             }
             let reply = match line.trim() {
                 "status" => serde_json::to_string(&full_status(&agent, &counters)).expect("serialisable"),

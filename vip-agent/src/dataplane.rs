@@ -39,6 +39,17 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// The loaded data plane: both programs verified and loaded, maps created.
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// Taken out of `ebpf` once: a failover writes them without looking them up by name.
+    adapters: Array<MapData, AdapterInfo>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+}
+
+fn take_maps(ebpf: &mut Ebpf) -> Result<(Array<MapData, AdapterInfo>, HashMap<MapData, VipKey, VipInfo>)> {
+    let a = ebpf.take_map(names::ADAPTERS).ok_or(DataplaneError::MissingMap(names::ADAPTERS))?;
+    let a = Array::try_from(a).map_err(|source| DataplaneError::Map { map: names::ADAPTERS, source })?;
+    let v = ebpf.take_map(names::VIPS).ok_or(DataplaneError::MissingMap(names::VIPS))?;
+    let v = HashMap::try_from(v).map_err(|source| DataplaneError::Map { map: names::VIPS, source })?;
+    Ok((a, v))
 }
 
 impl Dataplane {
@@ -53,7 +64,8 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
             prog.load().map_err(|source| DataplaneError::Program { name, source })?;
         }
-        Ok(Dataplane { ebpf })
+        let (adapters, vips) = take_maps(&mut ebpf)?;
+        Ok(Dataplane { ebpf, adapters, vips })
     }
 
     /// Like [`Dataplane::load`], but the maps live under `pin_dir`: maps already pinned
@@ -75,7 +87,8 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
             prog.load().map_err(|source| DataplaneError::Program { name, source })?;
         }
-        Ok(Dataplane { ebpf })
+        let (adapters, vips) = take_maps(&mut ebpf)?;
+        Ok(Dataplane { ebpf, adapters, vips })
     }
 
     /// Attaches the responder to `ifindex` and pins the link at `link_path`, so that it
@@ -113,18 +126,12 @@ impl Dataplane {
 
     /// The VIP keys in the map, for reconciling an adopted map with the config.
     pub fn vip_keys(&self) -> Result<Vec<VipKey>> {
-        let map = names::VIPS;
-        let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
-        let h: HashMap<&MapData, VipKey, VipInfo> = HashMap::try_from(m).map_err(|source| DataplaneError::Map { map, source })?;
-        Ok(h.keys().filter_map(|k| k.ok()).collect())
+        Ok(self.vips.keys().filter_map(|k| k.ok()).collect())
     }
 
     /// Non-empty adapter entries by ifindex.
     pub fn adapters(&self) -> Result<Vec<(u32, AdapterInfo)>> {
-        let map = names::ADAPTERS;
-        let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
-        let arr: Array<&MapData, AdapterInfo> = Array::try_from(m).map_err(|source| DataplaneError::Map { map, source })?;
-        Ok(arr.iter().enumerate().filter_map(|(i, a)| a.ok().filter(|a| a.state != 0).map(|a| (i as u32, a))).collect())
+        Ok(self.adapters.iter().enumerate().filter_map(|(i, a)| a.ok().filter(|a| a.state != 0).map(|a| (i as u32, a))).collect())
     }
 
     fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
@@ -178,10 +185,6 @@ impl Dataplane {
         self.xdp_mut(name)?.detach(link).map_err(|source| DataplaneError::Program { name, source })
     }
 
-    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, map: &'static str) -> Result<HashMap<&mut MapData, K, V>> {
-        let m = self.ebpf.map_mut(map).ok_or(DataplaneError::MissingMap(map))?;
-        HashMap::try_from(m).map_err(|source| DataplaneError::Map { map, source })
-    }
 
     fn per_cpu(&self, map: &'static str) -> Result<PerCpuArray<&MapData, u64>> {
         let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
@@ -190,14 +193,10 @@ impl Dataplane {
 
     /// Adds or replaces the adapter with this ifindex (`< MAX_IFINDEX`).
     pub fn set_adapter(&mut self, ifindex: u32, info: AdapterInfo) -> Result<()> {
-        let map = names::ADAPTERS;
         if ifindex >= MAX_IFINDEX {
             return Err(DataplaneError::IfindexTooLarge(ifindex));
         }
-        let m = self.ebpf.map_mut(map).ok_or(DataplaneError::MissingMap(map))?;
-        let mut arr: Array<&mut MapData, AdapterInfo> =
-            Array::try_from(m).map_err(|source| DataplaneError::Map { map, source })?;
-        arr.set(ifindex, info, 0).map_err(|source| DataplaneError::Map { map, source })
+        self.adapters.set(ifindex, info, 0).map_err(|source| DataplaneError::Map { map: names::ADAPTERS, source })
     }
 
     /// Forgets the adapter: frames arriving on it are passed as from an unknown adapter.
@@ -207,13 +206,11 @@ impl Dataplane {
 
     /// Adds or replaces a VIP.
     pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
-        let map = names::VIPS;
-        self.hash::<VipKey, VipInfo>(map)?.insert(key, info, 0).map_err(|source| DataplaneError::Map { map, source })
+        self.vips.insert(key, info, 0).map_err(|source| DataplaneError::Map { map: names::VIPS, source })
     }
 
     pub fn remove_vip(&mut self, key: VipKey) -> Result<()> {
-        let map = names::VIPS;
-        self.hash::<VipKey, VipInfo>(map)?.remove(&key).map_err(|source| DataplaneError::Map { map, source })
+        self.vips.remove(&key).map_err(|source| DataplaneError::Map { map: names::VIPS, source })
     }
 
     /// Decision counters summed over CPUs, indexed by `vip_common::decision`.

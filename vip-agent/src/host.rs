@@ -19,6 +19,13 @@ use crate::{
 ///   a VIP on `lo` is answered by the data plane alone.
 /// - arp_announce=2: the kernel's own ARP requests use the adapter's address, never a VIP.
 /// - ignore_routes_with_linkdown=1: replies do not go out of an adapter that lost carrier.
+pub const HOST_SYSCTLS: &[(&str, &str)] = &[
+    // The kernel takes the larger of `all` and the device's value: without these, VLAN
+    // sub-devices and adapters the agent does not manage would still answer for VIPs.
+    ("ipv4/conf/all/arp_ignore", "1"),
+    ("ipv4/conf/all/arp_announce", "2"),
+];
+
 pub const ADAPTER_SYSCTLS: &[(&str, &str)] = &[
     ("ipv4/conf/{}/arp_ignore", "1"),
     ("ipv4/conf/{}/arp_announce", "2"),
@@ -81,7 +88,16 @@ impl Host {
     /// Sets the agent's sysctls on `dev`, remembering each original value the first time.
     /// A sysctl the kernel does not have for this device (IPv6 disabled) is left alone.
     pub fn prepare_adapter(&mut self, dev: &str) -> std::io::Result<()> {
-        for (template, value) in ADAPTER_SYSCTLS {
+        self.set_sysctls(ADAPTER_SYSCTLS, dev)
+    }
+
+    /// The host-wide sysctls ([`HOST_SYSCTLS`]).
+    pub fn prepare_host(&mut self) -> std::io::Result<()> {
+        self.set_sysctls(HOST_SYSCTLS, "")
+    }
+
+    fn set_sysctls(&mut self, list: &[(&str, &str)], dev: &str) -> std::io::Result<()> {
+        for (template, value) in list {
             let path = sysctl_path(template, dev);
             let Ok(current) = fs::read_to_string(&path) else { continue };
             let current = current.trim().to_string();
@@ -97,21 +113,40 @@ impl Host {
     }
 
     /// Adds a VIP as a host address on `lo` (/32 or /128) so the stack accepts its
-    /// traffic. An address this agent added before (it was restarted) is kept as is.
+    /// traffic. The record is written first, so a SIGKILL between the two cannot leave an
+    /// address nobody will remove. An address that was already there and is not in the
+    /// record belongs to the operator: it is used, and left in place at the end.
     pub fn add_vip(&mut self, rtnl: &mut Rtnl, lo: u32, addr: std::net::IpAddr) -> Result<(), NetlinkError> {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
         let rec = AddedAddress { ifindex: lo, addr, prefix };
-        if self.changes.addresses.contains(&rec) {
-            match rtnl.add_address(lo, &Subnet { addr, prefix }) {
-                Ok(()) => {}
-                Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e),
-            }
-            return Ok(());
+        let ours = self.changes.addresses.contains(&rec);
+        if !ours {
+            self.changes.addresses.push(rec.clone());
+            self.save().map_err(NetlinkError::Io)?;
         }
-        rtnl.add_address(lo, &Subnet { addr, prefix })?;
-        self.changes.addresses.push(rec);
-        self.save().map_err(NetlinkError::Io)
+        match rtnl.add_address(lo, &Subnet { addr, prefix }) {
+            Ok(()) => Ok(()),
+            Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                if !ours {
+                    tracing::info!(%addr, "VIP already on lo; using it and leaving it there");
+                    self.changes.addresses.retain(|a| *a != rec);
+                    let _ = self.save();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if !ours {
+                    self.changes.addresses.retain(|a| *a != rec);
+                    let _ = self.save();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Addresses this agent added that are not in `keep` (VIPs gone from the config).
+    pub fn stale_vips(&self, keep: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
+        self.changes.addresses.iter().map(|a| a.addr).filter(|a| !keep.contains(a)).collect()
     }
 
     pub fn remove_vip(&mut self, rtnl: &mut Rtnl, addr: std::net::IpAddr) -> Result<(), NetlinkError> {

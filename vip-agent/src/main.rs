@@ -171,6 +171,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs the calling thread (the link watcher) under SCHED_FIFO, so a busy CPU cannot
+/// delay a failover behind ordinary work; the thread sleeps in recv otherwise.
+fn realtime_priority() {
+    let param = libc::sched_param { sched_priority: 10 };
+    if unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) } != 0 {
+        tracing::warn!("link watcher runs without real-time priority (SCHED_FIFO refused)");
+    }
+}
+
 fn spawn_timers(rt: &tokio::runtime::Handle, agent: &Shared, notify: &Arc<Notify>, timers: Vec<Timer>) {
     for t in timers {
         let (agent, notify) = (agent.clone(), notify.clone());
@@ -182,6 +191,22 @@ fn spawn_timers(rt: &tokio::runtime::Handle, agent: &Shared, notify: &Arc<Notify
     }
 }
 
+/// One agent per control socket: a second one would take over the first one's socket and
+/// state file. The lock is released when the process exits, however it exits.
+fn lock_instance(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".lock");
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).with_context(|| format!("opening {p:?}"))?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!("another vip-agent is running with control socket {}", socket.display());
+    }
+    Ok(f)
+}
+
 fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> anyhow::Result<()> {
     // Before any thread exists: every thread the agent starts inherits the namespace.
     if let Some(ns) = &netns {
@@ -189,18 +214,38 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     }
     let object = std::fs::read(&object).with_context(|| format!("reading the XDP object {}", object.display()))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    // Subscribed before the first dump, so no change between the two is missed.
-    let mut events = LinkEvents::open()?;
     let socket_path = cfg.agent.control_socket.clone();
     let metrics = cfg.agent.metrics_listen;
     let _guard = rt.enter();
+    // Everything that can fail without touching the host comes first: the instance lock,
+    // the signal handlers (a SIGTERM during start-up must still restore the host), the
+    // control socket and the metrics listener, and the link event subscription (before
+    // the first dump, so no change between the two is missed).
+    let _lock = lock_instance(&socket_path)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = tokio::net::UnixListener::bind(&socket_path).with_context(|| format!("control socket {}", socket_path.display()))?;
+    let metrics_listener = match metrics {
+        Some(addr) => Some(rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("metrics_listen {addr}"))?),
+        None => None,
+    };
+    let mut events = LinkEvents::open()?;
     let pin_path = cfg.agent.pin_path.clone();
-    let agent = Agent::start(cfg, &object, reload)?;
+    let agent = match Agent::start(cfg, &object, reload) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
     let counters = match vip_agent::dataplane::Counters::open(&pin_path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             let mut a = agent;
-            a.shutdown();
+            if !a.was_adopted() {
+                a.shutdown();
+            }
             return Err(e.into());
         }
     };
@@ -210,7 +255,9 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     // The link watcher: a thread of its own, so an event is acted on as soon as recv returns.
     {
         let (agent, notify, handle) = (agent.clone(), notify.clone(), rt.handle().clone());
-        std::thread::Builder::new().name("link-watcher".into()).spawn(move || loop {
+        std::thread::Builder::new().name("link-watcher".into()).spawn(move || {
+            realtime_priority();
+            loop {
             let timers = match events.recv() {
                 Ok((at, evs)) => {
                     let mut a = agent.lock().expect("agent lock");
@@ -228,6 +275,7 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
             };
             spawn_timers(&handle, &agent, &notify, timers);
             notify.notify_one();
+            }
         })?;
     }
 
@@ -250,31 +298,21 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
                 }
             });
         }
-        let _ = std::fs::remove_file(&socket_path);
-        if let Some(dir) = socket_path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let listener = tokio::net::UnixListener::bind(&socket_path)
-            .with_context(|| format!("control socket {}", socket_path.display()))?;
         tokio::spawn(control::serve_control(listener, agent.clone(), counters.clone()));
-        if let Some(addr) = metrics {
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => {
-                    tracing::info!(%addr, "metrics listening");
-                    tokio::spawn(control::serve_metrics(l, agent.clone(), counters.clone()));
-                }
-                Err(e) => tracing::error!(%addr, error = %e, "metrics listener not started"),
-            }
+        if let (Some(l), Some(addr)) = (metrics_listener, metrics) {
+            tracing::info!(%addr, "metrics listening");
+            tokio::spawn(control::serve_metrics(l, agent.clone(), counters.clone()));
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("stopping");
-        anyhow::Ok(())
-    })?;
+    });
     agent.lock().expect("agent lock").shutdown();
     let _ = std::fs::remove_file(&socket_path);
+    let mut lock = socket_path.into_os_string();
+    lock.push(".lock");
+    let _ = std::fs::remove_file(lock);
     Ok(())
 }

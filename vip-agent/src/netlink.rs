@@ -63,6 +63,10 @@ impl Link {
                 _ => {}
             }
         }
+        // A veth's IFLA_LINK names its peer, in another namespace: not a lower device here.
+        if m.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkNetNsId(_))) {
+            l.lower = None;
+        }
         l
     }
 }
@@ -181,7 +185,11 @@ impl Rtnl {
             let replies = self.request(RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)?;
             for m in &replies {
                 let RouteNetlinkMessage::NewRoute(r) = m else { continue };
-                if r.header.kind != RouteType::Unicast {
+                let table = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                });
+                if r.header.kind != RouteType::Unicast || table.unwrap_or(r.header.table as u32) != RouteHeader::RT_TABLE_MAIN as u32 {
                     continue;
                 }
                 let mut oif = None;
@@ -297,6 +305,7 @@ const RTM_DELLINK: u16 = 17;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
+const IFLA_LINK_NETNSID: u16 = 37;
 const IFF_UP: u32 = 0x1;
 const IFF_LOWER_UP: u32 = 0x10000;
 
@@ -316,7 +325,9 @@ pub fn parse_link_events(buf: &[u8]) -> Vec<LinkEvent> {
         let kind = u16_at(buf, off + 4);
         let msg = &buf[off + 16..off + len];
         off += (len + 3) & !3;
-        if (kind != RTM_NEWLINK && kind != RTM_DELLINK) || msg.len() < 16 {
+        // Only AF_UNSPEC messages describe the device itself: a bridge port leaving its
+        // bridge sends an AF_BRIDGE RTM_DELLINK for a device that still exists.
+        if (kind != RTM_NEWLINK && kind != RTM_DELLINK) || msg.len() < 16 || msg[0] != 0 {
             continue;
         }
         let ifindex = u32_at(msg, 4);
@@ -329,6 +340,7 @@ pub fn parse_link_events(buf: &[u8]) -> Vec<LinkEvent> {
             lower: None,
         };
         let mut a = 16;
+        let mut other_ns = false;
         while a + 4 <= msg.len() {
             let alen = u16_at(msg, a) as usize;
             let atype = u16_at(msg, a + 2) & 0x3fff;
@@ -342,7 +354,13 @@ pub fn parse_link_events(buf: &[u8]) -> Vec<LinkEvent> {
                 IFLA_LINK if v.len() == 4 => l.lower = Some(u32_at(v, 0)),
                 _ => {}
             }
+            if atype == IFLA_LINK_NETNSID {
+                other_ns = true;
+            }
             a += (alen + 3) & !3;
+        }
+        if other_ns {
+            l.lower = None;
         }
         out.push(if kind == RTM_NEWLINK { LinkEvent::Changed(l) } else { LinkEvent::Removed { ifindex, name: l.name } });
     }
