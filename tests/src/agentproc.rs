@@ -178,6 +178,14 @@ impl AgentProc {
         st
     }
 
+    /// SIGUSR1: the agent exits and leaves the data plane in place for a successor.
+    pub fn hand_over(mut self) -> ExitStatus {
+        self.signal(libc::SIGUSR1);
+        let st = wait_timeout(&mut self.child, Duration::from_secs(10));
+        std::mem::forget(self);
+        st
+    }
+
     /// SIGKILL: the agent gets no chance to clean up.
     pub fn kill(mut self) {
         self.signal(libc::SIGKILL);

@@ -407,6 +407,11 @@ impl Agent {
     fn attach(&mut self, i: usize, link: &Link, mode: XdpMode, reload: bool, initial: Option<Health>) -> anyhow::Result<()> {
         let path = self.cfg.agent.pin_path.join(format!("link_{}", link.ifindex));
         self.host.prepare_adapter(&link.name)?;
+        if !self.adapters[i].vlans.is_empty() {
+            if let Err(e) = self.host.disable_rxvlan(&link.name) {
+                tracing::warn!(adapter = %link.name, error = %e, "could not turn RX VLAN offload off; tagged requests may not be answered");
+            }
+        }
         let pinned = if path.exists() {
             match PinnedLink::from_pin(&path) {
                 Ok(p) if reload => {

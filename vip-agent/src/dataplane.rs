@@ -55,17 +55,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<(Array<MapData, AdapterInfo>, HashMap<Ma
 impl Dataplane {
     /// Loads the object and both of its programs into the kernel (runs the verifier).
     pub fn load(object: &[u8]) -> Result<Self> {
-        let mut ebpf = Ebpf::load(object)?;
-        for name in [names::PROGRAM, names::PASS_PROGRAM] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
-        }
-        let (adapters, vips) = take_maps(&mut ebpf)?;
-        Ok(Dataplane { ebpf, adapters, vips })
+        Self::finish(Ebpf::load(object)?)
     }
 
     /// Like [`Dataplane::load`], but the maps live under `pin_dir`: maps already pinned
@@ -78,7 +68,11 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(object)?;
+        Self::finish(loader.load(object)?)
+    }
+
+    /// Loads both programs (the verifier runs here) and takes the maps the agent writes.
+    fn finish(mut ebpf: Ebpf) -> Result<Self> {
         for name in [names::PROGRAM, names::PASS_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)

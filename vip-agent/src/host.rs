@@ -51,6 +51,58 @@ pub struct AddedAddress {
 pub struct HostChanges {
     pub sysctls: Vec<SavedSysctl>,
     pub addresses: Vec<AddedAddress>,
+    /// Adapters whose RX VLAN offload the agent turned off (it was on).
+    #[serde(default)]
+    pub rxvlan_off: Vec<String>,
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GFLAGS: u32 = 0x25;
+const ETHTOOL_SFLAGS: u32 = 0x26;
+const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+#[repr(C)]
+struct IfreqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: *mut EthtoolValue,
+}
+
+/// Reads (`set` None) or sets the RX VLAN offload flag of `dev` (SIOCETHTOOL, as
+/// `ethtool -K dev rxvlan on|off`). Returns the flag as it was.
+fn rxvlan(dev: &str, set: Option<bool>) -> std::io::Result<bool> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if dev.len() >= libc::IFNAMSIZ {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut v = EthtoolValue { cmd: ETHTOOL_GFLAGS, data: 0 };
+    let mut ifr = IfreqData { name: [0; libc::IFNAMSIZ], data: &mut v };
+    ifr.name[..dev.len()].copy_from_slice(dev.as_bytes());
+    if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCETHTOOL, &mut ifr) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let was = v.data & ETH_FLAG_RXVLAN != 0;
+    if let Some(on) = set {
+        if on != was {
+            v.cmd = ETHTOOL_SFLAGS;
+            v.data = if on { v.data | ETH_FLAG_RXVLAN } else { v.data & !ETH_FLAG_RXVLAN };
+            ifr.data = &mut v;
+            if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCETHTOOL, &mut ifr) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(was)
 }
 
 pub struct Host {
@@ -73,7 +125,7 @@ impl Host {
     }
 
     pub fn adopted(&self) -> bool {
-        !self.changes.sysctls.is_empty() || !self.changes.addresses.is_empty()
+        !self.changes.sysctls.is_empty() || !self.changes.addresses.is_empty() || !self.changes.rxvlan_off.is_empty()
     }
 
     fn save(&self) -> std::io::Result<()> {
@@ -89,6 +141,20 @@ impl Host {
     /// A sysctl the kernel does not have for this device (IPv6 disabled) is left alone.
     pub fn prepare_adapter(&mut self, dev: &str) -> std::io::Result<()> {
         self.set_sysctls(ADAPTER_SYSCTLS, dev)
+    }
+
+    /// Turns RX VLAN offload off on an adapter that carries VLANs: a NIC that strips the
+    /// 802.1Q tag before XDP runs would make every tagged request look untagged, and the
+    /// data plane would never answer a VLAN VIP.
+    pub fn disable_rxvlan(&mut self, dev: &str) -> std::io::Result<()> {
+        if !rxvlan(dev, None)? {
+            return Ok(());
+        }
+        if !self.changes.rxvlan_off.iter().any(|d| d == dev) {
+            self.changes.rxvlan_off.push(dev.to_string());
+            self.save()?;
+        }
+        rxvlan(dev, Some(false)).map(|_| ())
     }
 
     /// The host-wide sysctls ([`HOST_SYSCTLS`]).
@@ -164,6 +230,11 @@ impl Host {
         for a in self.changes.addresses.drain(..).rev() {
             if let Err(e) = rtnl.del_address(a.ifindex, &Subnet { addr: a.addr, prefix: a.prefix }) {
                 tracing::warn!(addr = %a.addr, error = %e, "could not remove VIP address");
+            }
+        }
+        for dev in self.changes.rxvlan_off.drain(..).rev() {
+            if let Err(e) = rxvlan(&dev, Some(true)) {
+                tracing::debug!(%dev, error = %e, "rx VLAN offload not restored");
             }
         }
         for s in self.changes.sysctls.drain(..).rev() {

@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the agent until SIGINT or SIGTERM, then take back everything it changed.
+    /// Run the agent until SIGINT or SIGTERM, then take back everything it changed. On
+    /// SIGUSR1 it exits leaving the data plane answering for the next agent to adopt.
     Run {
         /// The TOML config (see docs/configuration.md).
         #[arg(long, short)]
@@ -224,6 +225,7 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     let _lock = lock_instance(&socket_path)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
     let _ = std::fs::remove_file(&socket_path);
     let listener = tokio::net::UnixListener::bind(&socket_path).with_context(|| format!("control socket {}", socket_path.display()))?;
     let metrics_listener = match metrics {
@@ -279,7 +281,7 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
         })?;
     }
 
-    rt.block_on(async {
+    let handover = rt.block_on(async {
         // Announcement rounds after the first, paced per adapter.
         {
             let (agent, notify) = (agent.clone(), notify.clone());
@@ -304,12 +306,21 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
             tokio::spawn(control::serve_metrics(l, agent.clone(), counters.clone()));
         }
         tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+            _ = int.recv() => false,
+            _ = term.recv() => false,
+            _ = usr1.recv() => true,
         }
-        tracing::info!("stopping");
     });
-    agent.lock().expect("agent lock").shutdown();
+    if handover {
+        // For a successor (an upgrade): the pinned program and maps keep answering and the
+        // host keeps its changes; the next agent adopts them.
+        let mut a = agent.lock().expect("agent lock");
+        a.stopping = true;
+        tracing::info!("exiting on SIGUSR1; the data plane stays in place for the next agent");
+    } else {
+        tracing::info!("stopping");
+        agent.lock().expect("agent lock").shutdown();
+    }
     let _ = std::fs::remove_file(&socket_path);
     let mut lock = socket_path.into_os_string();
     lock.push(".lock");
