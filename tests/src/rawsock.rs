@@ -129,7 +129,7 @@ impl RawSocket {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             buf.truncate(n as usize);

@@ -161,13 +161,13 @@ fn frame(r: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     match r.below(10) {
         0 | 1 => structured_arp(r),
         2 | 3 => structured_nd(r),
-        4 | 5 | 6 => {
+        4..=6 => {
             let s = r.pick(seeds);
             mutate(r, s)
         }
         7 => {
-            let s = r.pick(seeds);
-            s
+            
+            r.pick(seeds)
         }
         8 => {
             // Random bytes behind a neighbor-discovery ethertype.

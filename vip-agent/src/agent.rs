@@ -552,6 +552,11 @@ impl Agent {
     /// Queues announcements of VIP `i` from every adapter that answers it now (or only
     /// from `only`), dropping what is still queued where it no longer answers.
     fn announce_vip(&mut self, i: usize, only: Option<usize>, now: Instant) -> Vec<usize> {
+        self.announce_vip_on(i, only.map_or(u64::MAX, |o| if o < self.adapters.len() { 1 << self.adapters[o].slot } else { 0 }), now)
+    }
+
+    /// [`Agent::announce_vip`] from the answering adapters whose slot is in `slots`.
+    fn announce_vip_on(&mut self, i: usize, slots: u64, now: Instant) -> Vec<usize> {
         let v = &self.vips[i];
         if v.state != VipState::Active {
             return vec![];
@@ -564,7 +569,7 @@ impl Agent {
                 self.ann.cancel(ifindex, v.id);
                 continue;
             }
-            if only.is_some_and(|o| o != j) {
+            if slots & (1 << a.slot) == 0 {
                 continue;
             }
             self.ann.queue(ifindex, v.id, announce::frame(mac, v.addr, v.vlan), now);
@@ -626,9 +631,11 @@ impl Agent {
                 from.extend(self.announce_vip(v, Some(i), maps_at));
             }
         }
-        // VIPs that came home stop being announced by the adapters that held them.
-        for (v, _) in changed {
-            self.announce_vip(v, Some(usize::MAX), maps_at);
+        // VIPs that came home stop being announced by the adapters that held them; any
+        // that gained another adapter (capacity freed there) are announced there.
+        for (v, old) in changed {
+            let gained = self.vips[v].mask & !old & !bit;
+            from.extend(self.announce_vip_on(v, gained, maps_at));
         }
         let (first, _) = self.ann.pump(Instant::now());
         self.record(i, "up", at, maps_at, first, n, from);

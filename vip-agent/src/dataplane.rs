@@ -40,11 +40,14 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 pub struct Dataplane {
     ebpf: Ebpf,
     /// Taken out of `ebpf` once: a failover writes them without looking them up by name.
-    adapters: Array<MapData, AdapterInfo>,
-    vips: HashMap<MapData, VipKey, VipInfo>,
+    adapters: AdapterMap,
+    vips: VipMap,
 }
 
-fn take_maps(ebpf: &mut Ebpf) -> Result<(Array<MapData, AdapterInfo>, HashMap<MapData, VipKey, VipInfo>)> {
+type AdapterMap = Array<MapData, AdapterInfo>;
+type VipMap = HashMap<MapData, VipKey, VipInfo>;
+
+fn take_maps(ebpf: &mut Ebpf) -> Result<(AdapterMap, VipMap)> {
     let a = ebpf.take_map(names::ADAPTERS).ok_or(DataplaneError::MissingMap(names::ADAPTERS))?;
     let a = Array::try_from(a).map_err(|source| DataplaneError::Map { map: names::ADAPTERS, source })?;
     let v = ebpf.take_map(names::VIPS).ok_or(DataplaneError::MissingMap(names::VIPS))?;

@@ -82,7 +82,7 @@ fn enter_netns(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
             let host = netns
                 .as_deref()
                 .map_or(Ok(()), enter_netns)
-                .and_then(|()| Ok(NetlinkHost::read(&mut Rtnl::open()?)?));
+                .and_then(|()| NetlinkHost::read(&mut Rtnl::open()?));
             let host = match host {
                 Ok(h) => h,
                 Err(e) => {

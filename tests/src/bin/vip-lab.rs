@@ -87,7 +87,7 @@ fn main() {
             );
         }
         seen = s.failovers.len();
-        if cli.pull_every > 0 && tick % cli.pull_every == 0 {
+        if cli.pull_every > 0 && tick.is_multiple_of(cli.pull_every) {
             pulled = !pulled;
             if pulled {
                 println!("==> pulling vip1's cable (switch port {} down)", lab.adapters[1].peer);
