@@ -18,7 +18,7 @@ use crate::{
     keepalived::{VrrpLab, KEEPALIVED_MIN_ADVERT_INT},
     netns::NetNs,
     probe::{realtime_ns, EchoServer, Probe, Prober, WireWatch},
-    topo::{Lab, VIP4},
+    topo::{Lab, VIP4, VIP6},
 };
 
 const PORT: u16 = 7007;
@@ -29,6 +29,8 @@ pub struct Samples {
     pub maps: Vec<f64>,
     pub wire: Vec<f64>,
     pub outage: Vec<f64>,
+    /// The same service over IPv6 (vip only).
+    pub outage6: Vec<f64>,
     pub no_recovery: usize,
 }
 
@@ -69,7 +71,8 @@ pub fn vip(pulls: usize, object: &[u8]) -> Samples {
     files.write(
         "",
         &format!(
-            "[announce]\ncount = 1\n[probe]\nenabled = false\n{}[[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n",
+            "[announce]\ncount = 1\n[probe]\nenabled = false\n{}[[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n\
+             [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n",
             lab.adapter_tables()
         ),
     );
@@ -78,6 +81,7 @@ pub fn vip(pulls: usize, object: &[u8]) -> Samples {
     let c = &lab.clients[0];
     let watch = WireWatch::start(&c.ns, &c.iface, &[IpAddr::V4(VIP4)]).expect("watch");
     let prober = Prober::start(&c.ns, (VIP4, PORT).into(), PROBE_EVERY).expect("prober");
+    let prober6 = Prober::start(&c.ns, (VIP6, PORT).into(), PROBE_EVERY).expect("prober");
     std::thread::sleep(Duration::from_millis(300));
     // Pull the adapter the client uses; the returning adapter announces itself, so the
     // client is back on it before the next pull.
@@ -110,9 +114,14 @@ pub fn vip(pulls: usize, object: &[u8]) -> Samples {
         std::thread::sleep(Duration::from_millis(100));
     }
     let recs = prober.stop();
+    let recs6 = prober6.stop();
     for (at, until) in windows {
         match outage_in(&recs, at, until) {
             Some(d) => s.outage.push(d.as_nanos() as f64),
+            None => s.no_recovery += 1,
+        }
+        match outage_in(&recs6, at, until) {
+            Some(d) => s.outage6.push(d.as_nanos() as f64),
             None => s.no_recovery += 1,
         }
     }
@@ -197,6 +206,8 @@ pub fn run(pulls: usize, ka_pulls: usize, ka_min_pulls: usize, object: &[u8]) ->
     out += &row("vip", "(b) pull to first GARP on the client's wire", opt(&v.wire));
     out += "\n";
     out += &row("vip", "(c) outage seen by the client", Some(vo));
+    out += "\n";
+    out += &row("vip", "(c) the same over IPv6 (unsolicited NA)", opt(&v.outage6));
     out += "\n";
     for (name, k) in [(format!("keepalived advert_int {KEEPALIVED_MIN_ADVERT_INT}"), &kmin), ("keepalived advert_int 1".to_string(), &k1)] {
         out += &row(&name, "(b) pull to first GARP on the client's wire", opt(&k.wire));

@@ -22,6 +22,12 @@ impl NetNs {
         run("ip", &["netns", "add", &name]);
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"]);
+        // Test hosts are seconds old: without this their link-local addresses would still
+        // be tentative, and a kernel with no usable link-local address sends no Neighbor
+        // Solicitations (it waits for DAD). Long-running hosts never see that.
+        for k in ["all", "default"] {
+            ns.exec("sh", &["-c", &format!("echo 0 > /proc/sys/net/ipv6/conf/{k}/accept_dad")]);
+        }
         ns
     }
 

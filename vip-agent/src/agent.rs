@@ -603,14 +603,6 @@ impl Agent {
             from.extend(self.announce_vip(v, None, maps_at));
         }
         let (first, _) = self.ann.pump(Instant::now());
-        // After the urgent part: sockets must stop using routes through the dead adapter.
-        for v in &carried {
-            if let IpAddr::V6(a) = self.vips[*v].addr {
-                if let Err(e) = self.rtnl.invalidate_ipv6_routes(a) {
-                    tracing::warn!(vip = %a, error = %e, "could not invalidate cached IPv6 routes");
-                }
-            }
-        }
         self.record(i, kind, at, maps_at, first, carried.len(), from);
     }
 

@@ -15,7 +15,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkFlags, LinkMessage},
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -221,30 +221,6 @@ impl Rtnl {
         m.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
         m.header.change_mask = LinkFlags::Up;
         self.request(RouteNetlinkMessage::SetLink(m), NLM_F_ACK).map(|_| ())
-    }
-
-    /// Makes every socket re-route IPv6 traffic to `vip`'s subnet. IPv6 does not
-    /// invalidate cached routes when a link loses carrier (unlike IPv4, which flushes its
-    /// cache), so a server's socket would keep sending replies out of the dead adapter.
-    /// Adding and deleting a route under the subnet bumps the serial numbers of the route
-    /// tree nodes above it, which forces a fresh lookup. The route is for the VIP itself in
-    /// the main table, where it never matters: the VIP's local route wins.
-    pub fn invalidate_ipv6_routes(&mut self, vip: std::net::Ipv6Addr) -> Result<()> {
-        let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet6;
-        m.header.destination_prefix_length = 128;
-        m.header.table = RouteHeader::RT_TABLE_MAIN;
-        m.header.protocol = RouteProtocol::Static;
-        m.header.scope = RouteScope::Universe;
-        m.header.kind = RouteType::Unreachable;
-        m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet6(vip)));
-        m.attributes.push(RouteAttribute::Priority(u32::MAX));
-        match self.request(RouteNetlinkMessage::NewRoute(m.clone()), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL) {
-            Ok(_) => self.request(RouteNetlinkMessage::DelRoute(m), NLM_F_ACK).map(|_| ()),
-            // Someone else's route: leave it; its existence already bumped the numbers.
-            Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     fn address_msg(ifindex: u32, s: &Subnet) -> AddressMessage {
