@@ -699,3 +699,53 @@ fn adapter_renamed_away_and_back() {
     assert_eq!(vip_status(&s, &VIP4.to_string()).answering.len(), 3);
     assert!(agent.stop().success());
 }
+
+/// `mode = "primary"` (seed 002's primary and secondary interfaces): only the first healthy
+/// adapter in the VIP's list answers; it fails over in order and comes back in order.
+#[test]
+fn primary_mode_fails_over_in_order_and_back() {
+    if !root_or_skip("primary_mode_fails_over_in_order_and_back") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("primary");
+    files.write(
+        "",
+        &format!(
+            "[announce]\ncount = 2\ninterval_ms = 50\n[probe]\nenabled = false\n{}\
+             [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip1\", \"vip0\", \"vip2\"]\nmode = \"primary\"\n\
+             [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip1\", \"vip0\", \"vip2\"]\nmode = \"primary\"\n",
+            lab.adapter_tables()
+        ),
+    );
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let c = &lab.clients[0];
+    let answering = |s: &vip_agent::status::Status| vip_status(s, &VIP4.to_string()).answering.join(",");
+    assert_eq!(answering(&agent.status()), "vip1");
+    // Only the primary answers a broadcast request: the client resolves to it.
+    for ip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        assert_eq!(resolve(&lab, c, ip), 1, "{ip}");
+    }
+    let mac = |i: usize| lab.adapters[i].mac;
+    for (pull, next) in [(1, 0), (0, 2)] {
+        lab.pull(pull);
+        let s = agent.wait_for("next in order", 2 * SECOND, |s| adapter_state(s, &lab.adapters[pull].name) == "down");
+        assert_eq!(answering(&s), lab.adapters[next].name);
+        assert_eq!(vip_status(&s, &VIP6.to_string()).answering, vec![lab.adapters[next].name.clone()]);
+        for ip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+            wait_neigh(c, ip, "moved to the next in order", 2 * SECOND, |m| m == mac(next));
+        }
+    }
+    // vip0 comes before vip2 in the list: back, it takes over from vip2.
+    lab.plug(0);
+    let s = agent.wait_for("vip0 back", 2 * SECOND, |s| adapter_state(s, "vip0") == "up");
+    assert_eq!(answering(&s), "vip0");
+    wait_neigh(c, VIP4.into(), "back to vip0", 2 * SECOND, |m| m == mac(0));
+    lab.plug(1);
+    let s = agent.wait_for("vip1 back", 2 * SECOND, |s| adapter_state(s, "vip1") == "up");
+    assert_eq!(answering(&s), "vip1");
+    for ip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        wait_neigh(c, ip, "back to the primary", 2 * SECOND, |m| m == mac(1));
+    }
+    assert!(agent.stop().success());
+}

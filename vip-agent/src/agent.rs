@@ -14,7 +14,7 @@ use vip_packet::{mac_str, Mac};
 
 use crate::{
     announce::{self, Announcer},
-    config::{Config, HostAdapter, HostView, Subnet, XdpModeCfg},
+    config::{Config, HostAdapter, HostView, Subnet, VipMode, XdpModeCfg},
     conflict::{self, ProbeTarget},
     dataplane::Dataplane,
     host::Host,
@@ -79,6 +79,9 @@ struct VipRt {
     failover: bool,
     /// Its own adapters (config order) as a slot mask.
     home: u64,
+    /// Its own adapters' slots in config order (for `primary`).
+    order: Vec<u8>,
+    mode: VipMode,
     /// The allowed mask in the map now.
     mask: u64,
     state: VipState,
@@ -275,6 +278,8 @@ impl Agent {
                     id: i as u32,
                     failover: v.failover,
                     home: v.adapters.iter().fold(0u64, |m, a| m | 1 << a),
+                    order: v.adapters.iter().map(|a| *a as u8).collect(),
+                    mode: v.mode,
                     mask: 0,
                     state: VipState::Refused,
                     stranded: false,
@@ -486,7 +491,11 @@ impl Agent {
                 continue;
             }
             if v.home & up != 0 || !v.failover {
-                next[i] = v.home;
+                next[i] = match v.mode {
+                    VipMode::All => v.home,
+                    // The first of its adapters, in config order, that is up.
+                    VipMode::Primary => v.order.iter().map(|s| 1u64 << s).find(|b| b & up != 0).unwrap_or(v.home),
+                };
                 for a in &self.adapters {
                     if v.home & (1 << a.slot) != 0 {
                         load[a.slot as usize] += 1;
@@ -504,6 +513,8 @@ impl Agent {
             let mut why = vec![];
             for a in self.adapters.iter().filter(|a| up & (1 << a.slot) != 0 && v.home & (1 << a.slot) == 0) {
                 match self.takeover_refusal(v, a, load[a.slot as usize]) {
+                    // A primary-mode VIP is answered by one adapter only, taken over too.
+                    None if v.mode == VipMode::Primary && mask != v.home => {}
                     None => {
                         mask |= 1 << a.slot;
                         load[a.slot as usize] += 1;

@@ -79,6 +79,17 @@ pub struct Subnet {
     pub prefix: u8,
 }
 
+/// `[[vip]] mode`: which of a VIP's healthy adapters answer for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VipMode {
+    /// Every healthy adapter of the VIP answers (seed 001).
+    #[default]
+    All,
+    /// Only the first healthy adapter in its `adapters` list (seed 002's primary and
+    /// secondary interfaces).
+    Primary,
+}
+
 #[derive(Debug, Clone)]
 pub struct VipConfig {
     /// The address itself and the prefix of its subnet.
@@ -87,6 +98,8 @@ pub struct VipConfig {
     pub adapters: Vec<usize>,
     pub vlan: Option<u16>,
     pub failover: bool,
+    /// Which of its healthy adapters answer.
+    pub mode: VipMode,
     pub line: usize,
     /// Line of its `address` key (the table's line if the key is missing).
     pub address_line: usize,
@@ -234,7 +247,7 @@ const AGENT_KEYS: &[&str] =
 const ANNOUNCE_KEYS: &[&str] = &["count", "interval_ms", "max_per_second"];
 const PROBE_KEYS: &[&str] = &["enabled", "count", "wait_ms"];
 const ADAPTER_KEYS: &[&str] = &["name", "max_vips", "vlans"];
-const VIP_KEYS: &[&str] = &["address", "adapters", "vlan", "failover"];
+const VIP_KEYS: &[&str] = &["address", "adapters", "vlan", "failover", "mode"];
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -597,6 +610,7 @@ impl<'a> Cx<'a> {
                 adapters: homes,
                 vlan,
                 failover: self.opt(t, "failover", boolean).unwrap_or(true),
+                mode: self.opt(t, "mode", vip_mode).unwrap_or_default(),
                 line: t.line,
                 address_line,
             });
@@ -687,6 +701,15 @@ fn xdp_mode(v: &DeValue) -> Result<XdpModeCfg, String> {
         "native" => Ok(XdpModeCfg::Native),
         "skb" => Ok(XdpModeCfg::Skb),
         s => Err(format!("{s:?} is not one of auto, native, skb")),
+    }
+}
+
+fn vip_mode(v: &DeValue) -> Result<VipMode, String> {
+    match string(v)?.as_str() {
+        "all" => Ok(VipMode::All),
+        "primary" => Ok(VipMode::Primary),
+        "spread" => Err("\"spread\" is not available in this version (use all or primary)".into()),
+        s => Err(format!("{s:?} is not one of all, primary")),
     }
 }
 
@@ -1236,6 +1259,26 @@ adapters = ["eth0", "eth7"]
             for (e, (_, _, part)) in errs.iter().zip(want) {
                 assert!(e.message.contains(part), "{what}: {:?} lacks {part:?}", e.message);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    #[test]
+    fn vip_modes() {
+        let base = "[[adapter]]\nname = \"eth0\"\n[[vip]]\naddress = \"192.0.2.10/24\"\nadapters = [\"eth0\"]\n";
+        let c = Config::parse(Path::new("m.toml"), base).unwrap();
+        assert_eq!(c.vips[0].mode, VipMode::All);
+        let c = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"primary\"\n")).unwrap();
+        assert_eq!(c.vips[0].mode, VipMode::Primary);
+        for (mode, want) in [("spread", "not available in this version"), ("any", "is not one of all, primary")] {
+            let e = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"{mode}\"\n")).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!((e.0[0].line, e.0[0].key.as_str()), (6, "vip[0].mode"), "{e}");
+            assert!(e.0[0].message.contains(want), "{e}");
         }
     }
 }
