@@ -749,3 +749,41 @@ fn primary_mode_fails_over_in_order_and_back() {
     }
     assert!(agent.stop().success());
 }
+
+/// The operator's commands: `check` says ok and exits 0 on a good config, and `status`
+/// (text and `--json`) reads a running agent through its control socket.
+#[test]
+fn check_and_status_commands() {
+    if !root_or_skip("check_and_status_commands") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("cli");
+    files.write("", &lab_body(&lab));
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(agent_bin()).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let config = files.config.to_str().unwrap();
+    let (code, out, err) = cli(&["check", "--config", config, "--netns", &lab.node.name]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("ok (3 adapters, 2 VIPs)"), "{out}");
+    let (code, _, err) = cli(&["status", "--config", config]);
+    assert_eq!(code, Some(1), "no agent yet: {err}");
+    assert!(err.contains("is the agent running?"), "{err}");
+
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    lab.pull(2);
+    agent.wait_for("vip2 down", 2 * SECOND, |s| adapter_state(s, "vip2") == "down");
+    let (code, out, err) = cli(&["status", "--config", config]);
+    assert_eq!(code, Some(0), "{err}");
+    for want in ["vip2             down", "192.0.2.10", "vip0,vip1", "RECENT FAILOVERS", "from vip0,vip1"] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+    let (code, out, err) = cli(&["status", "--socket", files.socket.to_str().unwrap(), "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let s: vip_agent::status::Status = serde_json::from_str(&out).expect("status --json is a Status document");
+    assert_eq!(adapter_state(&s, "vip2"), "down");
+    assert_eq!(s.failovers.len(), 1);
+    assert!(agent.stop().success());
+}
