@@ -787,3 +787,56 @@ fn check_and_status_commands() {
     assert_eq!(s.failovers.len(), 1);
     assert!(agent.stop().success());
 }
+
+/// Addresses added while the agent runs count for takeover checks: an adapter that gets
+/// an address in a VIP's subnet becomes a place the VIP may move to.
+#[test]
+fn address_added_later_makes_an_adapter_eligible() {
+    if !root_or_skip("address_added_later_makes_an_adapter_eligible") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    lab.node.ip(&["addr", "add", "198.51.100.1/24", "dev", "vip0"]);
+    let files = AgentFiles::new("addr");
+    files.write(
+        "",
+        &format!("[probe]\nenabled = false\n{}[[vip]]\naddress = \"198.51.100.10/24\"\nadapters = [\"vip0\"]\n", lab.adapter_tables()),
+    );
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    lab.node.ip(&["addr", "add", "198.51.100.2/24", "dev", "vip1"]);
+    agent.wait_for("address seen", 2 * SECOND, |_| agent.log_text().contains("adapter addresses changed"));
+    lab.pull(0);
+    let s = agent.wait_for("vip0 down", 2 * SECOND, |s| adapter_state(s, "vip0") == "down");
+    let v = vip_status(&s, "198.51.100.10");
+    assert_eq!(v.answering, vec!["vip1".to_string()], "only vip1 is in 198.51.100.0/24");
+    assert!(s.refusals.iter().any(|r| r.adapter.as_deref() == Some("vip2") && r.reason.contains("subnet")), "{:?}", s.refusals);
+    assert!(agent.stop().success());
+}
+
+/// A VIP already taken over keeps its place when another VIP later needs the same
+/// adapter's last free slot: a working VIP is never stranded by an unrelated failure.
+#[test]
+fn existing_takeovers_keep_their_place() {
+    if !root_or_skip("existing_takeovers_keep_their_place") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("sticky");
+    files.write(
+        "",
+        "[probe]\nenabled = false\n\
+         [[adapter]]\nname = \"vip0\"\n[[adapter]]\nname = \"vip1\"\n[[adapter]]\nname = \"vip2\"\nmax_vips = 1\n\
+         [[vip]]\naddress = \"192.0.2.31/24\"\nadapters = [\"vip1\"]\n\
+         [[vip]]\naddress = \"192.0.2.30/24\"\nadapters = [\"vip0\"]\n",
+    );
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    lab.pull(0);
+    let s = agent.wait_for("vip0 down", 2 * SECOND, |s| adapter_state(s, "vip0") == "down");
+    assert_eq!(vip_status(&s, "192.0.2.30").answering.join(","), "vip1,vip2");
+    lab.pull(1);
+    let s = agent.wait_for("vip1 down", 2 * SECOND, |s| adapter_state(s, "vip1") == "down");
+    assert_eq!(vip_status(&s, "192.0.2.30").answering, vec!["vip2".to_string()], "kept its place on vip2");
+    assert!(vip_status(&s, "192.0.2.31").answering.is_empty());
+    assert!(s.refusals.iter().any(|r| r.vip == "192.0.2.31" && r.reason.contains("max_vips")), "{:?}", s.refusals);
+    assert!(agent.stop().success());
+}

@@ -505,13 +505,22 @@ impl Agent {
         }
         let mut refusals = vec![];
         let mut stranded = vec![false; self.vips.len()];
-        for (i, v) in self.vips.iter().enumerate() {
+        // Takeovers that exist already keep their places (capacity first, the same adapter
+        // first): an unrelated change must not move or strand a VIP that is working.
+        let held = |v: &VipRt| v.mask & !v.home;
+        let mut order: Vec<usize> = (0..self.vips.len()).collect();
+        order.sort_by_key(|&i| (held(&self.vips[i]) & up == 0, i));
+        for i in order {
+            let v = &self.vips[i];
             if v.state != VipState::Active || next[i] != 0 {
                 continue;
             }
             let mut mask = v.home;
             let mut why = vec![];
-            for a in self.adapters.iter().filter(|a| up & (1 << a.slot) != 0 && v.home & (1 << a.slot) == 0) {
+            let mut candidates: Vec<&AdapterRt> =
+                self.adapters.iter().filter(|a| up & (1 << a.slot) != 0 && v.home & (1 << a.slot) == 0).collect();
+            candidates.sort_by_key(|a| held(v) & (1 << a.slot) == 0);
+            for a in candidates {
                 match self.takeover_refusal(v, a, load[a.slot as usize]) {
                     // A primary-mode VIP is answered by one adapter only, taken over too.
                     None if v.mode == VipMode::Primary && mask != v.home => {}
@@ -698,6 +707,8 @@ impl Agent {
                 vec![]
             }
             LinkEvent::Changed(link) => self.on_link(link, at),
+            // Read outside the lock by the caller, then applied with `update_subnets`.
+            LinkEvent::Addresses => vec![],
         }
     }
 
@@ -822,6 +833,20 @@ impl Agent {
             timers.extend(self.on_link(l, at));
         }
         timers
+    }
+
+    /// Applies a fresh read of the host's addresses and routes to every present adapter:
+    /// where VIPs may be taken over. Takes effect at the next placement.
+    pub fn update_subnets(&mut self, nh: &NetlinkHost) {
+        for a in &mut self.adapters {
+            let Some(ix) = a.ifindex else { continue };
+            let (mut s, r) = nh.subnets(ix);
+            s.extend(r.into_iter().filter(|s| s.prefix > 0));
+            if s != a.subnets {
+                tracing::info!(adapter = %a.name, subnets = ?s.iter().map(|s| format!("{}/{}", s.addr, s.prefix)).collect::<Vec<_>>(), "adapter addresses changed");
+                a.subnets = s;
+            }
+        }
     }
 
     /// Re-reads the addresses and routes of a (re-created) adapter for takeover checks.

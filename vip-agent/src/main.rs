@@ -14,7 +14,7 @@ use vip_agent::{
     agent::{Agent, NetlinkHost, Timer},
     config::Config,
     control::{self, Shared},
-    netlink::{LinkEvents, NetlinkError, Rtnl},
+    netlink::{LinkEvent, LinkEvents, NetlinkError, Rtnl},
     ConfigInvalid,
 };
 
@@ -257,13 +257,25 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     // The link watcher: a thread of its own, so an event is acted on as soon as recv returns.
     {
         let (agent, notify, handle) = (agent.clone(), notify.clone(), rt.handle().clone());
+        let mut rtnl = Rtnl::open().ok();
         std::thread::Builder::new().name("link-watcher".into()).spawn(move || {
             realtime_priority();
             loop {
             let timers = match events.recv() {
                 Ok((at, evs)) => {
-                    let mut a = agent.lock().expect("agent lock");
-                    evs.iter().flat_map(|e| a.on_event(e, at)).collect::<Vec<_>>()
+                    let timers = {
+                        let mut a = agent.lock().expect("agent lock");
+                        evs.iter().flat_map(|e| a.on_event(e, at)).collect::<Vec<_>>()
+                    };
+                    if evs.iter().any(|e| matches!(e, LinkEvent::Addresses)) {
+                        // Dumped without the lock: failovers never wait for it.
+                        match rtnl.as_mut().map(NetlinkHost::read) {
+                            Some(Ok(nh)) => agent.lock().expect("agent lock").update_subnets(&nh),
+                            Some(Err(e)) => tracing::warn!(error = %e, "could not re-read addresses"),
+                            None => {}
+                        }
+                    }
+                    timers
                 }
                 Err(NetlinkError::Io(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     tracing::warn!("link events were lost; re-reading all links");

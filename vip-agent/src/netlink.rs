@@ -78,6 +78,9 @@ pub enum LinkEvent {
     Changed(Link),
     /// RTM_DELLINK.
     Removed { ifindex: u32, name: String },
+    /// RTM_NEWADDR / RTM_DELADDR: some interface's addresses changed (which adapters
+    /// are in which subnets, for takeover checks).
+    Addresses,
 }
 
 /// An rtnetlink socket for requests.
@@ -255,12 +258,16 @@ pub struct LinkEvents {
 }
 
 const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
 
 impl LinkEvents {
     pub fn open() -> Result<LinkEvents> {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
         sock.bind(&SocketAddr::new(0, 0))?;
         sock.add_membership(RTNLGRP_LINK)?;
+        sock.add_membership(RTNLGRP_IPV4_IFADDR)?;
+        sock.add_membership(RTNLGRP_IPV6_IFADDR)?;
         // A burst of link changes must not overflow the queue while a failover is handled.
         let _ = sock.set_rx_buf_sz(4 << 20);
         Ok(LinkEvents { sock, buf: vec![0u8; 1 << 16] })
@@ -278,6 +285,8 @@ impl LinkEvents {
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
@@ -301,6 +310,12 @@ pub fn parse_link_events(buf: &[u8]) -> Vec<LinkEvent> {
         let kind = u16_at(buf, off + 4);
         let msg = &buf[off + 16..off + len];
         off += (len + 3) & !3;
+        if kind == RTM_NEWADDR || kind == RTM_DELADDR {
+            if !matches!(out.last(), Some(LinkEvent::Addresses)) {
+                out.push(LinkEvent::Addresses);
+            }
+            continue;
+        }
         // Only AF_UNSPEC messages describe the device itself: a bridge port leaving its
         // bridge sends an AF_BRIDGE RTM_DELLINK for a device that still exists.
         if (kind != RTM_NEWLINK && kind != RTM_DELLINK) || msg.len() < 16 || msg[0] != 0 {
@@ -376,5 +391,11 @@ mod tests {
         let mut buf = vec![0u8; nl.buffer_len()];
         nl.serialize(&mut buf);
         assert!(matches!(&parse_link_events(&buf)[..], [LinkEvent::Removed { ifindex: 7, .. }]));
+        let a = Rtnl::address_msg(7, &Subnet { addr: "192.0.2.1".parse().unwrap(), prefix: 24 });
+        let mut nl = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(RouteNetlinkMessage::NewAddress(a)));
+        nl.finalize();
+        let mut buf = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        assert!(matches!(&parse_link_events(&buf)[..], [LinkEvent::Addresses]));
     }
 }
