@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -44,12 +44,66 @@ pub struct Dataplane {
     vips: VipMap,
 }
 
-type AdapterMap = Array<MapData, AdapterInfo>;
+/// The ADAPTERS array, memory-mapped: 8-byte `AdapterInfo` entries indexed by ifindex,
+/// written with single aligned stores (the XDP program never sees half an entry).
+struct AdapterMap {
+    /// Keeps the map (and so the mapping's object) alive.
+    _data: MapData,
+    mem: *mut u64,
+}
+
+// The mapping is shared memory owned by this struct; every access is an atomic load or
+// store of one aligned entry.
+unsafe impl Send for AdapterMap {}
+unsafe impl Sync for AdapterMap {}
+
+const ADAPTERS_LEN: usize = MAX_IFINDEX as usize * size_of::<u64>();
+
+impl AdapterMap {
+    fn new(map: aya::maps::Map) -> Result<AdapterMap> {
+        use std::os::fd::{AsFd, AsRawFd};
+        const _: () = assert!(size_of::<AdapterInfo>() == size_of::<u64>());
+        let aya::maps::Map::Array(data) = map else {
+            return Err(DataplaneError::Pin { path: PathBuf::from(names::ADAPTERS), reason: "not an array map".into() });
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let mem = unsafe {
+            libc::mmap(std::ptr::null_mut(), ADAPTERS_LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if mem == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(DataplaneError::Pin { path: PathBuf::from(names::ADAPTERS), reason: format!("mmap (is it BPF_F_MMAPABLE?): {e}") });
+        }
+        Ok(AdapterMap { _data: data, mem: mem.cast() })
+    }
+
+    fn entry(&self, ifindex: u32) -> &std::sync::atomic::AtomicU64 {
+        debug_assert!(ifindex < MAX_IFINDEX);
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.mem.add(ifindex as usize)) }
+    }
+
+    fn set(&self, ifindex: u32, info: AdapterInfo) {
+        let v = u64::from_ne_bytes(bytemuck::bytes_of(&info).try_into().expect("8 bytes"));
+        self.entry(ifindex).store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    fn get(&self, ifindex: u32) -> AdapterInfo {
+        let v = self.entry(ifindex).load(std::sync::atomic::Ordering::Acquire);
+        bytemuck::pod_read_unaligned(&v.to_ne_bytes())
+    }
+}
+
+impl Drop for AdapterMap {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.mem.cast(), ADAPTERS_LEN) };
+    }
+}
+
 type VipMap = HashMap<MapData, VipKey, VipInfo>;
 
 fn take_maps(ebpf: &mut Ebpf) -> Result<(AdapterMap, VipMap)> {
     let a = ebpf.take_map(names::ADAPTERS).ok_or(DataplaneError::MissingMap(names::ADAPTERS))?;
-    let a = Array::try_from(a).map_err(|source| DataplaneError::Map { map: names::ADAPTERS, source })?;
+    let a = AdapterMap::new(a)?;
     let v = ebpf.take_map(names::VIPS).ok_or(DataplaneError::MissingMap(names::VIPS))?;
     let v = HashMap::try_from(v).map_err(|source| DataplaneError::Map { map: names::VIPS, source })?;
     Ok((a, v))
@@ -128,7 +182,7 @@ impl Dataplane {
 
     /// Non-empty adapter entries by ifindex.
     pub fn adapters(&self) -> Result<Vec<(u32, AdapterInfo)>> {
-        Ok(self.adapters.iter().enumerate().filter_map(|(i, a)| a.ok().filter(|a| a.state != 0).map(|a| (i as u32, a))).collect())
+        Ok((0..MAX_IFINDEX).map(|i| (i, self.adapters.get(i))).filter(|(_, a)| a.state != 0).collect())
     }
 
     fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
@@ -193,7 +247,8 @@ impl Dataplane {
         if ifindex >= MAX_IFINDEX {
             return Err(DataplaneError::IfindexTooLarge(ifindex));
         }
-        self.adapters.set(ifindex, info, 0).map_err(|source| DataplaneError::Map { map: names::ADAPTERS, source })
+        self.adapters.set(ifindex, info);
+        Ok(())
     }
 
     /// Forgets the adapter: frames arriving on it are passed as from an unknown adapter.

@@ -9,8 +9,11 @@ use vip_common::{answer_index, AdapterInfo, VipInfo, VipKey, ANSWERS_LEN, MAX_AD
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 
+/// Memory-mapped (BPF_F_MMAPABLE): the agent marks an adapter down with one store to
+/// shared memory, no syscall, the moment it learns of a failure.
 #[map(name = "ADAPTERS")]
-pub static ADAPTERS: Array<AdapterInfo> = Array::with_max_entries(MAX_IFINDEX, 0);
+pub static ADAPTERS: Array<AdapterInfo> =
+    Array::with_max_entries(MAX_IFINDEX, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
 #[map(name = "DECISIONS")]
 pub static DECISIONS: PerCpuArray<u64> =
