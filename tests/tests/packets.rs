@@ -12,6 +12,9 @@ fn table_rows() {
         return;
     }
     let env = TableEnv::new();
+    // The adapter states below are written as stores to the memory-mapped ADAPTERS map;
+    // every row that depends on them shows the kernel sees those stores.
+    assert!(env.dp.adapters_mapped(), "ADAPTERS is not memory-mapped");
     let rows = table();
     assert!(rows.len() > 60, "the table lost rows");
     env.within(|env| {

@@ -44,58 +44,85 @@ pub struct Dataplane {
     vips: VipMap,
 }
 
-/// The ADAPTERS array, memory-mapped: 8-byte `AdapterInfo` entries indexed by ifindex,
-/// written with single aligned stores (the XDP program never sees half an entry).
-struct AdapterMap {
-    /// Keeps the map (and so the mapping's object) alive.
-    _data: MapData,
-    mem: *mut u64,
+/// The ADAPTERS array. Memory-mapped when the map allows it (BPF_F_MMAPABLE, as this
+/// object declares it): 8-byte `AdapterInfo` entries indexed by ifindex, written with
+/// single aligned stores (the XDP program never sees half an entry), so marking an
+/// adapter down costs no syscall. A map without the flag (an older agent's pinned map) is
+/// written through `bpf()`.
+enum AdapterMap {
+    Mapped {
+        /// Keeps the map (and so the mapping's object) alive.
+        _data: MapData,
+        mem: *mut u64,
+    },
+    Syscall(aya::maps::Array<MapData, AdapterInfo>),
 }
 
-// The mapping is shared memory owned by this struct; every access is an atomic load or
+// The mapping is shared memory owned by this value; every access is an atomic load or
 // store of one aligned entry.
 unsafe impl Send for AdapterMap {}
 unsafe impl Sync for AdapterMap {}
 
 const ADAPTERS_LEN: usize = MAX_IFINDEX as usize * size_of::<u64>();
 
+fn adapters_err(source: aya::maps::MapError) -> DataplaneError {
+    DataplaneError::Map { map: names::ADAPTERS, source }
+}
+
 impl AdapterMap {
     fn new(map: aya::maps::Map) -> Result<AdapterMap> {
         use std::os::fd::{AsFd, AsRawFd};
         const _: () = assert!(size_of::<AdapterInfo>() == size_of::<u64>());
         let aya::maps::Map::Array(data) = map else {
-            return Err(DataplaneError::Pin { path: PathBuf::from(names::ADAPTERS), reason: "not an array map".into() });
+            return Err(DataplaneError::MissingMap(names::ADAPTERS));
         };
         let fd = data.fd().as_fd().as_raw_fd();
         let mem = unsafe {
             libc::mmap(std::ptr::null_mut(), ADAPTERS_LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
         };
         if mem == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            return Err(DataplaneError::Pin { path: PathBuf::from(names::ADAPTERS), reason: format!("mmap (is it BPF_F_MMAPABLE?): {e}") });
+            let array = aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(adapters_err)?;
+            return Ok(AdapterMap::Syscall(array));
         }
-        Ok(AdapterMap { _data: data, mem: mem.cast() })
+        Ok(AdapterMap::Mapped { _data: data, mem: mem.cast() })
     }
 
-    fn entry(&self, ifindex: u32) -> &std::sync::atomic::AtomicU64 {
+    fn entry(mem: *mut u64, ifindex: u32) -> &'static std::sync::atomic::AtomicU64 {
         debug_assert!(ifindex < MAX_IFINDEX);
-        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.mem.add(ifindex as usize)) }
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(mem.add(ifindex as usize)) }
     }
 
-    fn set(&self, ifindex: u32, info: AdapterInfo) {
-        let v = u64::from_ne_bytes(bytemuck::bytes_of(&info).try_into().expect("8 bytes"));
-        self.entry(ifindex).store(v, std::sync::atomic::Ordering::Release);
+    fn set(&mut self, ifindex: u32, info: AdapterInfo) -> Result<()> {
+        match self {
+            AdapterMap::Mapped { mem, .. } => {
+                let v = u64::from_ne_bytes(bytemuck::bytes_of(&info).try_into().expect("8 bytes"));
+                Self::entry(*mem, ifindex).store(v, std::sync::atomic::Ordering::Release);
+                Ok(())
+            }
+            AdapterMap::Syscall(a) => a.set(ifindex, info, 0).map_err(adapters_err),
+        }
     }
 
     fn get(&self, ifindex: u32) -> AdapterInfo {
-        let v = self.entry(ifindex).load(std::sync::atomic::Ordering::Acquire);
-        bytemuck::pod_read_unaligned(&v.to_ne_bytes())
+        match self {
+            AdapterMap::Mapped { mem, .. } => {
+                let v = Self::entry(*mem, ifindex).load(std::sync::atomic::Ordering::Acquire);
+                bytemuck::pod_read_unaligned(&v.to_ne_bytes())
+            }
+            AdapterMap::Syscall(a) => a.get(&ifindex, 0).unwrap_or(AdapterInfo::zeroed()),
+        }
+    }
+
+    pub fn mapped(&self) -> bool {
+        matches!(self, AdapterMap::Mapped { .. })
     }
 }
 
 impl Drop for AdapterMap {
     fn drop(&mut self) {
-        unsafe { libc::munmap(self.mem.cast(), ADAPTERS_LEN) };
+        if let AdapterMap::Mapped { mem, .. } = self {
+            unsafe { libc::munmap(mem.cast(), ADAPTERS_LEN) };
+        }
     }
 }
 
@@ -180,6 +207,11 @@ impl Dataplane {
         Ok(self.vips.keys().filter_map(|k| k.ok()).collect())
     }
 
+    /// Whether adapter entries are written through shared memory (no syscall).
+    pub fn adapters_mapped(&self) -> bool {
+        self.adapters.mapped()
+    }
+
     /// Non-empty adapter entries by ifindex.
     pub fn adapters(&self) -> Result<Vec<(u32, AdapterInfo)>> {
         Ok((0..MAX_IFINDEX).map(|i| (i, self.adapters.get(i))).filter(|(_, a)| a.state != 0).collect())
@@ -247,8 +279,7 @@ impl Dataplane {
         if ifindex >= MAX_IFINDEX {
             return Err(DataplaneError::IfindexTooLarge(ifindex));
         }
-        self.adapters.set(ifindex, info);
-        Ok(())
+        self.adapters.set(ifindex, info)
     }
 
     /// Forgets the adapter: frames arriving on it are passed as from an unknown adapter.
