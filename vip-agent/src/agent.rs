@@ -118,21 +118,6 @@ pub struct Agent {
 const MAX_FAILOVERS_KEPT: usize = 256;
 const MAX_REFUSALS_KEPT: usize = 256;
 
-fn in_subnet(s: &Subnet, a: &IpAddr) -> bool {
-    match (s.addr, a) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let p = s.prefix.min(32) as u32;
-            let m = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-            u32::from(n) & m == u32::from(*a) & m
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let p = s.prefix.min(128) as u32;
-            let m = if p == 0 { 0 } else { u128::MAX << (128 - p) };
-            u128::from(n) & m == u128::from(*a) & m
-        }
-        _ => false,
-    }
-}
 
 fn vip_key(addr: &IpAddr, vlan: u16) -> VipKey {
     match addr {
@@ -167,6 +152,16 @@ impl NetlinkHost {
             self.links.iter().filter(|l| l.ifindex == ifindex || l.lower == Some(ifindex)).map(|l| l.ifindex).collect();
         let pick = |v: &[(u32, Subnet)]| v.iter().filter(|(i, _)| on.contains(i)).map(|(_, s)| s.clone()).collect();
         (pick(&self.addrs), pick(&self.routes))
+    }
+}
+
+impl NetlinkHost {
+    /// Where a VIP may be taken over onto this adapter: its addresses' and routes'
+    /// subnets. A default route is no sign of being in a subnet (as in validation).
+    fn takeover_subnets(&self, ifindex: u32) -> Vec<Subnet> {
+        let (mut a, r) = self.subnets(ifindex);
+        a.extend(r.into_iter().filter(|s| s.prefix > 0));
+        a
     }
 }
 
@@ -256,12 +251,7 @@ impl Agent {
                     gen: 0,
                     since: now,
                     link: None,
-                    subnets: link.map(|l| {
-                        let (mut a, r) = nh.subnets(l.ifindex);
-                        // A default route is no sign of being in a subnet (as in validation).
-                        a.extend(r.into_iter().filter(|s| s.prefix > 0));
-                        a
-                    }).unwrap_or_default(),
+                    subnets: link.map(|l| nh.takeover_subnets(l.ifindex)).unwrap_or_default(),
                 }
             })
             .collect();
@@ -395,7 +385,7 @@ impl Agent {
         }
         let now = Instant::now();
         for i in 0..self.vips.len() {
-            self.announce_vip(i, None, now);
+            self.announce_vip(i, u64::MAX, now);
         }
         self.ann.pump(Instant::now());
         tracing::info!(
@@ -469,7 +459,7 @@ impl Agent {
         if v.vlan != 0 && !a.vlans.contains(&v.vlan) {
             return Some(format!("does not carry vlan {}", v.vlan));
         }
-        if !a.subnets.iter().any(|s| in_subnet(s, &v.addr)) {
+        if !a.subnets.iter().any(|s| s.contains(&v.addr)) {
             return Some("has no address or route in the VIP's subnet".into());
         }
         if load >= a.max_vips {
@@ -569,14 +559,9 @@ impl Agent {
         changed
     }
 
-    /// Queues announcements of VIP `i` from every adapter that answers it now (or only
-    /// from `only`), dropping what is still queued where it no longer answers.
-    fn announce_vip(&mut self, i: usize, only: Option<usize>, now: Instant) -> Vec<usize> {
-        self.announce_vip_on(i, only.map_or(u64::MAX, |o| if o < self.adapters.len() { 1 << self.adapters[o].slot } else { 0 }), now)
-    }
-
-    /// [`Agent::announce_vip`] from the answering adapters whose slot is in `slots`.
-    fn announce_vip_on(&mut self, i: usize, slots: u64, now: Instant) -> Vec<usize> {
+    /// Queues announcements of VIP `i` from the adapters in `slots` that answer it now,
+    /// dropping what is still queued wherever it no longer answers.
+    fn announce_vip(&mut self, i: usize, slots: u64, now: Instant) -> Vec<usize> {
         let v = &self.vips[i];
         if v.state != VipState::Active {
             return vec![];
@@ -620,7 +605,7 @@ impl Agent {
         touched.dedup();
         let mut from = HashSet::new();
         for v in touched {
-            from.extend(self.announce_vip(v, None, maps_at));
+            from.extend(self.announce_vip(v, u64::MAX, maps_at));
         }
         let (first, _) = self.ann.pump(Instant::now());
         self.record(i, kind, at, maps_at, first, carried.len(), from);
@@ -640,14 +625,14 @@ impl Agent {
         for v in 0..self.vips.len() {
             if self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0 {
                 n += 1;
-                from.extend(self.announce_vip(v, Some(i), maps_at));
+                from.extend(self.announce_vip(v, bit, maps_at));
             }
         }
         // VIPs that came home stop being announced by the adapters that held them; any
         // that gained another adapter (capacity freed there) are announced there.
         for (v, old) in changed {
             let gained = self.vips[v].mask & !old & !bit;
-            from.extend(self.announce_vip_on(v, gained, maps_at));
+            from.extend(self.announce_vip(v, gained, maps_at));
         }
         let (first, _) = self.ann.pump(Instant::now());
         self.record(i, "up", at, maps_at, first, n, from);
@@ -790,8 +775,9 @@ impl Agent {
             // A returning device waits out up_delay like a returning cable, written as
             // down until then.
             let initial = if link.running && delay > 0 { Health::UpDelay } else if link.running { Health::Up } else { Health::Down };
-            if let Err(e) = self.refresh_subnets(i, link.ifindex) {
-                tracing::warn!(adapter = %link.name, error = %e, "could not read its addresses");
+            match NetlinkHost::read(&mut self.rtnl) {
+                Ok(nh) => self.adapters[i].subnets = nh.takeover_subnets(link.ifindex),
+                Err(e) => tracing::warn!(adapter = %link.name, error = %e, "could not read its addresses"),
             }
             match self.attach(i, link, mode, false, Some(initial)) {
                 Ok(()) => match initial {
@@ -840,22 +826,12 @@ impl Agent {
     pub fn update_subnets(&mut self, nh: &NetlinkHost) {
         for a in &mut self.adapters {
             let Some(ix) = a.ifindex else { continue };
-            let (mut s, r) = nh.subnets(ix);
-            s.extend(r.into_iter().filter(|s| s.prefix > 0));
+            let s = nh.takeover_subnets(ix);
             if s != a.subnets {
                 tracing::info!(adapter = %a.name, subnets = ?s.iter().map(|s| format!("{}/{}", s.addr, s.prefix)).collect::<Vec<_>>(), "adapter addresses changed");
                 a.subnets = s;
             }
         }
-    }
-
-    /// Re-reads the addresses and routes of a (re-created) adapter for takeover checks.
-    fn refresh_subnets(&mut self, i: usize, ifindex: u32) -> anyhow::Result<()> {
-        let nh = NetlinkHost::read(&mut self.rtnl)?;
-        let (mut a, r) = nh.subnets(ifindex);
-        a.extend(r.into_iter().filter(|s| s.prefix > 0));
-        self.adapters[i].subnets = a;
-        Ok(())
     }
 
     /// A hold-down or up-delay timer ran out.
@@ -979,10 +955,6 @@ impl Agent {
         tracing::info!("agent stopped; host restored");
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// A previous agent left everything in place and this one took it over.
     pub fn was_adopted(&self) -> bool {
         self.adopted || self.host.adopted()
@@ -1016,11 +988,11 @@ mod tests {
     fn subnets() {
         let s = |a: &str, p| Subnet { addr: a.parse().unwrap(), prefix: p };
         let ip = |a: &str| -> IpAddr { a.parse().unwrap() };
-        assert!(in_subnet(&s("192.0.2.0", 24), &ip("192.0.2.10")));
-        assert!(!in_subnet(&s("192.0.2.0", 24), &ip("192.0.3.10")));
-        assert!(in_subnet(&s("0.0.0.0", 0), &ip("198.51.100.1")));
-        assert!(in_subnet(&s("2001:db8::1", 64), &ip("2001:db8::10")));
-        assert!(!in_subnet(&s("2001:db8::1", 64), &ip("2001:db9::10")));
-        assert!(!in_subnet(&s("192.0.2.0", 24), &ip("2001:db8::10")));
+        assert!(s("192.0.2.0", 24).contains(&ip("192.0.2.10")));
+        assert!(!s("192.0.2.0", 24).contains(&ip("192.0.3.10")));
+        assert!(s("0.0.0.0", 0).contains(&ip("198.51.100.1")));
+        assert!(s("2001:db8::1", 64).contains(&ip("2001:db8::10")));
+        assert!(!s("2001:db8::1", 64).contains(&ip("2001:db9::10")));
+        assert!(!s("192.0.2.0", 24).contains(&ip("2001:db8::10")));
     }
 }
