@@ -37,6 +37,11 @@ impl PacketSocket {
         Ok(PacketSocket { fd, ifindex })
     }
 
+    /// The socket itself, for batched sends (sendmmsg) in load generators.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
