@@ -51,7 +51,8 @@ enum Cmd {
         log_json: bool,
     },
     /// Validate a config against this host without changing anything. Exit code 2 on
-    /// any error, each naming the file, line and key.
+    /// any error in the config, each naming the file, line and key (1 if the host cannot
+    /// be read).
     Check {
         #[arg(long, short)]
         config: PathBuf,
