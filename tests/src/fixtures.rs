@@ -178,7 +178,14 @@ pub fn table() -> Vec<Row> {
     let mut sd = arp_req(VIP4_VLAN).with_tci(VLAN).to_bytes();
     sd[12..14].copy_from_slice(&[0x88, 0xa8]);
     rows.push(pass("802.1ad service tag", sd, Up, d::PASSED_NOT_NEIGHBOR));
-    rows.push(pass("ordinary IPv4 UDP", ipv4_udp(), Up, d::PASSED_NOT_NEIGHBOR));
+    rows.push(pass("IPv4 UDP to a VIP: the client is learned", ipv4_udp(), Up, d::PASSED_VIP_TRAFFIC));
+    rows.push(pass("IPv4 UDP to a VIP on a down adapter", ipv4_to(DOWN_MAC, VIP4), Down, d::PASSED_ADAPTER_DOWN));
+    rows.push(pass("IPv4 UDP to a VIP on an unknown adapter", ipv4_to(UNKNOWN_MAC, VIP4), Unknown, d::PASSED_ADAPTER_UNKNOWN));
+    rows.push(pass("IPv4 UDP to a VIP for another host's MAC", ipv4_to(OTHER_MAC, VIP4), Up, d::PASSED_NOT_FOR_US));
+    rows.push(pass("IPv4 UDP to a VIP, broadcast", ipv4_to(BROADCAST, VIP4), Up, d::PASSED_NOT_FOR_US));
+    rows.push(pass("ordinary IPv4 UDP (not to a VIP)", ipv4_to(UP_MAC, NOT_VIP4), Up, d::PASSED_NOT_NEIGHBOR));
+    rows.push(pass("IPv4 UDP to a VIP hosted on VLAN 100 only, untagged", ipv4_to(UP_MAC, VIP4_VLAN), Up, d::PASSED_NOT_NEIGHBOR));
+    rows.push(pass("IPv4 header truncated", ipv4_udp()[..30].to_vec(), Up, d::PASSED_TRUNCATED));
     rows.push(pass("tagged IPv4 UDP", {
         let mut f = ipv4_udp();
         f.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
@@ -238,7 +245,7 @@ pub fn table() -> Vec<Row> {
         m[2..4].copy_from_slice(&c.to_be_bytes());
         ipv6_frame(UP_MAC, CLIENT_MAC, None, &CLIENT6, &VIP6, 64, &m)
     };
-    rows.push(pass("ICMPv6 echo request", echo, Up, d::PASSED_IPV6_NOT_NS));
+    rows.push(pass("ICMPv6 echo request to a VIP: the client is learned", echo, Up, d::PASSED_VIP_TRAFFIC));
     let mut hbh = sol.to_bytes();
     hbh[20] = 0; // next header: hop-by-hop options
     rows.push(pass("IPv6 with an extension header first", hbh, Up, d::PASSED_IPV6_NOT_NS));
@@ -250,13 +257,18 @@ pub fn table() -> Vec<Row> {
 
 /// A minimal IPv4/UDP frame to the VIP: ordinary traffic the program must leave alone.
 pub fn ipv4_udp() -> Vec<u8> {
+    ipv4_to(UP_MAC, VIP4)
+}
+
+/// A small UDP datagram from the client to `dst`, sent to Ethernet `mac`.
+pub fn ipv4_to(mac: Mac, dst: Ipv4Addr) -> Vec<u8> {
     let mut f = vec![];
-    f.extend_from_slice(&UP_MAC);
+    f.extend_from_slice(&mac);
     f.extend_from_slice(&CLIENT_MAC);
     f.extend_from_slice(&[0x08, 0x00]);
     let mut ip = vec![0x45, 0, 0, 28 + 4, 0, 0, 0x40, 0, 64, 17, 0, 0];
     ip.extend_from_slice(&CLIENT4.octets());
-    ip.extend_from_slice(&VIP4.octets());
+    ip.extend_from_slice(&dst.octets());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 12, 0, 0, b'p', b'i', b'n', b'g']);
     f
@@ -304,7 +316,7 @@ impl TableEnv {
         let ifindex = [ns.ifindex("t0"), ns.ifindex("t1"), ns.ifindex("t2"), ns.ifindex("t3")];
         let adapters = [(Arrival::Up, ADAPTER_UP), (Arrival::Down, ADAPTER_DOWN), (Arrival::NotAllowed, ADAPTER_UP)];
         for (i, (a, state)) in adapters.into_iter().enumerate() {
-            dp.set_adapter(ifindex[i], AdapterInfo { mac: arrival_mac(a), slot: i as u8, state }).expect("adapter");
+            dp.set_adapter(ifindex[i], AdapterInfo { mac: arrival_mac(a), slot: i as u8, state, heir: 0, flags: 0 }).expect("adapter");
         }
         for (id, key) in hosted().into_iter().enumerate() {
             // Slots 0 (Up) and 1 (Down) may answer; slot 2 (NotAllowed) may not.

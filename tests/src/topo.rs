@@ -1,12 +1,15 @@
 //! Lab topologies: a node namespace with several adapters, reached by client namespaces
 //! either through a switch namespace (a Linux bridge) or over one point-to-point link each.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
 
 use aya::programs::XdpMode;
 use vip_agent::dataplane::Dataplane;
 use vip_common::{AdapterInfo, VipInfo, VipKey, ADAPTER_UP};
-use vip_packet::Mac;
+use vip_packet::{mac_str, parse_mac, Mac};
 
 use crate::netns::{veth, NetNs};
 
@@ -168,6 +171,42 @@ impl Lab {
     }
 
     pub fn set_adapter_state(&self, dp: &mut Dataplane, a: &Adapter, state: u8) {
-        dp.set_adapter(a.ifindex, AdapterInfo { mac: a.mac, slot: a.slot, state }).expect("adapter");
+        dp.set_adapter(a.ifindex, AdapterInfo { mac: a.mac, slot: a.slot, state, heir: 0, flags: 0 }).expect("adapter");
+    }
+}
+
+/// The client's neighbor entry for `ip`, if it has a link-layer address.
+pub fn neigh_mac(c: &Client, ip: IpAddr) -> Option<Mac> {
+    let out = c.ns.ip(&["neigh", "show", &ip.to_string(), "dev", &c.iface]);
+    let mut words = out.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "lladdr" {
+            return words.next().and_then(parse_mac);
+        }
+    }
+    None
+}
+
+/// Makes the client's kernel resolve `ip` (a datagram to the discard port).
+pub fn poke(c: &Client, ip: IpAddr) {
+    c.ns.run(|| {
+        let any: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let s = UdpSocket::bind(any).unwrap();
+        let _ = s.send_to(b"x", (ip, 9));
+    });
+}
+
+pub fn wait_neigh(c: &Client, ip: IpAddr, what: &str, timeout: Duration, ok: impl Fn(Mac) -> bool) -> Mac {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(m) = neigh_mac(c, ip) {
+            if ok(m) {
+                return m;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: client neighbor entry for {ip} is {:?}", neigh_mac(c, ip).map(|m| mac_str(&m)));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -18,7 +18,7 @@ use vip_tests::{
     probe::{outage, realtime_ns, EchoServer, Prober, WireWatch},
     rawsock::RawSocket,
     root_or_skip,
-    topo::{Client, Lab, VIP4, VIP6},
+    topo::{neigh_mac, poke, wait_neigh, Client, Lab, VIP4, VIP6},
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -43,41 +43,6 @@ fn lab(clients: usize) -> (Lab, vip_agent::dataplane::Dataplane) {
     (lab, dp)
 }
 
-/// The client's neighbor entry for `ip`, if it has a link-layer address.
-fn neigh_mac(c: &Client, ip: IpAddr) -> Option<Mac> {
-    let out = c.ns.ip(&["neigh", "show", &ip.to_string(), "dev", &c.iface]);
-    let mut words = out.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "lladdr" {
-            return words.next().and_then(parse_mac);
-        }
-    }
-    None
-}
-
-/// Makes the client's kernel resolve `ip` (a datagram to the discard port).
-fn poke(c: &Client, ip: IpAddr) {
-    c.ns.run(|| {
-        let any: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
-        let s = UdpSocket::bind(any).unwrap();
-        let _ = s.send_to(b"x", (ip, 9));
-    });
-}
-
-fn wait_neigh(c: &Client, ip: IpAddr, what: &str, timeout: Duration, ok: impl Fn(Mac) -> bool) -> Mac {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(m) = neigh_mac(c, ip) {
-            if ok(m) {
-                return m;
-            }
-        }
-        if Instant::now() > deadline {
-            panic!("{what}: client neighbor entry for {ip} is {:?}", neigh_mac(c, ip).map(|m| mac_str(&m)));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn adapter_of(lab: &Lab, mac: Mac) -> usize {
     lab.adapters.iter().position(|a| a.mac == mac).unwrap_or_else(|| panic!("{} is no adapter's MAC", mac_str(&mac)))

@@ -130,3 +130,99 @@ fn every_truncation_is_passed() {
         eprintln!("{checked} truncations passed");
     });
 }
+
+/// Steering in the data plane, row by row: spread mode's one answering adapter and its
+/// client table, a failed adapter's MAC moved to its heir, and stragglers.
+#[test]
+fn steering_rows() {
+    use vip_common::{client_bucket, AdapterInfo, FlowKey, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_MAC_MOVED, SPREAD_BUCKETS, VIP_SPREAD};
+    use vip_packet::{parse_arp, parse_eth, Arp, BROADCAST};
+    use vip_tests::fixtures::{arrival_mac, ipv4_to, CLIENT4, CLIENT_MAC, DOWN_MAC, UP_MAC, VIP4};
+    if !root_or_skip("steering_rows") {
+        return;
+    }
+    let mut env = TableEnv::new();
+    let key = VipKey::v4(VIP4.octets(), 0);
+    let flow = FlowKey { vip: key.addr, client: [u32::from_ne_bytes(CLIENT4.octets()), 0, 0, 0], vlan: 0, family: 4, _pad: 0 };
+    let req = Arp::request(CLIENT_MAC, CLIENT4, VIP4).to_bytes();
+    let decided = |env: &TableEnv, frame: &[u8], on: Arrival| {
+        let before = env.dp.decisions().unwrap();
+        let r = env.run(frame, on);
+        let after = env.dp.decisions().unwrap();
+        let bumped: Vec<&str> = (0..before.len()).filter(|&i| after[i] != before[i]).map(|i| decision::NAMES[i]).collect();
+        assert_eq!(bumped.len(), 1, "{bumped:?}");
+        (r, bumped[0])
+    };
+
+    // Spread over slots 0 (Up) and 2 (NotAllowed, here allowed): the bucket decides.
+    env.dp.set_vip(key, VipInfo { allowed: 0b101, id: 0, flags: VIP_SPREAD }).unwrap();
+    env.dp.set_buckets(0, &[2; SPREAD_BUCKETS as usize]).unwrap();
+    let (r, d) = env.within(|env| decided(env, &req, Arrival::Up));
+    assert_eq!((r.action, d), (XDP_PASS, "passed_spread_other"), "bucket owned by slot 2");
+    assert!(env.dp.flow(&flow).is_none(), "a request not answered is not learned");
+    let (r, d) = env.within(|env| decided(env, &req, Arrival::NotAllowed));
+    assert_eq!((r.action, d), (XDP_TX, "answered_arp"));
+    assert_eq!(env.dp.flow(&flow).map(|f| f.slot), Some(2), "the answered client is entered on its adapter");
+    env.dp.remove_flow(&flow).unwrap();
+    let mut table = vec![2u8; SPREAD_BUCKETS as usize];
+    table[client_bucket(&flow.client) as usize] = 0;
+    env.dp.set_buckets(0, &table).unwrap();
+    let (r, d) = env.within(|env| decided(env, &req, Arrival::Up));
+    assert_eq!((r.action, d), (XDP_TX, "answered_arp"), "its bucket moved to slot 0");
+    let (_, d) = env.within(|env| decided(env, &req, Arrival::NotAllowed));
+    assert_eq!(d, "passed_spread_other");
+    let f = env.dp.flow(&flow).expect("answered spread client is in the table");
+    assert_eq!((f.ifindex, f.slot, f.mac), (env.ifindex(Arrival::Up), 0, CLIENT_MAC));
+    // A known client stays with its adapter when its bucket moves (no rebalance).
+    env.dp.set_buckets(0, &[2; SPREAD_BUCKETS as usize]).unwrap();
+    let (_, d) = env.within(|env| decided(env, &req, Arrival::Up));
+    assert_eq!(d, "answered_arp", "the table entry keeps the client on its adapter");
+    env.dp.remove_flow(&flow).unwrap();
+    let (_, d) = env.within(|env| decided(env, &req, Arrival::Up));
+    assert_eq!(d, "passed_spread_other", "without its entry the bucket decides again");
+    // Traffic is learned on the adapter whose MAC it was sent to.
+    let (r, d) = env.within(|env| decided(env, &ipv4_to(UP_MAC, VIP4), Arrival::Up));
+    assert_eq!((r.action, d), (XDP_PASS, "passed_vip_traffic"));
+    let f = env.dp.flow(&flow).expect("learned from traffic");
+    assert_eq!((f.ifindex, f.packets), (env.ifindex(Arrival::Up), 1));
+    env.dp.set_vip(key, VipInfo { allowed: 0b011, id: 0, flags: 0 }).unwrap();
+    env.dp.remove_flow(&flow).unwrap();
+
+    // The Down adapter (slot 1) failed; Up is its heir and holds its MAC.
+    let down = env.ifindex(Arrival::Down);
+    let up = env.ifindex(Arrival::Up);
+    env.dp.set_mac(DOWN_MAC, down).unwrap();
+    env.dp.set_adapter(down, AdapterInfo { mac: DOWN_MAC, slot: 1, state: ADAPTER_DOWN, heir: up, flags: ADAPTER_MAC_MOVED }).unwrap();
+    let unicast_req = Arp { eth_dst: DOWN_MAC, ..Arp::request(CLIENT_MAC, CLIENT4, VIP4) }.to_bytes();
+    let (r, d) = env.within(|env| decided(env, &unicast_req, Arrival::Up));
+    assert_eq!((r.action, d), (XDP_TX, "answered_arp"), "a request to the moved MAC is answered by the heir");
+    assert_eq!(parse_arp(&r.output).unwrap().sha, DOWN_MAC, "as the moved MAC: the client's cache stays right");
+    let (_, d) = env.within(|env| decided(env, &unicast_req, Arrival::NotAllowed));
+    assert_eq!(d, "passed_not_for_us", "only the heir takes the moved MAC");
+    let frame = ipv4_to(DOWN_MAC, VIP4);
+    let (r, d) = env.within(|env| decided(env, &frame, Arrival::Up));
+    assert_eq!((r.action, d), (XDP_PASS, "accepted_moved_mac"));
+    assert_eq!(parse_eth(&r.output).unwrap().dst, UP_MAC, "rewritten so the kernel takes it");
+    assert_eq!(r.output[6..], frame[6..], "nothing else changes");
+    assert_eq!(env.dp.flow(&flow).unwrap().ifindex, down, "the client uses the moved MAC: replies leave from it");
+
+    // Without move_mac the same frame is a straggler: accepted, and the agent told.
+    env.dp.remove_flow(&flow).unwrap();
+    env.dp.set_adapter(down, AdapterInfo { mac: DOWN_MAC, slot: 1, state: ADAPTER_DOWN, heir: up, flags: 0 }).unwrap();
+    let mut events = env.dp.take_events().expect("event ring");
+    let (r, d) = env.within(|env| decided(env, &frame, Arrival::Up));
+    assert_eq!((r.action, d), (XDP_PASS, "accepted_straggler"));
+    assert_eq!(parse_eth(&r.output).unwrap().dst, UP_MAC);
+    let item = events.next().expect("a straggler event");
+    let ev: vip_common::Straggler = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<vip_common::Straggler>()]);
+    drop(item);
+    assert_eq!((ev.flow, ev.ifindex, ev.client_mac, ev.to_mac), (flow, up, CLIENT_MAC, DOWN_MAC));
+    let (_, d) = env.within(|env| decided(env, &frame, Arrival::Up));
+    assert_eq!(d, "accepted_straggler");
+    assert!(events.next().is_none(), "a second straggler within 20 ms sends no second event");
+    let (_, d) = env.within(|env| decided(env, &frame, Arrival::NotAllowed));
+    assert_eq!(d, "passed_not_for_us", "only the heir takes stragglers");
+    let (_, d) = env.within(|env| decided(env, &ipv4_to(BROADCAST, VIP4), Arrival::Up));
+    assert_eq!(d, "passed_not_for_us");
+    let _ = arrival_mac;
+}

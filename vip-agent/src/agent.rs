@@ -2,14 +2,17 @@
 //! maps, and what happens when a link goes down or comes back.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::programs::{links::PinnedLink, XdpMode};
-use vip_common::{decision, names, AdapterInfo, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_UP, MAX_ADAPTERS};
+use vip_common::{
+    client_bucket, decision, egress, names, AdapterInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_DOWN,
+    ADAPTER_MAC_MOVED, ADAPTER_UP, FAMILY_IPV4, MAX_ADAPTERS, NO_SLOT, SPREAD_BUCKETS, VIP_SPREAD,
+};
 use vip_packet::{mac_str, Mac};
 
 use crate::{
@@ -19,7 +22,7 @@ use crate::{
     dataplane::Dataplane,
     host::Host,
     netlink::{Link, LinkEvent, Rtnl},
-    status::{unix_now, AdapterStatus, FailoverStatus, Histogram, Refusal, Status, VipStatus},
+    status::{unix_now, AdapterStatus, ClientStatus, FailoverStatus, Histogram, Refusal, Status, VipStatus},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,13 @@ struct AdapterRt {
     link: Option<PinnedLink>,
     /// Addresses and routes of the adapter: where a VIP may be taken over.
     subnets: Vec<Subnet>,
+    weight: u32,
+    move_mac: bool,
+    /// While it is down: the adapter that takes its stragglers (and its MAC, with move_mac).
+    heir: Option<usize>,
+    /// VIP bytes per second through it, as last sampled (seed 004's load).
+    load: f64,
+    last_bytes: Option<(Instant, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +97,9 @@ struct VipRt {
     state: VipState,
     /// No adapter may answer for it (its own are down, no takeover possible): said once.
     stranded: bool,
+    rebalance: bool,
+    /// Spread mode: the owner slot of each bucket, as written to the map.
+    buckets: Vec<u8>,
 }
 
 /// A hold-down or up-delay timer to start.
@@ -113,11 +126,46 @@ pub struct Agent {
     started: f64,
     adopted: bool,
     pub stopping: bool,
+    /// Last correction sent per straggling client (rate limit).
+    corrected: HashMap<FlowKey, Instant>,
+    clients_moved: u64,
+    corrections_sent: u64,
 }
 
 const MAX_FAILOVERS_KEPT: usize = 256;
+/// The announcer's queue key for MAC-move learning frames (not a VIP id).
+const MAC_MOVE_ID: u32 = u32::MAX;
 const MAX_REFUSALS_KEPT: usize = 256;
 
+
+/// The client address of a table entry.
+fn flow_client(k: &FlowKey) -> IpAddr {
+    let o = VipKey { addr: k.client, vlan: 0, family: k.family, _pad: 0 }.octets();
+    if k.family == FAMILY_IPV4 {
+        IpAddr::from([o[0], o[1], o[2], o[3]])
+    } else {
+        IpAddr::from(o)
+    }
+}
+
+/// Smooth weighted round robin over `(slot, weight)` members into SPREAD_BUCKETS buckets.
+pub fn weighted_table(members: &[(u8, i64)]) -> Vec<u8> {
+    let total: i64 = members.iter().map(|m| m.1).sum();
+    let mut current = vec![0i64; members.len()];
+    (0..SPREAD_BUCKETS)
+        .map(|_| {
+            if members.is_empty() {
+                return NO_SLOT;
+            }
+            for (c, m) in current.iter_mut().zip(members) {
+                *c += m.1;
+            }
+            let best = (0..members.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k))).expect("not empty");
+            current[best] -= total;
+            members[best].0
+        })
+        .collect()
+}
 
 fn vip_key(addr: &IpAddr, vlan: u16) -> VipKey {
     match addr {
@@ -221,7 +269,7 @@ impl Agent {
             Ok(dp) => dp,
             Err(e) => {
                 if fresh_pins {
-                    for n in [names::VIPS, names::ADAPTERS, names::DECISIONS, names::ANSWERS] {
+                    for n in names::PINNED_MAPS {
                         let _ = std::fs::remove_file(pin.join(n));
                     }
                     let _ = std::fs::remove_dir(&pin);
@@ -252,6 +300,11 @@ impl Agent {
                     since: now,
                     link: None,
                     subnets: link.map(|l| nh.takeover_subnets(l.ifindex)).unwrap_or_default(),
+                    weight: c.weight,
+                    move_mac: c.move_mac,
+                    heir: None,
+                    load: 0.0,
+                    last_bytes: None,
                 }
             })
             .collect();
@@ -273,6 +326,8 @@ impl Agent {
                     mask: 0,
                     state: VipState::Refused,
                     stranded: false,
+                    rebalance: v.rebalance,
+                    buckets: vec![],
                 }
             })
             .collect();
@@ -292,6 +347,9 @@ impl Agent {
             started: now,
             adopted,
             stopping: false,
+            corrected: HashMap::new(),
+            clients_moved: 0,
+            corrections_sent: 0,
         };
         if let Err(e) = agent.bring_up(&nh.links, reload) {
             // A restarted agent that fails leaves the previous agent's pins alone so
@@ -325,7 +383,8 @@ impl Agent {
         }
         for e in std::fs::read_dir(&pin)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(ix) = name.strip_prefix("link_").and_then(|n| n.parse::<u32>().ok()) {
+            let ix = ["link_", "egress_", "ingress_"].iter().find_map(|p| name.strip_prefix(p));
+            if let Some(ix) = ix.and_then(|n| n.parse::<u32>().ok()) {
                 if !configured.contains(&ix) {
                     tracing::info!(ifindex = ix, "removing a stale link pin");
                     let _ = std::fs::remove_file(e.path());
@@ -372,6 +431,7 @@ impl Agent {
             }
         }
         self.recompute(true);
+        self.place_spread(None);
         let keep: Vec<IpAddr> = self.vips.iter().filter(|v| v.state == VipState::Active).map(|v| v.addr).collect();
         for addr in self.host.stale_vips(&keep) {
             tracing::info!(%addr, "removing a VIP no longer configured from lo");
@@ -385,7 +445,11 @@ impl Agent {
         }
         let now = Instant::now();
         for i in 0..self.vips.len() {
-            self.announce_vip(i, u64::MAX, now);
+            // Spread clients each learn their adapter when they ask: a broadcast would
+            // send them all to one.
+            if self.vips[i].mode != VipMode::Spread {
+                self.announce_vip(i, u64::MAX, now);
+            }
         }
         self.ann.pump(Instant::now());
         tracing::info!(
@@ -428,6 +492,18 @@ impl Agent {
             Some(p) => p,
             None => self.dp.attach_pinned(link.ifindex, mode, &path)?,
         };
+        let path = self.cfg.agent.pin_path.join(format!("ingress_{}", link.ifindex));
+        self.dp.attach_tc_pinned(names::INGRESS_PROGRAM, &link.name, &path, reload)?;
+        if self.cfg.steering.egress {
+            let path = self.cfg.agent.pin_path.join(format!("egress_{}", link.ifindex));
+            self.dp.attach_tc_pinned(names::EGRESS_PROGRAM, &link.name, &path, reload)?;
+        }
+        if let Some(mac) = link.mac {
+            if let Some(old) = self.adapters[i].mac.filter(|m| *m != mac) {
+                self.dp.remove_mac(old)?;
+            }
+            self.dp.set_mac(mac, link.ifindex)?;
+        }
         self.ann.add_adapter(link.ifindex)?;
         let a = &mut self.adapters[i];
         a.link = Some(pinned);
@@ -445,9 +521,155 @@ impl Agent {
     fn write_adapter(&mut self, i: usize) -> anyhow::Result<()> {
         let a = &self.adapters[i];
         let Some(ifindex) = a.ifindex else { return Ok(()) };
-        let state = if a.health.answers() { ADAPTER_UP } else { ADAPTER_DOWN };
-        self.dp.set_adapter(ifindex, AdapterInfo { mac: a.mac.unwrap_or_default(), slot: a.slot, state })?;
+        let up = a.health.answers();
+        let state = if up { ADAPTER_UP } else { ADAPTER_DOWN };
+        let heir = if up { None } else { a.heir.and_then(|h| self.adapters[h].ifindex) };
+        let flags = if heir.is_some() && a.move_mac { ADAPTER_MAC_MOVED } else { 0 };
+        let info = AdapterInfo { mac: a.mac.unwrap_or_default(), slot: a.slot, state, heir: heir.unwrap_or(0), flags };
+        self.dp.set_adapter(ifindex, info)?;
         Ok(())
+    }
+
+    /// The healthy adapter with the least load per weight (seed 004), other than `not`.
+    fn least_loaded(&self, not: usize) -> Option<usize> {
+        (0..self.adapters.len())
+            .filter(|&j| j != not && self.adapters[j].health.answers() && self.adapters[j].ifindex.is_some())
+            .min_by(|&x, &y| {
+                let (a, b) = (&self.adapters[x], &self.adapters[y]);
+                (a.load / a.weight as f64).total_cmp(&(b.load / b.weight as f64)).then(x.cmp(&y))
+            })
+    }
+
+    /// A round-robin fill of the buckets over the adapters in `mask`, each as often as its
+    /// weight (smooth weighted round robin: the adapters interleave, so any run of
+    /// consecutive buckets is shared by weight within one).
+    fn weighted_table(&self, mask: u64) -> Vec<u8> {
+        let members: Vec<(u8, i64)> =
+            self.adapters.iter().filter(|a| mask & (1 << a.slot) != 0).map(|a| (a.slot, a.weight as i64)).collect();
+        weighted_table(&members)
+    }
+
+    /// Places spread VIPs' buckets after a change. When adapter `failed` went down, only
+    /// its buckets move, each to the survivor with the least load per weight (its
+    /// measured traffic plus what it is given here); everyone else's clients stay. When
+    /// the set of answering adapters changes otherwise, the table is refilled by weight.
+    fn place_spread(&mut self, failed: Option<u8>) {
+        let up = self.up_mask();
+        for vi in 0..self.vips.len() {
+            let v = &self.vips[vi];
+            if v.mode != VipMode::Spread || v.state != VipState::Active {
+                continue;
+            }
+            let answering = v.mask & up;
+            let owners = v.buckets.iter().filter(|&&s| s != NO_SLOT).fold(0u64, |m, s| m | 1 << s);
+            let next = match failed {
+                Some(f) if owners & (1 << f) != 0 && answering != 0 && owners & !(1 << f) & !answering == 0 => {
+                    let mut t = v.buckets.clone();
+                    let moved: Vec<usize> = (0..t.len()).filter(|&b| t[b] == f).collect();
+                    let per_bucket = self.adapters[f as usize].load / moved.len().max(1) as f64;
+                    let survivors: Vec<usize> =
+                        self.adapters.iter().enumerate().filter(|(_, a)| answering & (1 << a.slot) != 0).map(|(j, _)| j).collect();
+                    let mut given = vec![0.0f64; self.adapters.len()];
+                    let mut count = vec![0u32; self.adapters.len()];
+                    for &s in t.iter().filter(|&&s| s != NO_SLOT) {
+                        count[s as usize] += 1;
+                    }
+                    for b in moved {
+                        let cost = |j: usize| {
+                            let a = &self.adapters[j];
+                            ((a.load + given[j]) / a.weight as f64, count[j] as f64 / a.weight as f64)
+                        };
+                        let j = *survivors
+                            .iter()
+                            .min_by(|&&x, &&y| {
+                                let (cx, cy) = (cost(x), cost(y));
+                                cx.0.total_cmp(&cy.0).then(cx.1.total_cmp(&cy.1)).then(x.cmp(&y))
+                            })
+                            .expect("answering is not empty");
+                        t[b] = self.adapters[j].slot;
+                        given[j] += per_bucket;
+                        count[j] += 1;
+                    }
+                    t
+                }
+                _ if owners == answering && !v.buckets.is_empty() => continue,
+                _ => self.weighted_table(answering),
+            };
+            let v = &mut self.vips[vi];
+            v.buckets = next;
+            if let Err(e) = self.dp.set_buckets(v.id, &v.buckets) {
+                tracing::error!(vip = %v.addr, error = %e, "bucket map write failed");
+            }
+        }
+    }
+
+    /// The adapter (index) that should answer `client` for spread VIP `vi` now.
+    fn bucket_owner(&self, vi: usize, client: &[u32; 4]) -> Option<usize> {
+        let slot = *self.vips[vi].buckets.get(client_bucket(client) as usize)?;
+        self.adapters.iter().position(|a| a.slot == slot && a.health.answers())
+    }
+
+    /// Tells spread-mode clients whose adapter changed (their bucket moved: `from` failed,
+    /// or a rebalance) about their new adapter with a unicast ARP reply / NA, and points
+    /// their table entries there so their replies follow at once. Only clients the data
+    /// plane has seen can be told; when none of a failed adapter's clients are known, one
+    /// broadcast announcement from the adapter taking most of its buckets is the fallback.
+    fn move_clients(&mut self, from: Option<usize>, only: &[usize], now: Instant) -> HashSet<usize> {
+        let mut sent_from = HashSet::new();
+        let flows = self.dp.flows();
+        for &vi in only {
+            let v = &self.vips[vi];
+            if v.mode != VipMode::Spread || v.state != VipState::Active {
+                continue;
+            }
+            let (key, addr, vlan, id) = (v.key, v.addr, v.vlan, v.id);
+            let mut told = 0;
+            for (k, f) in flows.iter().filter(|(k, _)| k.vip == key.addr && k.vlan == key.vlan && k.family == key.family) {
+                let current = self.adapters.iter().position(|a| a.ifindex == Some(f.ifindex));
+                if let Some(fr) = from {
+                    if current != Some(fr) || self.adapters[fr].move_mac {
+                        continue;
+                    }
+                }
+                let Some(j) = self.bucket_owner(vi, &k.client) else { continue };
+                if current == Some(j) {
+                    continue;
+                }
+                let (Some(ix), Some(mac)) = (self.adapters[j].ifindex, self.adapters[j].mac) else { continue };
+                let mut nf = *f;
+                nf.ifindex = ix;
+                nf.slot = self.adapters[j].slot;
+                if let Err(e) = self.dp.set_flow(*k, nf) {
+                    tracing::warn!(error = %e, "client table write failed");
+                }
+                let client = flow_client(k);
+                self.ann.queue(ix, id, announce::unicast_frame(mac, addr, vlan, f.mac, client), now);
+                self.clients_moved += 1;
+                sent_from.insert(j);
+                told += 1;
+            }
+            tracing::info!(vip = %addr, clients = told, "spread clients moved");
+            if let Some(fr) = from {
+                if told == 0 && !self.adapters[fr].move_mac {
+                    // Nobody known: the failed adapter's clients (if any) hear a broadcast.
+                    if let Some(j) = self.heaviest_heir(vi) {
+                        if let (Some(ix), Some(mac)) = (self.adapters[j].ifindex, self.adapters[j].mac) {
+                            self.ann.queue(ix, id, announce::frame(mac, addr, vlan), now);
+                            sent_from.insert(j);
+                        }
+                    }
+                }
+            }
+        }
+        sent_from
+    }
+
+    /// The adapter owning the most buckets of spread VIP `vi`.
+    fn heaviest_heir(&self, vi: usize) -> Option<usize> {
+        let b = &self.vips[vi].buckets;
+        (0..self.adapters.len())
+            .filter(|&j| self.adapters[j].health.answers())
+            .max_by_key(|&j| (b.iter().filter(|&&s| s == self.adapters[j].slot).count(), std::cmp::Reverse(j)))
     }
 
     fn up_mask(&self) -> u64 {
@@ -482,7 +704,7 @@ impl Agent {
             }
             if v.home & up != 0 || !v.failover {
                 next[i] = match v.mode {
-                    VipMode::All => v.home,
+                    VipMode::All | VipMode::Spread => v.home,
                     // The first of its adapters, in config order, that is up.
                     VipMode::Primary => v.order.iter().map(|s| 1u64 << s).find(|b| b & up != 0).unwrap_or(v.home),
                 };
@@ -551,7 +773,8 @@ impl Agent {
             }
             let old = v.mask;
             v.mask = mask;
-            if let Err(e) = self.dp.set_vip(v.key, VipInfo { allowed: mask, id: v.id, flags: 0 }) {
+            let flags = if v.mode == VipMode::Spread { VIP_SPREAD } else { 0 };
+            if let Err(e) = self.dp.set_vip(v.key, VipInfo { allowed: mask, id: v.id, flags }) {
                 tracing::error!(vip = %v.addr, error = %e, "VIP map write failed");
             }
             changed.push((i, old));
@@ -586,7 +809,8 @@ impl Agent {
     /// The adapter lost its link (or hold-down ran out, or it was removed): stop answering
     /// there, move what must move, announce from the survivors.
     fn fail(&mut self, i: usize, at: Instant, kind: &str) {
-        // First of all: the adapter stops answering.
+        // First of all: the adapter stops answering (one store, with its heir in it).
+        self.adapters[i].heir = self.least_loaded(i);
         if let Err(e) = self.write_adapter(i) {
             tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
         }
@@ -595,6 +819,15 @@ impl Agent {
             .filter(|&v| self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0)
             .collect();
         let changed = self.recompute(false);
+        self.place_spread(Some(self.adapters[i].slot));
+        // Adapters that had handed their stragglers (or MAC) to this one get another heir.
+        let orphans: Vec<usize> = (0..self.adapters.len()).filter(|&j| self.adapters[j].heir == Some(i)).collect();
+        for &j in &orphans {
+            self.adapters[j].heir = self.least_loaded(j);
+            if let Err(e) = self.write_adapter(j) {
+                tracing::error!(adapter = %self.adapters[j].name, error = %e, "adapter map write failed");
+            }
+        }
         let maps_at = Instant::now();
         if let Some(ix) = self.adapters[i].ifindex {
             self.ann.clear(ix);
@@ -604,20 +837,39 @@ impl Agent {
         touched.sort_unstable();
         touched.dedup();
         let mut from = HashSet::new();
-        for v in touched {
-            from.extend(self.announce_vip(v, u64::MAX, maps_at));
+        for &v in &touched {
+            if self.vips[v].mode != VipMode::Spread {
+                from.extend(self.announce_vip(v, u64::MAX, maps_at));
+            }
         }
+        for j in std::iter::once(i).chain(orphans) {
+            from.extend(self.announce_moved_mac(j, maps_at));
+        }
+        from.extend(self.move_clients(Some(i), &touched, maps_at));
         let (first, _) = self.ann.pump(Instant::now());
         self.record(i, kind, at, maps_at, first, carried.len(), from);
     }
 
+    /// A failed adapter with `move_mac` whose MAC now lives on its heir: the heir sends a
+    /// frame from that MAC so the switch learns its new port.
+    fn announce_moved_mac(&mut self, i: usize, now: Instant) -> Option<usize> {
+        let a = &self.adapters[i];
+        let (true, false, Some(h), Some(mac)) = (a.move_mac, a.health.answers(), a.heir, a.mac) else { return None };
+        let ix = self.adapters[h].ifindex?;
+        tracing::info!(adapter = %a.name, heir = %self.adapters[h].name, mac = %mac_str(&mac), "MAC moved");
+        self.ann.queue(ix, MAC_MOVE_ID, announce::learning_frame(mac), now);
+        Some(h)
+    }
+
     /// The adapter is back (after up_delay): answer there again, bring home what was
-    /// taken over, announce on it.
+    /// taken over, announce on it. Spread-mode clients move back only with `rebalance`.
     fn restore(&mut self, i: usize, at: Instant) {
+        self.adapters[i].heir = None;
         if let Err(e) = self.write_adapter(i) {
             tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
         }
         let changed = self.recompute(false);
+        self.place_spread(None);
         let maps_at = Instant::now();
         let bit = 1u64 << self.adapters[i].slot;
         let mut from = HashSet::new();
@@ -625,17 +877,84 @@ impl Agent {
         for v in 0..self.vips.len() {
             if self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0 {
                 n += 1;
-                from.extend(self.announce_vip(v, bit, maps_at));
+                if self.vips[v].mode != VipMode::Spread {
+                    from.extend(self.announce_vip(v, bit, maps_at));
+                }
             }
         }
         // VIPs that came home stop being announced by the adapters that held them; any
         // that gained another adapter (capacity freed there) are announced there.
         for (v, old) in changed {
-            let gained = self.vips[v].mask & !old & !bit;
-            from.extend(self.announce_vip(v, gained, maps_at));
+            if self.vips[v].mode != VipMode::Spread {
+                let gained = self.vips[v].mask & !old & !bit;
+                from.extend(self.announce_vip(v, gained, maps_at));
+            }
         }
+        if let (true, Some(ix), Some(mac)) = (self.adapters[i].move_mac, self.adapters[i].ifindex, self.adapters[i].mac) {
+            // Its MAC comes home: the switch learns the port back from this frame.
+            self.ann.queue(ix, MAC_MOVE_ID, announce::learning_frame(mac), maps_at);
+            from.insert(i);
+        }
+        let rebalance: Vec<usize> = (0..self.vips.len()).filter(|&v| self.vips[v].rebalance).collect();
+        from.extend(self.move_clients(None, &rebalance, maps_at));
         let (first, _) = self.ann.pump(Instant::now());
         self.record(i, "up", at, maps_at, first, n, from);
+    }
+
+    /// A straggler event from the data plane: a client sent a VIP's traffic to a failed
+    /// adapter's MAC. It is told the adapter it should use (at most once per
+    /// `correction_interval_ms`).
+    pub fn on_straggler(&mut self, ev: &Straggler) {
+        let now = Instant::now();
+        let gap = Duration::from_millis(self.cfg.steering.correction_interval_ms);
+        if self.corrected.get(&ev.flow).is_some_and(|t| now.duration_since(*t) < gap) {
+            return;
+        }
+        let k = &ev.flow;
+        let Some(vi) = self.vips.iter().position(|v| v.key.addr == k.vip && v.vlan == k.vlan && v.key.family == k.family)
+        else {
+            return;
+        };
+        let v = &self.vips[vi];
+        let up = self.up_mask();
+        let flow_adapter = self.dp.flow(k).and_then(|f| self.adapters.iter().position(|a| a.ifindex == Some(f.ifindex)));
+        let target = match flow_adapter {
+            Some(j) if self.adapters[j].health.answers() && v.mask & (1 << self.adapters[j].slot) != 0 => Some(j),
+            _ if v.mode == VipMode::Spread => self.bucket_owner(vi, &k.client),
+            _ => self.adapters.iter().position(|a| v.mask & up & (1 << a.slot) != 0),
+        };
+        let Some(j) = target else { return };
+        let (Some(ix), Some(mac)) = (self.adapters[j].ifindex, self.adapters[j].mac) else { return };
+        let frame = announce::unicast_frame(mac, v.addr, v.vlan, ev.client_mac, flow_client(k));
+        self.ann.queue_once(ix, v.id, frame, now);
+        self.corrected.insert(*k, now);
+        self.corrections_sent += 1;
+        tracing::info!(vip = %v.addr, client = %flow_client(k), to = %self.adapters[j].name, sent_to = %mac_str(&ev.to_mac), "straggler corrected");
+    }
+
+    /// New traffic totals per slot (from the data plane's counters): updates each adapter's
+    /// load, and forgets old straggler rate-limit entries.
+    pub fn update_load(&mut self, traffic: &[vip_common::Traffic], now: Instant) {
+        for a in &mut self.adapters {
+            let Some(t) = traffic.get(a.slot as usize) else { continue };
+            let bytes = t.rx_bytes + t.tx_bytes;
+            if let Some((then, before)) = a.last_bytes {
+                let dt = now.duration_since(then).as_secs_f64();
+                if dt > 0.0 {
+                    let rate = bytes.saturating_sub(before) as f64 / dt;
+                    // Smoothed over about two samples: a burst counts, a blip fades.
+                    a.load = 0.5 * a.load + 0.5 * rate;
+                }
+            }
+            a.last_bytes = Some((now, bytes));
+        }
+        let gap = Duration::from_millis(self.cfg.steering.correction_interval_ms);
+        self.corrected.retain(|_, t| now.duration_since(*t) < gap);
+    }
+
+    /// Takes the straggler event ring (once).
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.dp.take_events()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -879,6 +1198,12 @@ impl Agent {
                     .filter(|v| v.state == VipState::Active && v.mask & up & (1 << a.slot) != 0)
                     .count(),
                 max_vips: a.max_vips,
+                weight: a.weight,
+                load_bytes_per_s: a.load,
+                heir: if a.health.answers() { None } else { a.heir.map(|h| self.adapters[h].name.clone()) },
+                mac_moved: !a.health.answers() && a.heir.is_some() && a.move_mac,
+                rx_packets: 0,
+                tx_packets: 0,
             })
             .collect();
         let vips = self
@@ -907,6 +1232,18 @@ impl Agent {
                     answering: if v.state == VipState::Active { names(v.mask & up) } else { vec![] },
                     taken_over_by: names(v.mask & !v.home),
                     answers,
+                    mode: match v.mode {
+                        VipMode::All => "all",
+                        VipMode::Primary => "primary",
+                        VipMode::Spread => "spread",
+                    }
+                    .into(),
+                    buckets: self
+                        .adapters
+                        .iter()
+                        .map(|a| (a.name.clone(), v.buckets.iter().filter(|&&s| s == a.slot).count() as u32))
+                        .filter(|(_, n)| *n > 0)
+                        .collect(),
                 }
             })
             .collect();
@@ -924,6 +1261,11 @@ impl Agent {
             announcements_queued: self.ann.queued(),
             maps_written: self.hist_maps.clone(),
             first_announcement: self.hist_announce.clone(),
+            clients: vec![],
+            clients_total: 0,
+            egress: vec![],
+            clients_moved: self.clients_moved,
+            corrections_sent: self.corrections_sent,
         }
     }
 
@@ -940,12 +1282,13 @@ impl Agent {
         }
         // Only our own pins: pin_path may be shared with other tools.
         let pin = self.cfg.agent.pin_path.clone();
-        for n in [names::VIPS, names::ADAPTERS, names::DECISIONS, names::ANSWERS] {
+        for n in names::PINNED_MAPS {
             let _ = std::fs::remove_file(pin.join(n));
         }
         if let Ok(rd) = std::fs::read_dir(&pin) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("link_") {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if ["link_", "egress_", "ingress_"].iter().any(|p| n.starts_with(p)) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -962,15 +1305,50 @@ impl Agent {
 
 }
 
-/// Reads the data plane's counters into a status taken by [`Agent::status`].
+/// Reads the data plane's counters and client table into a status taken by
+/// [`Agent::status`].
 pub fn fill_counters(s: &mut Status, c: &crate::dataplane::Counters) {
     s.decisions = decision::NAMES.iter().zip(c.decisions()).map(|(n, v)| (n.to_string(), v)).collect();
+    s.egress = egress::NAMES.iter().zip(c.egress()).map(|(n, v)| (n.to_string(), v)).collect();
+    for a in &mut s.adapters {
+        let t = c.traffic(a.slot);
+        (a.rx_packets, a.tx_packets) = (t.rx_packets, t.tx_packets);
+    }
+    let by_ifindex: HashMap<u32, String> = s.adapters.iter().filter_map(|a| Some((a.ifindex?, a.name.clone()))).collect();
+    let now = monotonic_ns();
+    let mut flows = c.flows();
+    s.clients_total = flows.len();
+    flows.sort_by_key(|(_, f)| std::cmp::Reverse(f.seen_ns));
+    s.clients = flows
+        .iter()
+        .take(crate::status::CLIENTS_SHOWN)
+        .map(|(k, f)| {
+            let vip = VipKey { addr: k.vip, vlan: k.vlan, family: k.family, _pad: 0 };
+            ClientStatus {
+                vip: flow_client(&FlowKey { client: vip.addr, ..*k }).to_string(),
+                vlan: k.vlan,
+                client: flow_client(k).to_string(),
+                mac: mac_str(&f.mac),
+                adapter: by_ifindex.get(&f.ifindex).cloned().unwrap_or_else(|| format!("ifindex {}", f.ifindex)),
+                idle_s: now.saturating_sub(f.seen_ns) as f64 / 1e9,
+                packets: f.packets,
+                bytes: f.bytes,
+            }
+        })
+        .collect();
     let slots: std::collections::HashMap<String, u8> = s.adapters.iter().map(|a| (a.name.clone(), a.slot)).collect();
     for v in &mut s.vips {
         for (name, n) in &mut v.answers {
             *n = slots.get(name.as_str()).map_or(0, |slot| c.answers(v.id, *slot));
         }
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Where the record of host changes lives: next to the control socket.

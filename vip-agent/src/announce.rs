@@ -29,6 +29,39 @@ pub fn frame(mac: Mac, addr: IpAddr, vlan: u16) -> Vec<u8> {
     }
 }
 
+/// A correction for one client: a unicast ARP reply / unsolicited NA (Override) telling it
+/// that `addr` is at `mac`. Linux updates an existing neighbor entry from either.
+pub fn unicast_frame(mac: Mac, addr: IpAddr, vlan: u16, client_mac: Mac, client: IpAddr) -> Vec<u8> {
+    match (addr, client) {
+        (IpAddr::V4(a), IpAddr::V4(c)) => {
+            let f = Arp { eth_dst: client_mac, eth_src: mac, tci: None, op: 2, sha: mac, spa: a, tha: client_mac, tpa: c };
+            if vlan != 0 { f.with_tci(vlan) } else { f }.to_bytes()
+        }
+        (IpAddr::V6(a), IpAddr::V6(c)) => {
+            let mut f = Nd::unsolicited_advert(mac, a);
+            (f.eth_dst, f.dst) = (client_mac, c);
+            if vlan != 0 { f.with_tci(vlan) } else { f }.to_bytes()
+        }
+        // A table entry's VIP and client are always of one family.
+        _ => Vec::new(),
+    }
+}
+
+/// Ethertype of the MAC-move learning frame (IEEE 802 local experimental 1): hosts
+/// ignore it, switches learn its source.
+pub const ETH_P_LEARN: u16 = 0x88b5;
+
+/// A broadcast frame from `mac` that only teaches switches where `mac` now is.
+pub fn learning_frame(mac: Mac) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&vip_packet::BROADCAST);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ETH_P_LEARN.to_be_bytes());
+    f.extend_from_slice(b"vip MAC move");
+    f.resize(60, 0);
+    f
+}
+
 struct Pending {
     due: Instant,
     seq: u64,
@@ -114,6 +147,13 @@ impl Announcer {
             let due = now + self.interval * round;
             lane.queue.push(Reverse(Pending { due, seq: self.seq, vip, frame: frame.clone() }));
         }
+    }
+
+    /// Queues `frame` once (a correction), due `now`.
+    pub fn queue_once(&mut self, ifindex: u32, vip: u32, frame: Vec<u8>, now: Instant) {
+        let Some(lane) = self.lanes.get_mut(&ifindex) else { return };
+        self.seq += 1;
+        lane.queue.push(Reverse(Pending { due: now, seq: self.seq, vip, frame }));
     }
 
     /// Sends whatever is due and allowed by each bucket. Returns when the first frame of

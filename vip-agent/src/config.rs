@@ -61,10 +61,27 @@ pub struct ProbeConfig {
     pub wait_ms: u64,
 }
 
+/// `[steering]`: egress steering and the client table.
+#[derive(Debug, Clone)]
+pub struct SteeringConfig {
+    /// Attach the TC egress program: replies leave through the adapter each client uses.
+    pub egress: bool,
+    /// A client not heard from for this long leaves the table.
+    pub client_timeout_s: u64,
+    /// At most one straggler correction per client this often.
+    pub correction_interval_ms: u64,
+    /// How often per-adapter traffic is sampled for load-based placement.
+    pub load_interval_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct AdapterConfig {
     pub name: String,
     pub max_vips: u32,
+    /// Share of spread-mode clients (relative to the other adapters of a VIP).
+    pub weight: u32,
+    /// When it fails, a surviving adapter takes its MAC too (seed 002).
+    pub move_mac: bool,
     /// 802.1Q VLANs this adapter carries (tagged). Untagged VIPs need no entry.
     pub vlans: Vec<u16>,
     /// Line of this `[[adapter]]` table, for errors found later (at run time).
@@ -88,6 +105,9 @@ pub enum VipMode {
     /// Only the first healthy adapter in its `adapters` list (seed 002's primary and
     /// secondary interfaces).
     Primary,
+    /// One healthy adapter per client, by a stable hash of the client's address,
+    /// weighted (seeds 001 and 004).
+    Spread,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +120,8 @@ pub struct VipConfig {
     pub failover: bool,
     /// Which of its healthy adapters answer.
     pub mode: VipMode,
+    /// Spread mode: clients move back to a returning adapter.
+    pub rebalance: bool,
     pub line: usize,
     /// Line of its `address` key (the table's line if the key is missing).
     pub address_line: usize,
@@ -111,6 +133,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub announce: AnnounceConfig,
     pub probe: ProbeConfig,
+    pub steering: SteeringConfig,
     pub adapters: Vec<AdapterConfig>,
     pub vips: Vec<VipConfig>,
 }
@@ -164,6 +187,12 @@ impl Default for AnnounceConfig {
 impl Default for ProbeConfig {
     fn default() -> Self {
         Self { enabled: true, count: 2, wait_ms: 200 }
+    }
+}
+
+impl Default for SteeringConfig {
+    fn default() -> Self {
+        Self { egress: true, client_timeout_s: 300, correction_interval_ms: 500, load_interval_ms: 1000 }
     }
 }
 
@@ -241,13 +270,14 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-const ROOT_KEYS: &[&str] = &["agent", "announce", "probe", "adapter", "vip"];
+const ROOT_KEYS: &[&str] = &["agent", "announce", "probe", "steering", "adapter", "vip"];
+const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_interval_ms", "load_interval_ms"];
 const AGENT_KEYS: &[&str] =
     &["xdp_mode", "hold_down_ms", "up_delay_ms", "control_socket", "metrics_listen", "pin_path"];
 const ANNOUNCE_KEYS: &[&str] = &["count", "interval_ms", "max_per_second"];
 const PROBE_KEYS: &[&str] = &["enabled", "count", "wait_ms"];
-const ADAPTER_KEYS: &[&str] = &["name", "max_vips", "vlans"];
-const VIP_KEYS: &[&str] = &["address", "adapters", "vlan", "failover", "mode"];
+const ADAPTER_KEYS: &[&str] = &["name", "max_vips", "vlans", "weight", "move_mac"];
+const VIP_KEYS: &[&str] = &["address", "adapters", "vlan", "failover", "mode", "rebalance"];
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -311,6 +341,15 @@ impl Config {
             wait_ms: cx.opt(&t, "wait_ms", int(1, 10_000)).unwrap_or(d.wait_ms),
         };
 
+        let d = SteeringConfig::default();
+        let t = cx.section(&root, "steering", STEERING_KEYS);
+        let steering = SteeringConfig {
+            egress: cx.opt(&t, "egress", boolean).unwrap_or(d.egress),
+            client_timeout_s: cx.opt(&t, "client_timeout_s", int(1, 86_400)).unwrap_or(d.client_timeout_s),
+            correction_interval_ms: cx.opt(&t, "correction_interval_ms", int(1, 60_000)).unwrap_or(d.correction_interval_ms),
+            load_interval_ms: cx.opt(&t, "load_interval_ms", int(10, 60_000)).unwrap_or(d.load_interval_ms),
+        };
+
         let (adapters, adapter_tables) = cx.adapters(&root);
         let vips = cx.vips(&root, &adapters);
         for (i, (a, t)) in adapters.iter().zip(&adapter_tables).enumerate() {
@@ -323,7 +362,7 @@ impl Config {
         }
 
         cx.into_errors()?;
-        Ok(Config { path: path.into(), agent, announce, probe, adapters, vips })
+        Ok(Config { path: path.into(), agent, announce, probe, steering, adapters, vips })
     }
 
     pub fn validate_host(&self, host: &dyn HostView) -> Result<(), ConfigErrors> {
@@ -547,6 +586,8 @@ impl<'a> Cx<'a> {
             adapters.push(AdapterConfig {
                 name,
                 max_vips: self.opt(t, "max_vips", int(1, u32::MAX.into())).unwrap_or(DEFAULT_MAX_VIPS),
+                weight: self.opt(t, "weight", int(1, 100)).unwrap_or(1),
+                move_mac: self.opt(t, "move_mac", boolean).unwrap_or(false),
                 vlans,
                 line: t.line,
                 name_line,
@@ -604,13 +645,19 @@ impl<'a> Cx<'a> {
                     seen.insert((a.addr, vlan), vips.len());
                 }
             }
+            let mode = self.opt(t, "mode", vip_mode).unwrap_or_default();
+            let rebalance = self.opt(t, "rebalance", boolean);
+            if rebalance.is_some() && mode != VipMode::Spread {
+                self.err(self.key_line(t, "rebalance"), t.key("rebalance"), "only applies to mode = \"spread\"");
+            }
             vips.push(VipConfig {
                 // The placeholder is never returned: a missing address is an error.
                 address: address.unwrap_or(Subnet { addr: Ipv4Addr::UNSPECIFIED.into(), prefix: 0 }),
                 adapters: homes,
                 vlan,
                 failover: self.opt(t, "failover", boolean).unwrap_or(true),
-                mode: self.opt(t, "mode", vip_mode).unwrap_or_default(),
+                mode,
+                rebalance: rebalance.unwrap_or(false),
                 line: t.line,
                 address_line,
             });
@@ -708,8 +755,8 @@ fn vip_mode(v: &DeValue) -> Result<VipMode, String> {
     match string(v)?.as_str() {
         "all" => Ok(VipMode::All),
         "primary" => Ok(VipMode::Primary),
-        "spread" => Err("\"spread\" is not available in this version (use all or primary)".into()),
-        s => Err(format!("{s:?} is not one of all, primary")),
+        "spread" => Ok(VipMode::Spread),
+        s => Err(format!("{s:?} is not one of all, primary, spread")),
     }
 }
 
@@ -1274,11 +1321,27 @@ mod mode_tests {
         assert_eq!(c.vips[0].mode, VipMode::All);
         let c = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"primary\"\n")).unwrap();
         assert_eq!(c.vips[0].mode, VipMode::Primary);
-        for (mode, want) in [("spread", "not available in this version"), ("any", "is not one of all, primary")] {
-            let e = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"{mode}\"\n")).unwrap_err();
+        let c = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"spread\"\nrebalance = true\n")).unwrap();
+        assert_eq!((c.vips[0].mode, c.vips[0].rebalance), (VipMode::Spread, true));
+        assert_eq!((c.adapters[0].weight, c.adapters[0].move_mac), (1, false));
+        let bad = [
+            ("mode = \"any\"\n", 6, "vip[0].mode", "is not one of all, primary, spread"),
+            ("rebalance = true\n", 6, "vip[0].rebalance", "only applies to mode = \"spread\""),
+        ];
+        for (extra, line, key, want) in bad {
+            let e = Config::parse(Path::new("m.toml"), &format!("{base}{extra}")).unwrap_err();
             assert_eq!(e.0.len(), 1, "{e}");
-            assert_eq!((e.0[0].line, e.0[0].key.as_str()), (6, "vip[0].mode"), "{e}");
+            assert_eq!((e.0[0].line, e.0[0].key.as_str()), (line, key), "{e}");
             assert!(e.0[0].message.contains(want), "{e}");
         }
+        let adapter = "[[adapter]]\nname = \"eth0\"\nweight = 0\nmove_mac = 1\n[steering]\nclient_timeout_s = 0\nbogus = 1\n";
+        let vip = "[[vip]]\naddress = \"192.0.2.10/24\"\nadapters = [\"eth0\"]\n";
+        let e = Config::parse(Path::new("m.toml"), &format!("{adapter}{vip}")).unwrap_err();
+        let got: Vec<_> = e.0.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            got,
+            [(3, "adapter[0].weight"), (4, "adapter[0].move_mac"), (6, "steering.client_timeout_s"), (7, "steering.bogus")],
+            "{e}"
+        );
     }
 }

@@ -5,14 +5,18 @@ use std::path::{Path, PathBuf};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use bytemuck::Zeroable;
-use vip_common::{answer_index, decision, names, AdapterInfo, VipInfo, VipKey, MAX_IFINDEX};
+use vip_common::{
+    answer_index, decision, egress, mac_key, names, AdapterInfo, FlowInfo, FlowKey, MacKey, Traffic, VipInfo, VipKey,
+    BUCKETS_LEN, BUCKET_WORDS, MAX_ADAPTERS, MAX_IFINDEX, NO_SLOT, SPREAD_BUCKETS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -42,28 +46,75 @@ pub struct Dataplane {
     /// Taken out of `ebpf` once: a failover writes them without looking them up by name.
     adapters: AdapterMap,
     vips: VipMap,
+    buckets: BucketMap,
+    flows: FlowMap,
+    macs: HashMap<MapData, MacKey, u32>,
+    events: Option<aya::maps::RingBuf<MapData>>,
 }
 
-/// The ADAPTERS array. Memory-mapped when the map allows it (BPF_F_MMAPABLE, as this
-/// object declares it): 8-byte `AdapterInfo` entries indexed by ifindex, written with
-/// single aligned stores (the XDP program never sees half an entry), so marking an
-/// adapter down costs no syscall. A map without the flag (an older agent's pinned map) is
-/// written through `bpf()`.
-enum AdapterMap {
-    Mapped {
-        /// Keeps the map (and so the mapping's object) alive.
-        _data: MapData,
-        mem: *mut u64,
-    },
-    Syscall(aya::maps::Array<MapData, AdapterInfo>),
+/// An array map mapped into our memory (BPF_F_MMAPABLE): entries are whole 8-byte words,
+/// written and read with aligned atomic stores and loads, so no syscall is needed and the
+/// data plane never sees a torn word.
+struct MmapArray {
+    /// Keeps the map (and so the mapping's object) alive.
+    _data: MapData,
+    mem: *mut u64,
+    bytes: usize,
 }
 
 // The mapping is shared memory owned by this value; every access is an atomic load or
-// store of one aligned entry.
-unsafe impl Send for AdapterMap {}
-unsafe impl Sync for AdapterMap {}
+// store of one aligned word.
+unsafe impl Send for MmapArray {}
+unsafe impl Sync for MmapArray {}
 
-const ADAPTERS_LEN: usize = MAX_IFINDEX as usize * size_of::<u64>();
+impl MmapArray {
+    /// Maps `data` (`entries` values of `value_size` bytes, a multiple of 8), or gives it
+    /// back when the map was not created mmapable.
+    fn open(data: MapData, entries: u32, value_size: usize) -> std::result::Result<MmapArray, MapData> {
+        use std::os::fd::{AsFd, AsRawFd};
+        debug_assert!(value_size % 8 == 0);
+        let bytes = entries as usize * value_size;
+        let fd = data.fd().as_fd().as_raw_fd();
+        let mem = unsafe {
+            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if mem == libc::MAP_FAILED {
+            return Err(data);
+        }
+        Ok(MmapArray { _data: data, mem: mem.cast(), bytes })
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < self.bytes / 8);
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.mem.add(i)) }
+    }
+
+    fn store(&self, i: usize, v: u64) {
+        self.word(i).store(v, std::sync::atomic::Ordering::Release)
+    }
+
+    fn load(&self, i: usize) -> u64 {
+        self.word(i).load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for MmapArray {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.mem.cast(), self.bytes) };
+    }
+}
+
+fn word(b: &[u8]) -> u64 {
+    u64::from_ne_bytes(b.try_into().expect("8 bytes"))
+}
+
+/// The ADAPTERS array, memory-mapped when the map allows it (as this object declares it):
+/// marking an adapter down is one store. A map without the flag (an older agent's pinned
+/// map) is written through `bpf()`.
+enum AdapterMap {
+    Mapped(MmapArray),
+    Syscall(aya::maps::Array<MapData, AdapterInfo>),
+}
 
 fn adapters_err(source: aya::maps::MapError) -> DataplaneError {
     DataplaneError::Map { map: names::ADAPTERS, source }
@@ -71,32 +122,23 @@ fn adapters_err(source: aya::maps::MapError) -> DataplaneError {
 
 impl AdapterMap {
     fn new(map: aya::maps::Map) -> Result<AdapterMap> {
-        use std::os::fd::{AsFd, AsRawFd};
-        const _: () = assert!(size_of::<AdapterInfo>() == size_of::<u64>());
+        const _: () = assert!(size_of::<AdapterInfo>() == 2 * size_of::<u64>());
         let aya::maps::Map::Array(data) = map else {
             return Err(DataplaneError::MissingMap(names::ADAPTERS));
         };
-        let fd = data.fd().as_fd().as_raw_fd();
-        let mem = unsafe {
-            libc::mmap(std::ptr::null_mut(), ADAPTERS_LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-        };
-        if mem == libc::MAP_FAILED {
-            let array = aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(adapters_err)?;
-            return Ok(AdapterMap::Syscall(array));
+        match MmapArray::open(data, MAX_IFINDEX, size_of::<AdapterInfo>()) {
+            Ok(m) => Ok(AdapterMap::Mapped(m)),
+            Err(data) => Ok(AdapterMap::Syscall(aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(adapters_err)?)),
         }
-        Ok(AdapterMap::Mapped { _data: data, mem: mem.cast() })
-    }
-
-    fn entry(mem: *mut u64, ifindex: u32) -> &'static std::sync::atomic::AtomicU64 {
-        debug_assert!(ifindex < MAX_IFINDEX);
-        unsafe { std::sync::atomic::AtomicU64::from_ptr(mem.add(ifindex as usize)) }
     }
 
     fn set(&mut self, ifindex: u32, info: AdapterInfo) -> Result<()> {
         match self {
-            AdapterMap::Mapped { mem, .. } => {
-                let v = u64::from_ne_bytes(bytemuck::bytes_of(&info).try_into().expect("8 bytes"));
-                Self::entry(*mem, ifindex).store(v, std::sync::atomic::Ordering::Release);
+            AdapterMap::Mapped(m) => {
+                let b = bytemuck::bytes_of(&info);
+                // The heir first, then the state: a frame that sees "down" sees its heir.
+                m.store(ifindex as usize * 2 + 1, word(&b[8..16]));
+                m.store(ifindex as usize * 2, word(&b[0..8]));
                 Ok(())
             }
             AdapterMap::Syscall(a) => a.set(ifindex, info, 0).map_err(adapters_err),
@@ -105,35 +147,82 @@ impl AdapterMap {
 
     fn get(&self, ifindex: u32) -> AdapterInfo {
         match self {
-            AdapterMap::Mapped { mem, .. } => {
-                let v = Self::entry(*mem, ifindex).load(std::sync::atomic::Ordering::Acquire);
-                bytemuck::pod_read_unaligned(&v.to_ne_bytes())
+            AdapterMap::Mapped(m) => {
+                let mut b = [0u8; 16];
+                b[0..8].copy_from_slice(&m.load(ifindex as usize * 2).to_ne_bytes());
+                b[8..16].copy_from_slice(&m.load(ifindex as usize * 2 + 1).to_ne_bytes());
+                bytemuck::pod_read_unaligned(&b)
             }
             AdapterMap::Syscall(a) => a.get(&ifindex, 0).unwrap_or(AdapterInfo::zeroed()),
         }
     }
 
     pub fn mapped(&self) -> bool {
-        matches!(self, AdapterMap::Mapped { .. })
+        matches!(self, AdapterMap::Mapped(_))
     }
 }
 
-impl Drop for AdapterMap {
-    fn drop(&mut self) {
-        if let AdapterMap::Mapped { mem, .. } = self {
-            unsafe { libc::munmap(mem.cast(), ADAPTERS_LEN) };
+/// The spread buckets: 8 owner slots per word, memory-mapped like ADAPTERS.
+enum BucketMap {
+    Mapped(MmapArray),
+    Syscall(aya::maps::Array<MapData, [u8; 8]>),
+}
+
+impl BucketMap {
+    fn new(map: aya::maps::Map) -> Result<BucketMap> {
+        let err = |source| DataplaneError::Map { map: names::BUCKETS, source };
+        let aya::maps::Map::Array(data) = map else {
+            return Err(DataplaneError::MissingMap(names::BUCKETS));
+        };
+        match MmapArray::open(data, BUCKETS_LEN, 8) {
+            Ok(m) => Ok(BucketMap::Mapped(m)),
+            Err(data) => Ok(BucketMap::Syscall(aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(err)?)),
         }
+    }
+
+    /// Writes VIP `id`'s whole table (`SPREAD_BUCKETS` slots), only the words that change.
+    fn set(&mut self, id: u32, slots: &[u8]) -> Result<()> {
+        assert_eq!(slots.len(), SPREAD_BUCKETS as usize);
+        for (w, chunk) in slots.chunks(8).enumerate() {
+            let i = id * BUCKET_WORDS + w as u32;
+            let v: [u8; 8] = chunk.try_into().expect("8 slots");
+            match self {
+                BucketMap::Mapped(m) => {
+                    if m.load(i as usize) != u64::from_ne_bytes(v) {
+                        m.store(i as usize, u64::from_ne_bytes(v));
+                    }
+                }
+                BucketMap::Syscall(a) => {
+                    a.set(i, v, 0).map_err(|source| DataplaneError::Map { map: names::BUCKETS, source })?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, id: u32) -> Vec<u8> {
+        (0..BUCKET_WORDS)
+            .flat_map(|w| {
+                let i = id * BUCKET_WORDS + w;
+                match self {
+                    BucketMap::Mapped(m) => m.load(i as usize).to_ne_bytes(),
+                    BucketMap::Syscall(a) => a.get(&i, 0).unwrap_or([NO_SLOT; 8]),
+                }
+            })
+            .collect()
     }
 }
 
 type VipMap = HashMap<MapData, VipKey, VipInfo>;
 
-fn take_maps(ebpf: &mut Ebpf) -> Result<(AdapterMap, VipMap)> {
-    let a = ebpf.take_map(names::ADAPTERS).ok_or(DataplaneError::MissingMap(names::ADAPTERS))?;
-    let a = AdapterMap::new(a)?;
-    let v = ebpf.take_map(names::VIPS).ok_or(DataplaneError::MissingMap(names::VIPS))?;
-    let v = HashMap::try_from(v).map_err(|source| DataplaneError::Map { map: names::VIPS, source })?;
-    Ok((a, v))
+type FlowMap = HashMap<MapData, FlowKey, FlowInfo>;
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
 }
 
 impl Dataplane {
@@ -146,8 +235,7 @@ impl Dataplane {
     /// there (by an agent that was killed or is being replaced) are reused with their
     /// contents, so answering never stops; missing ones are created and pinned.
     pub fn load_pinned(object: &[u8], pin_dir: &Path) -> Result<Self> {
-        let paths: Vec<(&'static str, PathBuf)> =
-            [names::VIPS, names::ADAPTERS, names::DECISIONS, names::ANSWERS].iter().map(|n| (*n, pin_dir.join(n))).collect();
+        let paths: Vec<(&'static str, PathBuf)> = names::PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -165,8 +253,104 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
             prog.load().map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let (adapters, vips) = take_maps(&mut ebpf)?;
-        Ok(Dataplane { ebpf, adapters, vips })
+        for name in [names::EGRESS_PROGRAM, names::INGRESS_PROGRAM] {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            tc.load().map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let adapters = AdapterMap::new(take(&mut ebpf, names::ADAPTERS)?)?;
+        let vips = HashMap::try_from(take(&mut ebpf, names::VIPS)?).map_err(map_err(names::VIPS))?;
+        let buckets = BucketMap::new(take(&mut ebpf, names::BUCKETS)?)?;
+        let flows = HashMap::try_from(take(&mut ebpf, names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+        let macs = HashMap::try_from(take(&mut ebpf, names::MACS)?).map_err(map_err(names::MACS))?;
+        let events = Some(aya::maps::RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?);
+        Ok(Dataplane { ebpf, adapters, vips, buckets, flows, macs, events })
+    }
+
+    /// Attaches a TC program (`names::EGRESS_PROGRAM` on egress, `names::INGRESS_PROGRAM`
+    /// on ingress) to `iface` with TCX (kernel 6.6+) and pins the link at `link_path`; with
+    /// a pin already there (an adopted agent), keeps it, or with `reload` swaps this
+    /// object's program into it.
+    pub fn attach_tc_pinned(&mut self, name: &'static str, iface: &str, link_path: &Path, reload: bool) -> Result<()> {
+        let attach_type = if name == names::INGRESS_PROGRAM { TcAttachType::Ingress } else { TcAttachType::Egress };
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        let pin_err = |e: &dyn std::fmt::Display| DataplaneError::Pin { path: link_path.into(), reason: e.to_string() };
+        if link_path.exists() {
+            match PinnedLink::from_pin(link_path) {
+                Ok(p) if reload => {
+                    let link: SchedClassifierLink = FdLink::from(p).try_into().map_err(|e| pin_err(&e))?;
+                    let id = prog.attach_to_link(link).map_err(|source| DataplaneError::Program { name, source })?;
+                    let link = prog.take_link(id).map_err(|source| DataplaneError::Program { name, source })?;
+                    std::mem::forget(link);
+                    return Ok(());
+                }
+                Ok(_) => return Ok(()),
+                Err(_) => {
+                    let _ = std::fs::remove_file(link_path);
+                }
+            }
+        }
+        let id = prog
+            .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|source| DataplaneError::Attach { program: name, iface: iface.into(), mode: XdpMode::default(), source })?;
+        let link = prog.take_link(id).map_err(|source| DataplaneError::Program { name, source })?;
+        let fd: FdLink = link.try_into().map_err(|e| pin_err(&e))?;
+        fd.pin(link_path).map_err(|e| pin_err(&e))?;
+        Ok(())
+    }
+
+    /// Writes spread VIP `id`'s bucket table (one owner slot per bucket).
+    pub fn set_buckets(&mut self, id: u32, slots: &[u8]) -> Result<()> {
+        self.buckets.set(id, slots)
+    }
+
+    pub fn buckets(&self, id: u32) -> Vec<u8> {
+        self.buckets.get(id)
+    }
+
+    /// Registers an adapter's MAC so frames sent to it after it fails can be recognised.
+    pub fn set_mac(&mut self, mac: [u8; 6], ifindex: u32) -> Result<()> {
+        self.macs.insert(mac_key(&mac), ifindex, 0).map_err(map_err(names::MACS))
+    }
+
+    pub fn remove_mac(&mut self, mac: [u8; 6]) -> Result<()> {
+        match self.macs.remove(&mac_key(&mac)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::MACS)(e)),
+        }
+    }
+
+    /// Every client-table entry.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowInfo)> {
+        self.flows.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn flow(&self, k: &FlowKey) -> Option<FlowInfo> {
+        self.flows.get(k, 0).ok()
+    }
+
+    pub fn set_flow(&mut self, k: FlowKey, v: FlowInfo) -> Result<()> {
+        self.flows.insert(k, v, 0).map_err(map_err(names::FLOWS))
+    }
+
+    pub fn remove_flow(&mut self, k: &FlowKey) -> Result<()> {
+        match self.flows.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::FLOWS)(e)),
+        }
+    }
+
+    /// The straggler event ring, taken once by whoever polls it.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.events.take()
     }
 
     /// Attaches the responder to `ifindex` and pins the link at `link_path`, so that it
@@ -322,6 +506,9 @@ impl Dataplane {
 pub struct Counters {
     decisions: PerCpuArray<MapData, u64>,
     answers: PerCpuArray<MapData, u64>,
+    egress: PerCpuArray<MapData, u64>,
+    traffic: PerCpuArray<MapData, Traffic>,
+    flows: std::sync::Mutex<FlowMap>,
 }
 
 impl Counters {
@@ -330,7 +517,54 @@ impl Counters {
             let data = MapData::from_pin(pin_dir.join(name)).map_err(|source| DataplaneError::Map { map: name, source })?;
             PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|source| DataplaneError::Map { map: name, source })
         };
-        Ok(Counters { decisions: open(names::DECISIONS)?, answers: open(names::ANSWERS)? })
+        let data = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_err(name));
+        let traffic = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data(names::TRAFFIC)?)).map_err(map_err(names::TRAFFIC))?;
+        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data(names::FLOWS)?)).map_err(map_err(names::FLOWS))?;
+        let flows = std::sync::Mutex::new(flows);
+        Ok(Counters { decisions: open(names::DECISIONS)?, answers: open(names::ANSWERS)?, egress: open(names::EGRESS)?, traffic, flows })
+    }
+
+    pub fn egress(&self) -> [u64; egress::COUNT as usize] {
+        let mut out = [0u64; egress::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.egress.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+        }
+        out
+    }
+
+    /// VIP traffic through the adapter in `slot`, summed over CPUs.
+    pub fn traffic(&self, slot: u8) -> Traffic {
+        let mut t = Traffic::default();
+        if let Ok(v) = self.traffic.get(&(slot as u32), 0) {
+            for c in v.iter() {
+                t.rx_packets += c.rx_packets;
+                t.rx_bytes += c.rx_bytes;
+                t.tx_packets += c.tx_packets;
+                t.tx_bytes += c.tx_bytes;
+            }
+        }
+        t
+    }
+
+    pub fn traffic_all(&self) -> Vec<Traffic> {
+        (0..MAX_ADAPTERS as u8).map(|s| self.traffic(s)).collect()
+    }
+
+    /// Every client-table entry (read without the agent's lock).
+    pub fn flows(&self) -> Vec<(FlowKey, FlowInfo)> {
+        self.flows.lock().expect("flows lock").iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Removes entries not seen for `timeout_ns` (monotonic `now_ns`); returns how many.
+    pub fn age_flows(&self, now_ns: u64, timeout_ns: u64) -> usize {
+        let mut m = self.flows.lock().expect("flows lock");
+        let old: Vec<FlowKey> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, f)| now_ns.saturating_sub(f.seen_ns) > timeout_ns)
+            .map(|(k, _)| k)
+            .collect();
+        old.iter().filter(|k| m.remove(k).is_ok()).count()
     }
 
     pub fn decisions(&self) -> [u64; decision::COUNT as usize] {

@@ -193,6 +193,39 @@ fn spawn_timers(rt: &tokio::runtime::Handle, agent: &Shared, notify: &Arc<Notify
     }
 }
 
+/// Reads straggler events from the data plane's ring buffer and has the agent correct
+/// each client.
+async fn serve_stragglers(ring: aya::maps::RingBuf<aya::maps::MapData>, agent: Shared, notify: Arc<Notify>) {
+    // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which keeps it
+    // open for as long as it is registered.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "straggler events cannot be polled; no corrections will be sent");
+            return;
+        }
+    };
+    let size = std::mem::size_of::<vip_common::Straggler>();
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let ring = guard.get_inner_mut();
+        let mut evs = vec![];
+        while let Some(item) = ring.next() {
+            if item.len() >= size {
+                evs.push(bytemuck::pod_read_unaligned::<vip_common::Straggler>(&item[..size]));
+            }
+        }
+        guard.clear_ready();
+        if !evs.is_empty() {
+            let mut a = agent.lock().expect("agent lock");
+            for e in &evs {
+                a.on_straggler(e);
+            }
+        }
+        notify.notify_one();
+    }
+}
+
 /// One agent per control socket: a second one would take over the first one's socket and
 /// state file. The lock is released when the process exits, however it exits.
 fn lock_instance(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
@@ -235,6 +268,7 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     };
     let mut events = LinkEvents::open()?;
     let pin_path = cfg.agent.pin_path.clone();
+    let steering = cfg.steering.clone();
     let agent = match Agent::start(cfg, &object, reload) {
         Ok(a) => a,
         Err(e) => {
@@ -252,6 +286,8 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
             return Err(e.into());
         }
     };
+    let mut agent = agent;
+    let stragglers = agent.take_events();
     let agent: Shared = Arc::new(Mutex::new(agent));
     let notify = Arc::new(Notify::new());
 
@@ -312,6 +348,28 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
                     }
                 }
             });
+        }
+        // Load sampling (seed 004) and client-table ageing; the table is read without the
+        // agent's lock.
+        {
+            let (agent, counters) = (agent.clone(), counters.clone());
+            let every = std::time::Duration::from_millis(steering.load_interval_ms);
+            let timeout_ns = steering.client_timeout_s * 1_000_000_000;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let t = counters.traffic_all();
+                    agent.lock().expect("agent lock").update_load(&t, Instant::now());
+                    let aged = counters.age_flows(vip_agent::agent::monotonic_ns(), timeout_ns);
+                    if aged > 0 {
+                        tracing::debug!(aged, "clients aged out of the table");
+                    }
+                }
+            });
+        }
+        if let Some(ring) = stragglers {
+            tokio::spawn(serve_stragglers(ring, agent.clone(), notify.clone()));
         }
         tokio::spawn(control::serve_control(listener, agent.clone(), counters.clone()));
         if let (Some(l), Some(addr)) = (metrics_listener, metrics) {

@@ -55,6 +55,36 @@ pub struct AdapterStatus {
     /// VIPs it answers right now.
     pub vips: usize,
     pub max_vips: u32,
+    /// Share of spread-mode clients.
+    #[serde(default)]
+    pub weight: u32,
+    /// VIP traffic through it (bytes/s in and out), as last sampled: its load.
+    #[serde(default)]
+    pub load_bytes_per_s: f64,
+    /// While down: the adapter taking its stragglers (and its MAC, with `mac_moved`).
+    #[serde(default)]
+    pub heir: Option<String>,
+    #[serde(default)]
+    pub mac_moved: bool,
+    /// VIP frames in and out, counted by the data plane.
+    #[serde(default)]
+    pub rx_packets: u64,
+    #[serde(default)]
+    pub tx_packets: u64,
+}
+
+/// One entry of the client table: a client talking to a VIP through an adapter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientStatus {
+    pub vip: String,
+    pub vlan: u16,
+    pub client: String,
+    pub mac: String,
+    /// The adapter whose MAC it uses (its replies leave there).
+    pub adapter: String,
+    pub idle_s: f64,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +101,12 @@ pub struct VipStatus {
     pub taken_over_by: Vec<String>,
     /// ARP replies / NAs sent by the data plane, per adapter name.
     pub answers: Vec<(String, u64)>,
+    /// all, primary or spread
+    #[serde(default)]
+    pub mode: String,
+    /// Spread mode: buckets (shares of the client hash) per adapter.
+    #[serde(default)]
+    pub buckets: Vec<(String, u32)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,7 +148,24 @@ pub struct Status {
     pub announcements_queued: usize,
     pub maps_written: Histogram,
     pub first_announcement: Histogram,
+    /// The client table (at most `CLIENTS_SHOWN`, most recently seen first).
+    #[serde(default)]
+    pub clients: Vec<ClientStatus>,
+    #[serde(default)]
+    pub clients_total: usize,
+    /// Egress steering decisions.
+    #[serde(default)]
+    pub egress: Vec<(String, u64)>,
+    /// Unicast ARP replies / NAs telling a client its new adapter (failover, rebalance).
+    #[serde(default)]
+    pub clients_moved: u64,
+    /// Unicast corrections sent to stragglers.
+    #[serde(default)]
+    pub corrections_sent: u64,
 }
+
+/// Clients listed in a status (the total is always given).
+pub const CLIENTS_SHOWN: usize = 1000;
 
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -148,6 +201,20 @@ impl Status {
         let _ = writeln!(o, "vip_refusals_total {}", self.refusals.len());
         let _ = writeln!(o, "# HELP vip_announcements_sent_total Gratuitous ARPs and unsolicited NAs sent.\n# TYPE vip_announcements_sent_total counter");
         let _ = writeln!(o, "vip_announcements_sent_total {}", self.announcements_sent);
+        let _ = writeln!(o, "# HELP vip_egress_total Frames leaving adapters, by egress steering decision.\n# TYPE vip_egress_total counter");
+        for (d, n) in &self.egress {
+            let _ = writeln!(o, "vip_egress_total{{decision=\"{d}\"}} {n}");
+        }
+        let _ = writeln!(o, "# HELP vip_adapter_load_bytes_per_second VIP traffic through the adapter.\n# TYPE vip_adapter_load_bytes_per_second gauge");
+        for a in &self.adapters {
+            let _ = writeln!(o, "vip_adapter_load_bytes_per_second{{adapter=\"{}\"}} {}", a.name, a.load_bytes_per_s);
+        }
+        let _ = writeln!(o, "# HELP vip_clients Entries in the client table.\n# TYPE vip_clients gauge");
+        let _ = writeln!(o, "vip_clients {}", self.clients_total);
+        let _ = writeln!(o, "# HELP vip_clients_moved_total Unicast updates sent to clients moved to another adapter.\n# TYPE vip_clients_moved_total counter");
+        let _ = writeln!(o, "vip_clients_moved_total {}", self.clients_moved);
+        let _ = writeln!(o, "# HELP vip_corrections_sent_total Unicast corrections sent to stragglers.\n# TYPE vip_corrections_sent_total counter");
+        let _ = writeln!(o, "vip_corrections_sent_total {}", self.corrections_sent);
         self.maps_written.prometheus("vip_failover_maps_written_seconds", "Netlink event received to maps written.", &mut o);
         self.first_announcement
             .prometheus("vip_failover_first_announcement_seconds", "Netlink event received to first announcement sent.", &mut o);
@@ -159,18 +226,24 @@ impl Status {
         use std::fmt::Write;
         let mut o = String::new();
         let _ = writeln!(o, "config {}  pins {}{}", self.config, self.pin_path, if self.adopted { "  (adopted)" } else { "" });
-        let _ = writeln!(o, "\nADAPTER          STATE      SINCE  MAC                VIPS");
+        let _ = writeln!(o, "\nADAPTER          STATE      SINCE  MAC                VIPS   WEIGHT  LOAD B/s  HEIR");
         let now = unix_now();
         for a in &self.adapters {
             let _ = writeln!(
                 o,
-                "{:<16} {:<10} {:>5}s {:<18} {}/{}",
+                "{:<16} {:<10} {:>5}s {:<18} {:<6} {:>6}  {:>8.0}  {}",
                 a.name,
                 a.state,
                 (now - a.since).max(0.0) as u64,
                 a.mac.as_deref().unwrap_or("-"),
-                a.vips,
-                a.max_vips
+                format!("{}/{}", a.vips, a.max_vips),
+                a.weight,
+                a.load_bytes_per_s,
+                match &a.heir {
+                    Some(h) if a.mac_moved => format!("{h} (MAC moved)"),
+                    Some(h) => h.clone(),
+                    None => "-".into(),
+                }
             );
         }
         let _ = writeln!(o, "\nVIP                        STATE     ANSWERING ON             ANSWERS");
@@ -179,6 +252,18 @@ impl Status {
             let answering = if v.answering.is_empty() { "-".to_string() } else { v.answering.join(",") };
             let answers: Vec<String> = v.answers.iter().filter(|(_, n)| *n > 0).map(|(a, n)| format!("{a}:{n}")).collect();
             let _ = writeln!(o, "{addr:<26} {:<9} {answering:<24} {}", v.state, answers.join(" "));
+            if !v.buckets.is_empty() {
+                let b: Vec<String> = v.buckets.iter().map(|(a, n)| format!("{a}:{n}")).collect();
+                let _ = writeln!(o, "{:<26} spread buckets {}", "", b.join(" "));
+            }
+        }
+        let _ = writeln!(o, "\nCLIENTS ({} in the table; {} moved, {} straggler corrections)", self.clients_total, self.clients_moved, self.corrections_sent);
+        for c in self.clients.iter().take(20) {
+            let _ = writeln!(
+                o,
+                "{:<26} {:<26} {:<18} via {:<12} idle {:>5.1}s {:>8} pkts",
+                c.client, c.vip, c.mac, c.adapter, c.idle_s, c.packets
+            );
         }
         if !self.failovers.is_empty() {
             let _ = writeln!(o, "\nRECENT FAILOVERS (event -> maps written -> first announcement)");

@@ -15,6 +15,8 @@ pub const MAX_VIPS: u32 = 4096;
 /// The `ADAPTERS` array is indexed by ifindex (an array lookup is inlined by the verifier,
 /// a hash lookup is not): adapters with a larger ifindex cannot be served.
 pub const MAX_IFINDEX: u32 = 65536;
+/// Capacity of the client table (`FLOWS`, LRU).
+pub const MAX_FLOWS: u32 = 65536;
 
 /// Names of the maps and programs in the object, used by userspace to find them.
 pub mod names {
@@ -26,6 +28,19 @@ pub mod names {
     pub const ADAPTERS: &str = "ADAPTERS";
     pub const DECISIONS: &str = "DECISIONS";
     pub const ANSWERS: &str = "ANSWERS";
+    /// TC egress program: sends a VIP's reply out of the adapter its client uses.
+    pub const EGRESS_PROGRAM: &str = "vip_egress";
+    /// TC ingress program: marks frames the XDP program took for this adapter as ours.
+    pub const INGRESS_PROGRAM: &str = "vip_ingress";
+    pub const BUCKETS: &str = "BUCKETS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const MACS: &str = "MACS";
+    pub const TRAFFIC: &str = "TRAFFIC";
+    pub const EGRESS: &str = "EGRESS";
+    pub const EVENTS: &str = "EVENTS";
+    /// Every map the agent pins (and removes on a full stop).
+    pub const PINNED_MAPS: [&str; 10] =
+        [VIPS, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS];
 }
 
 /// Address families as stored in [`VipKey::family`].
@@ -65,6 +80,7 @@ impl VipKey {
     }
 
     /// The address bytes, in network order (IPv4: the first 4).
+    #[inline(always)]
     pub fn octets(&self) -> [u8; 16] {
         let mut o = [0u8; 16];
         for (i, w) in self.addr.iter().enumerate() {
@@ -82,9 +98,100 @@ pub struct VipInfo {
     pub allowed: u64,
     /// Index of this VIP in the `ANSWERS` counters, `< MAX_VIPS`; unique per VIP.
     pub id: u32,
-    /// Reserved for per-VIP flags; must be zero.
+    /// `VIP_*` flags.
     pub flags: u32,
 }
+
+/// [`VipInfo::flags`]: `spread` mode, one adapter answers each client (see [`client_bucket`]).
+pub const VIP_SPREAD: u32 = 1;
+
+/// Buckets per spread VIP. 240 is divisible by 1..=6, 8, 10, 12, 15 and 16, so a
+/// round-robin fill over that many adapters (or total weight) repeats exactly around the
+/// table and any run of consecutive buckets is shared within one of even.
+pub const SPREAD_BUCKETS: u32 = 240;
+/// Buckets are bytes (the owner's slot) packed eight to a `BUCKETS` element.
+pub const BUCKET_WORDS: u32 = SPREAD_BUCKETS / 8;
+pub const BUCKETS_LEN: u32 = MAX_VIPS * BUCKET_WORDS;
+/// A bucket no adapter owns: nobody answers its clients.
+pub const NO_SLOT: u8 = 0xff;
+
+/// The bucket of a client address (as stored in [`VipKey::addr`]): its 32-bit words added,
+/// then the 6-bit digits of that added. Consecutive addresses land in consecutive buckets,
+/// so a subnet's clients (handed out in order by DHCP or by hand) spread within one of
+/// even; addresses that differ only in higher bits still land apart. The data plane and
+/// the agent both call this function.
+#[inline(always)]
+pub fn client_bucket(addr: &[u32; 4]) -> u32 {
+    let x = u32::from_be(addr[0])
+        .wrapping_add(u32::from_be(addr[1]))
+        .wrapping_add(u32::from_be(addr[2]))
+        .wrapping_add(u32::from_be(addr[3]));
+    let s = (x & 63) + ((x >> 6) & 63) + ((x >> 12) & 63) + ((x >> 18) & 63) + ((x >> 24) & 63) + (x >> 30);
+    s % SPREAD_BUCKETS
+}
+
+/// Key of the `FLOWS` table (LRU hash): a client talking to a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub vip: [u32; 4],
+    pub client: [u32; 4],
+    pub vlan: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `FLOWS` table: which adapter the client uses for the VIP, learned from
+/// its frames (and, in spread mode, from the requests answered), and what it sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowInfo {
+    /// The adapter whose MAC the client sends to (the one that carries its replies).
+    pub ifindex: u32,
+    pub slot: u8,
+    pub _pad: u8,
+    /// The client's MAC: the destination of its replies.
+    pub mac: [u8; 6],
+    pub _pad2: [u8; 4],
+    /// `bpf_ktime_get_ns` of the last frame or answered request.
+    pub seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Last straggler event sent for this client (rate limit in the data plane).
+    pub event_ns: u64,
+}
+
+/// Key of the `MACS` hash: an adapter's own MAC (padded), value its ifindex.
+pub type MacKey = [u8; 8];
+#[inline(always)]
+pub const fn mac_key(m: &[u8; 6]) -> MacKey {
+    [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0]
+}
+
+/// Per-adapter-slot traffic for VIPs (`TRAFFIC`, per CPU): what "load" means when moved
+/// clients are placed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Traffic {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// Sent to the agent (`EVENTS` ring buffer) when a frame for a VIP reached a healthy
+/// adapter addressed to a failed adapter's MAC: the client needs a correction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Straggler {
+    pub flow: FlowKey,
+    /// Where it arrived.
+    pub ifindex: u32,
+    pub client_mac: [u8; 6],
+    /// The failed adapter's MAC it was sent to.
+    pub to_mac: [u8; 6],
+}
+pub const EVENTS_BYTES: u32 = 64 * 1024;
 
 /// Adapter states stored in [`AdapterInfo::state`]. A zeroed entry is an ifindex the agent
 /// does not manage.
@@ -92,7 +199,8 @@ pub const ADAPTER_UNKNOWN: u8 = 0;
 pub const ADAPTER_DOWN: u8 = 1;
 pub const ADAPTER_UP: u8 = 2;
 
-/// Value of the `ADAPTERS` array, indexed by ifindex.
+/// Value of the `ADAPTERS` array, indexed by ifindex. The first 8 bytes (what a failover
+/// changes) are written by the agent as one aligned store.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct AdapterInfo {
@@ -102,7 +210,16 @@ pub struct AdapterInfo {
     pub slot: u8,
     /// [`ADAPTER_UP`], [`ADAPTER_DOWN`] or [`ADAPTER_UNKNOWN`].
     pub state: u8,
+    /// While down: the ifindex of the healthy adapter that takes frames still sent to this
+    /// adapter's MAC (stragglers, or all of them with [`ADAPTER_MAC_MOVED`]); 0 for none.
+    pub heir: u32,
+    /// `ADAPTER_*` flags.
+    pub flags: u32,
 }
+
+/// [`AdapterInfo::flags`]: this (failed) adapter's MAC now lives on its heir (seed 002's
+/// MAC move): frames to it are accepted there and replies leave there from it.
+pub const ADAPTER_MAC_MOVED: u32 = 1;
 
 /// Index into the per-CPU `ANSWERS` array: one counter per (VIP, adapter slot).
 #[inline(always)]
@@ -155,8 +272,17 @@ pub mod decision {
     pub const PASSED_VLAN_RESERVED: u32 = 18;
     /// The frame could not be resized for the answer (no tailroom): passed to the kernel.
     pub const PASSED_NO_ROOM: u32 = 19;
+    /// Spread mode: another adapter answers this client.
+    pub const PASSED_SPREAD_OTHER: u32 = 20;
+    /// IPv4/IPv6 traffic to a VIP on this adapter's MAC: the client was learned.
+    pub const PASSED_VIP_TRAFFIC: u32 = 21;
+    /// Traffic to a failed adapter's MAC that moved here: accepted (seed 002).
+    pub const ACCEPTED_MOVED_MAC: u32 = 22;
+    /// Traffic for a VIP to a failed adapter's MAC (a flooded straggler): accepted, and
+    /// the agent told to correct the client.
+    pub const ACCEPTED_STRAGGLER: u32 = 23;
     /// Number of decisions; the length of the `DECISIONS` array.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
 
     /// Names as used in metrics and `vip-agent status`, indexed by decision.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -180,20 +306,51 @@ pub mod decision {
         "passed_ns_bad_checksum",
         "passed_vlan_reserved",
         "passed_no_room",
+        "passed_spread_other",
+        "passed_vip_traffic",
+        "accepted_moved_mac",
+        "accepted_straggler",
     ];
+}
+
+/// What the TC egress program decided for a frame leaving an adapter (`EGRESS` counters).
+pub mod egress {
+    /// A VIP's frame to a known client left through the client's adapter (it was routed there).
+    pub const STEERED_SAME: u32 = 0;
+    /// ... was redirected from the routed adapter to the client's adapter.
+    pub const STEERED_REDIRECT: u32 = 1;
+    /// ... left through the heir of the client's failed adapter, from the moved MAC.
+    pub const STEERED_MOVED_MAC: u32 = 2;
+    /// From a VIP, but the client is not in the table: routed as the kernel chose.
+    pub const NO_FLOW: u32 = 3;
+    /// The client's adapter is down and has no heir: routed as the kernel chose.
+    pub const ADAPTER_DOWN: u32 = 4;
+    /// Not IPv4/IPv6 from a VIP (untagged): untouched.
+    pub const NOT_VIP: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["steered_same", "steered_redirect", "steered_moved_mac", "no_flow", "adapter_down", "not_vip"];
 }
 
 // The kernel and userspace must agree on every size: a change here is a deliberate ABI break.
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
-const _: () = assert!(core::mem::size_of::<AdapterInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<AdapterInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
+const _: () = assert!(core::mem::size_of::<FlowInfo>() == 48);
+const _: () = assert!(core::mem::size_of::<Traffic>() == 32);
+const _: () = assert!(core::mem::size_of::<Straggler>() == 52);
+const _: () = assert!(SPREAD_BUCKETS % 8 == 0);
 const _: () = assert!(MAX_ADAPTERS <= 64); // slots are bits of a u64
 const _: () = assert!((MAX_VIPS as u64) * (MAX_ADAPTERS as u64) <= u32::MAX as u64);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
+    // SAFETY: all are `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::AdapterInfo {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowInfo {}
+    unsafe impl aya::Pod for super::Traffic {}
 }

@@ -4,7 +4,7 @@ use aya_ebpf::programs::XdpContext;
 use vip_common::{decision, VipKey};
 
 use crate::{
-    maps,
+    maps, steer,
     parse::{bad_sender, be16, eq4, ptr_at, set6, EthHdr},
 };
 
@@ -27,7 +27,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ARPOP_REQUEST: u16 = 1;
 const ARPOP_REPLY: u16 = 2;
 
-#[inline(always)]
+// Its own BPF function: the stack of each path stays within the 512-byte limit.
+#[inline(never)]
 pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let arp: *mut ArpHdr = ptr_at(ctx, off)?;
@@ -49,20 +50,27 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
         return Err(decision::PASSED_ARP_GRATUITOUS);
     }
     let probe = eq4(&arp.spa, &[0; 4]);
-    let (adapter, vip) = maps::lookup(ctx.ingress_ifindex() as u32, &eth.dst, &VipKey::v4(arp.tpa, vlan))?;
+    let a = steer::answerer(&steer::Question {
+        key: VipKey::v4(arp.tpa, vlan),
+        client: [u32::from_ne_bytes(arp.spa), 0, 0, 0],
+        ifindex: ctx.ingress_ifindex() as u32,
+        dst: eth.dst,
+        requester: arp.sha,
+        probe,
+    })?;
 
     // Reply to the requester's hardware address, as the kernel does (RFC 826).
     let requester = arp.sha;
     let requester_ip = arp.spa;
     let vip_ip = arp.tpa;
     set6(&mut eth.dst, &requester);
-    set6(&mut eth.src, &adapter.mac);
+    set6(&mut eth.src, &a.mac);
     arp.op = ARPOP_REPLY.to_be_bytes();
     set6(&mut arp.tha, &requester);
     arp.tpa = requester_ip;
-    set6(&mut arp.sha, &adapter.mac);
+    set6(&mut arp.sha, &a.mac);
     arp.spa = vip_ip;
 
-    maps::count_answer(&vip, &adapter);
+    maps::count_answer(a.vip_id, a.slot);
     Ok(if probe { decision::ANSWERED_ARP_PROBE } else { decision::ANSWERED_ARP })
 }

@@ -1,6 +1,9 @@
-//! vip XDP data plane: answers ARP requests and IPv6 Neighbor Solicitations for every hosted
-//! virtual IP on every healthy adapter allowed to carry it, each adapter with its own MAC.
-//! Everything else passes untouched. Every frame bumps exactly one decision counter.
+//! vip data plane. XDP: answers ARP requests and IPv6 Neighbor Solicitations for every
+//! hosted virtual IP on every healthy adapter allowed to carry it, each adapter with its
+//! own MAC (one adapter per client in spread mode); learns which adapter each client uses;
+//! takes frames sent to a failed adapter's MAC on its heir. Everything else passes
+//! untouched. Every frame bumps exactly one decision counter. TC egress: sends each
+//! client's replies out of the adapter that client uses.
 #![no_std]
 #![no_main]
 
@@ -9,6 +12,8 @@ mod csum;
 mod maps;
 mod ndp;
 mod parse;
+mod steer;
+mod egress;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
@@ -17,7 +22,7 @@ use aya_ebpf::{
 };
 use vip_common::decision;
 
-use crate::parse::{be16, ptr_at, EthHdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6};
+use crate::parse::{be16, ptr_at, EthHdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
 
 /// Entry point: thin wrapper that turns the decision into an action and counts it.
 #[xdp]
@@ -52,7 +57,7 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         let tag: *const VlanHdr = ptr_at(ctx, ETH_HLEN)?;
         let vid = be16(unsafe { (*tag).tci }) & 0x0fff;
         ethertype = be16(unsafe { (*tag).ethertype });
-        if ethertype != ETH_P_ARP && ethertype != ETH_P_IPV6 {
+        if ethertype != ETH_P_ARP && ethertype != ETH_P_IPV6 && ethertype != ETH_P_IP {
             return Err(decision::PASSED_NOT_NEIGHBOR);
         }
         // VID 0 is a priority tag and 4095 is reserved: neither names a VLAN we serve.
@@ -65,6 +70,7 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     match ethertype {
         ETH_P_ARP => arp::answer(ctx, off, vlan),
         ETH_P_IPV6 => ndp::answer(ctx, off, vlan),
+        ETH_P_IP => steer::ipv4(ctx, off, vlan),
         _ => Err(decision::PASSED_NOT_NEIGHBOR),
     }
 }

@@ -2,9 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use vip_common::{answer_index, AdapterInfo, VipInfo, VipKey, ANSWERS_LEN, MAX_ADAPTERS, MAX_IFINDEX, MAX_VIPS};
+use vip_common::{
+    answer_index, AdapterInfo, FlowInfo, FlowKey, MacKey, Traffic, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_MAC_MOVED,
+    ANSWERS_LEN, BUCKETS_LEN, EVENTS_BYTES, MAX_ADAPTERS, MAX_IFINDEX, MAX_VIPS,
+};
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
@@ -14,6 +17,30 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 
 #[map(name = "ADAPTERS")]
 pub static ADAPTERS: Array<AdapterInfo> =
     Array::with_max_entries(MAX_IFINDEX, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
+
+/// Spread mode: per VIP, [`vip_common::SPREAD_BUCKETS`] owner slots packed 8 per element.
+/// Memory-mapped, so the agent moves a failed adapter's buckets with plain stores.
+#[map(name = "BUCKETS")]
+pub static BUCKETS: Array<[u8; 8]> = Array::with_max_entries(BUCKETS_LEN, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
+
+/// The client table: which adapter each client uses for each VIP. LRU: bounded, the
+/// least recently used entry gives way; the agent also ages entries out.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowInfo> = LruHashMap::with_max_entries(vip_common::MAX_FLOWS, 0);
+
+/// Every managed adapter's own MAC, to recognise frames sent to a failed adapter.
+#[map(name = "MACS")]
+pub static MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_ADAPTERS, 0);
+
+#[map(name = "TRAFFIC")]
+pub static TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_ADAPTERS, 0);
+
+#[map(name = "EGRESS")]
+pub static EGRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(vip_common::egress::COUNT, 0);
+
+/// Straggler events for the agent.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map(name = "DECISIONS")]
 pub static DECISIONS: PerCpuArray<u64> =
@@ -30,33 +57,52 @@ pub fn count(decision: u32) {
 }
 
 #[inline(always)]
-pub fn count_answer(vip: &VipInfo, adapter: &AdapterInfo) {
-    if let Some(c) = ANSWERS.get_ptr_mut(answer_index(vip.id, adapter.slot)) {
+pub fn count_answer(vip_id: u32, slot: u8) {
+    if let Some(c) = ANSWERS.get_ptr_mut(answer_index(vip_id, slot)) {
         unsafe { *c += 1 };
     }
 }
 
+/// A request this adapter may answer.
+pub struct Hit {
+    /// The adapter it arrived on, with `mac` set to the MAC to answer from.
+    pub adapter: AdapterInfo,
+    pub vip: VipInfo,
+    /// The adapter whose MAC was asked (a failed one whose MAC moved here, or this one)
+    /// and its slot: what the client table records.
+    pub via: u32,
+    pub via_slot: u8,
+    /// Asked on a moved MAC: answered whatever the mode, the client keeps that MAC.
+    pub moved: bool,
+}
+
 /// The VIP a frame asks for and the adapter it arrived on, if the adapter may answer for
 /// it right now. `dst` is the frame's Ethernet destination. The VIP is looked up first so
-/// that the common miss (a request for some other host) costs one lookup.
+/// that the common miss (a request for some other host) costs one lookup. A unicast
+/// request to a failed adapter's MAC that moved here is answered from that MAC, so the
+/// client's cache never changes.
 #[inline(always)]
-pub fn lookup(
-    ifindex: u32,
-    dst: &[u8; 6],
-    key: &VipKey,
-) -> Result<(AdapterInfo, VipInfo), u32> {
+pub fn lookup(ifindex: u32, dst: &[u8; 6], key: &VipKey) -> Result<Hit, u32> {
     use vip_common::decision::*;
     let vip = match unsafe { VIPS.get(key) } {
         Some(v) => *v,
         None => return Err(PASSED_NOT_VIP),
     };
-    let adapter = match ADAPTERS.get(ifindex) {
+    let mut adapter = match ADAPTERS.get(ifindex) {
         Some(a) if a.state != vip_common::ADAPTER_UNKNOWN => *a,
         _ => return Err(PASSED_ADAPTER_UNKNOWN),
     };
-    // Multicast and broadcast are for everyone; a unicast frame must be for this adapter.
+    let (mut via, mut via_slot, mut moved) = (ifindex, adapter.slot, false);
+    // Multicast and broadcast are for everyone; a unicast frame must be for this adapter
+    // (or for a failed adapter whose MAC moved here).
     if dst[0] & 1 == 0 && !crate::parse::eq6(dst, &adapter.mac) {
-        return Err(PASSED_NOT_FOR_US);
+        match inherited(ifindex, dst) {
+            Some((owner_ix, owner)) if mac_moved(&owner) => {
+                crate::parse::set6(&mut adapter.mac, &owner.mac);
+                (via, via_slot, moved) = (owner_ix, owner.slot, true);
+            }
+            _ => return Err(PASSED_NOT_FOR_US),
+        }
     }
     if adapter.state != vip_common::ADAPTER_UP {
         return Err(PASSED_ADAPTER_DOWN);
@@ -64,5 +110,49 @@ pub fn lookup(
     if (adapter.slot as u32) >= MAX_ADAPTERS || vip.allowed & (1u64 << adapter.slot) == 0 {
         return Err(PASSED_ADAPTER_NOT_ALLOWED);
     }
-    Ok((adapter, vip))
+    Ok(Hit { adapter, vip, via, via_slot, moved })
+}
+
+#[inline(always)]
+pub fn count_egress(decision: u32) {
+    if let Some(c) = EGRESS.get_ptr_mut(decision) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_traffic(slot: u8, bytes: u64, tx: bool) {
+    if let Some(t) = TRAFFIC.get_ptr_mut(slot as u32) {
+        let t = unsafe { &mut *t };
+        if tx {
+            t.tx_packets += 1;
+            t.tx_bytes += bytes;
+        } else {
+            t.rx_packets += 1;
+            t.rx_bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn adapter(ifindex: u32) -> Option<AdapterInfo> {
+    ADAPTERS.get(ifindex).copied()
+}
+
+/// The failed adapter that owns MAC `dst` and whose heir is `ifindex`, if any: frames
+/// sent to it may be taken here.
+#[inline(always)]
+pub fn inherited(ifindex: u32, dst: &[u8; 6]) -> Option<(u32, AdapterInfo)> {
+    let owner = *unsafe { MACS.get(&vip_common::mac_key(dst)) }?;
+    let a = adapter(owner)?;
+    if a.state == ADAPTER_DOWN && a.heir == ifindex && a.heir != 0 {
+        Some((owner, a))
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+pub fn mac_moved(a: &AdapterInfo) -> bool {
+    a.flags & ADAPTER_MAC_MOVED != 0
 }

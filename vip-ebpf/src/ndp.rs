@@ -5,7 +5,7 @@ use aya_ebpf::{helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
 use vip_common::{decision, VipKey};
 
 use crate::{
-    csum, maps,
+    csum, maps, steer,
     parse::{bad_sender, be16, eq16, is_zero16, ptr_at, set6, EthHdr},
 };
 
@@ -43,6 +43,8 @@ pub struct NaMsg {
 }
 
 const IPV6_HLEN: usize = 40;
+/// `validate`'s answer for IPv6 that is not a Neighbor Solicitation (not a decision).
+const NOT_NS: u32 = u32::MAX;
 const IPPROTO_ICMPV6: u8 = 58;
 const ND_NEIGHBOR_SOLICIT: u8 = 135;
 const ND_NEIGHBOR_ADVERT: u8 = 136;
@@ -68,18 +70,86 @@ fn pseudo_header_sum(src: &[u8; 16], dst: &[u8; 16], len: usize) -> u64 {
     csum::add16(sum, [0, IPPROTO_ICMPV6])
 }
 
-#[inline(always)]
+/// IPv6 other than a Neighbor Solicitation: traffic, learned when it is for a VIP.
+#[inline(never)]
+fn traffic(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
+    let ip = unsafe { &*ip };
+    match steer::ipv6(ctx, VipKey::v6(ip.dst, vlan), VipKey::v6(ip.src, 0).addr) {
+        Err(decision::PASSED_NOT_NEIGHBOR) => Err(decision::PASSED_IPV6_NOT_NS),
+        r => r,
+    }
+}
+
+// Its own BPF function: the stack of each path stays within the 512-byte limit.
+/// A Neighbor Solicitation answered by this adapter becomes a Neighbor Advertisement.
+/// Three BPF functions, called one after another, so that the stack of each (validation
+/// with its unrolled loops, the spread decision, the rewrite) counts alone against the
+/// 512-byte limit. The question is filled in place by `validate` in the form the maps
+/// use: converting addresses here would spill every byte.
+#[inline(never)]
 pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
+    let mut q = steer::Question {
+        key: VipKey { addr: [0; 4], vlan, family: vip_common::FAMILY_IPV6, _pad: 0 },
+        client: [0; 4],
+        ifindex: ctx.ingress_ifindex() as u32,
+        dst: [0; 6],
+        requester: [0; 6],
+        probe: false,
+    };
+    match validate(ctx, off, vlan, &mut q) {
+        Ok(()) => {}
+        Err(NOT_NS) => return traffic(ctx, off, vlan),
+        Err(d) => return Err(d),
+    }
+    checksum(ctx, off)?;
+    let a = steer::answerer(&q)?;
+    reply(ctx, off, &q, &a)
+}
+
+/// The ICMPv6 checksum of a solicitation `validate` accepted (its payload length is
+/// checked and within the frame).
+#[inline(never)]
+fn checksum(ctx: &XdpContext, off: usize) -> Result<(), u32> {
+    // Volatile loads of the frame's bounds: otherwise LLVM passes them in as integers,
+    // and the verifier refuses the arithmetic it then does on them.
+    let (start, end) = unsafe {
+        (core::ptr::read_volatile(&(*ctx.ctx).data) as usize, core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize)
+    };
+    let at = |o: usize, n: usize| if start + o + n > end { Err(decision::PASSED_TRUNCATED) } else { Ok(start + o) };
+    let ip = unsafe { &*(at(off, IPV6_HLEN)? as *const Ipv6Hdr) };
+    let plen = be16(ip.payload_len) as usize;
+    let icmp_off = off + IPV6_HLEN;
+    let mut sum = pseudo_header_sum(&ip.src, &ip.dst, plen);
+    for i in 0..(NS_LEN / 8 + MAX_OPT_UNITS) {
+        if i * 8 >= plen {
+            break;
+        }
+        let chunk = at(icmp_off + i * 8, 8)? as *const [u8; 8];
+        sum = csum::add_bytes(sum, unsafe { &*chunk });
+    }
+    if csum::fold(sum) != 0xffff {
+        return Err(decision::PASSED_NS_BAD_CHECKSUM);
+    }
+    Ok(())
+}
+
+/// RFC 4861 §7.1.1 validation; other IPv6 is traffic (see `steer`).
+#[inline(never)]
+fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) -> Result<(), u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let (eth, ip) = unsafe { (&*eth, &*ip) };
-    if ip.vtf[0] >> 4 != 6 || ip.next_hdr != IPPROTO_ICMPV6 {
+    if ip.vtf[0] >> 4 != 6 {
         return Err(decision::PASSED_IPV6_NOT_NS);
+    }
+    if ip.next_hdr != IPPROTO_ICMPV6 {
+        return Err(NOT_NS);
     }
     let icmp_off = off + IPV6_HLEN;
     let typ: *const u8 = ptr_at(ctx, icmp_off)?;
     if unsafe { *typ } != ND_NEIGHBOR_SOLICIT {
-        return Err(decision::PASSED_IPV6_NOT_NS);
+        return Err(NOT_NS);
     }
     let ns: *const NsHdr = ptr_at(ctx, icmp_off)?;
     let ns = unsafe { &*ns };
@@ -143,24 +213,24 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
         return Err(decision::PASSED_NS_INVALID);
     }
 
-    let mut sum = pseudo_header_sum(&ip.src, &ip.dst, plen);
-    for i in 0..(NS_LEN / 8 + MAX_OPT_UNITS) {
-        if i * 8 >= plen {
-            break;
-        }
-        let chunk: *const [u8; 8] = ptr_at(ctx, icmp_off + i * 8)?;
-        sum = csum::add_bytes(sum, unsafe { &*chunk });
-    }
-    if csum::fold(sum) != 0xffff {
-        return Err(decision::PASSED_NS_BAD_CHECKSUM);
-    }
+    q.key = VipKey::v6(ns.target, vlan);
+    q.client = VipKey::v6(ip.src, 0).addr;
+    q.requester = requester;
+    set6(&mut q.dst, &eth.dst);
+    q.probe = dad;
+    Ok(())
+}
 
-    let target = ns.target;
-    let (adapter, vip) = maps::lookup(ctx.ingress_ifindex() as u32, &eth.dst, &VipKey::v6(target, vlan))?;
+/// Rewrites the solicitation into the advertisement from `a`.
+#[inline(never)]
+fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer) -> Result<u32, u32> {
+    let (target, dad, requester) = (q.key.octets(), q.probe, q.requester);
+    let src = VipKey { addr: q.client, ..q.key }.octets();
+    let icmp_off = off + IPV6_HLEN;
     let (dst_mac, dst_ip, flags) = if dad {
         (ALL_NODES_MAC, ALL_NODES, NA_FLAG_OVERRIDE)
     } else {
-        (requester, ip.src, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
+        (requester, src, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
     };
 
     // Make the frame exactly as long as the advertisement: the solicitation may be
@@ -176,7 +246,7 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let (eth, ip, na) = unsafe { (&mut *eth, &mut *ip, &mut *na) };
 
     set6(&mut eth.dst, &dst_mac);
-    set6(&mut eth.src, &adapter.mac);
+    set6(&mut eth.src, &a.mac);
     ip.vtf = [0x60, 0, 0, 0];
     ip.payload_len = (NA_LEN as u16).to_be_bytes();
     ip.next_hdr = IPPROTO_ICMPV6;
@@ -190,7 +260,7 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     na.target = target;
     na.opt_type = ND_OPT_TARGET_LL;
     na.opt_len = 1;
-    set6(&mut na.mac, &adapter.mac);
+    set6(&mut na.mac, &a.mac);
 
     let mut sum = pseudo_header_sum(&target, &dst_ip, NA_LEN);
     sum = csum::add16(sum, [na.typ, na.code]);
@@ -200,6 +270,6 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     sum = csum::add_bytes(sum, &na.mac);
     na.csum = (!csum::fold(sum)).to_ne_bytes();
 
-    maps::count_answer(&vip, &adapter);
+    maps::count_answer(a.vip_id, a.slot);
     Ok(if dad { decision::ANSWERED_DAD } else { decision::ANSWERED_NS })
 }

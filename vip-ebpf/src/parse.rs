@@ -6,6 +6,7 @@ use vip_common::decision;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 

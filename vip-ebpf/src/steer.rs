@@ -1,0 +1,222 @@
+//! Steering on the way in: which adapter answers a spread-mode client, the client table
+//! (learned from requests answered and from VIP traffic), MACs of failed adapters taken
+//! over by their heir, and stragglers.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use vip_common::{
+    client_bucket, decision, FlowInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_UP, BUCKET_WORDS,
+    MAX_ADAPTERS, NO_SLOT, VIP_SPREAD,
+};
+
+use crate::{
+    maps::{self, BUCKETS, EVENTS, FLOWS, VIPS},
+    parse::{eq6, ptr_at, set6, EthHdr},
+};
+
+/// At most one straggler event per client this often (the agent limits corrections further).
+const EVENT_GAP_NS: u64 = 20_000_000;
+
+#[inline(always)]
+pub fn flow_key(vip: &VipKey, client: [u32; 4]) -> FlowKey {
+    FlowKey { vip: vip.addr, client, vlan: vip.vlan, family: vip.family, _pad: 0 }
+}
+
+/// Spread mode: the slot of the adapter that answers this client. A client already in the
+/// table stays where it is while that adapter is up and allowed; a new one goes by its
+/// bucket, which the agent fills by weight and moves by load.
+#[inline(never)]
+pub fn spread_owner(vip: &VipInfo, fk: &FlowKey) -> u8 {
+    if let Some(f) = unsafe { FLOWS.get(fk) } {
+        if let Some(a) = maps::adapter(f.ifindex) {
+            if a.state == ADAPTER_UP
+                && a.slot == f.slot
+                && (a.slot as u32) < MAX_ADAPTERS
+                && vip.allowed & (1u64 << a.slot) != 0
+            {
+                return a.slot;
+            }
+        }
+    }
+    let b = client_bucket(&fk.client);
+    match BUCKETS.get(vip.id * BUCKET_WORDS + b / 8) {
+        Some(w) => w[(b & 7) as usize],
+        None => NO_SLOT,
+    }
+}
+
+/// A request, as [`answerer`] needs it (one pointer argument: BPF calls take five).
+pub struct Question {
+    pub key: VipKey,
+    pub client: [u32; 4],
+    pub ifindex: u32,
+    pub dst: [u8; 6],
+    pub requester: [u8; 6],
+    /// An ARP probe or DAD solicitation: answered, but the client is not entered in the
+    /// table (it has no address yet).
+    pub probe: bool,
+}
+
+/// Who answers: the MAC to answer from, and what the answer counter needs.
+pub struct Answerer {
+    pub mac: [u8; 6],
+    pub slot: u8,
+    pub vip_id: u32,
+}
+
+/// Whether the adapter answers the request: the map checks, then spread mode's one-adapter-per-client rule. A spread
+/// client answered is entered in the client table (`learn`: not for probes). Its own BPF
+/// function, keeping the callers' stacks small.
+#[inline(never)]
+pub fn answerer(q: &Question) -> Result<Answerer, u32> {
+    let hit = maps::lookup(q.ifindex, &q.dst, &q.key)?;
+    let fk = flow_key(&q.key, q.client);
+    if hit.vip.flags & VIP_SPREAD != 0 {
+        if !hit.moved && spread_owner(&hit.vip, &fk) != hit.adapter.slot {
+            return Err(decision::PASSED_SPREAD_OTHER);
+        }
+        // The one adapter that answers a spread client is the one it will use.
+        if !q.probe {
+            learn(&fk, hit.via, hit.via_slot, &q.requester, 0);
+        }
+    }
+    Ok(Answerer { mac: hit.adapter.mac, slot: hit.adapter.slot, vip_id: hit.vip.id })
+}
+
+/// Records that `client` uses adapter `ifindex` (slot `slot`) for the VIP.
+// Its own BPF function: the stack of each path stays within the 512-byte limit.
+#[inline(never)]
+pub fn learn(fk: &FlowKey, ifindex: u32, slot: u8, mac: &[u8; 6], bytes: u64) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(f) = FLOWS.get_ptr_mut(fk) {
+        let f = unsafe { &mut *f };
+        f.ifindex = ifindex;
+        f.slot = slot;
+        set6(&mut f.mac, mac);
+        f.seen_ns = now;
+        if bytes != 0 {
+            f.packets += 1;
+            f.bytes += bytes;
+        }
+        return;
+    }
+    let mut f = FlowInfo {
+        ifindex,
+        slot,
+        _pad: 0,
+        mac: [0; 6],
+        _pad2: [0; 4],
+        seen_ns: now,
+        packets: (bytes != 0) as u64,
+        bytes,
+        event_ns: 0,
+    };
+    set6(&mut f.mac, mac);
+    let _ = FLOWS.insert(fk, &f, 0);
+}
+
+/// A straggler reached the failed adapter's heir: tell the agent (at most once per
+/// EVENT_GAP_NS per client). A client not yet in the table is entered on the heir.
+// Its own BPF function: the stack of each path stays within the 512-byte limit.
+#[inline(never)]
+fn straggler(fk: &FlowKey, ifindex: u32, slot: u8, client_mac: &[u8; 6], to_mac: &[u8; 6]) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match FLOWS.get_ptr_mut(fk) {
+        Some(f) => {
+            let f = unsafe { &mut *f };
+            if now.wrapping_sub(f.event_ns) < EVENT_GAP_NS {
+                return;
+            }
+            f.event_ns = now;
+        }
+        None => {
+            learn(fk, ifindex, slot, client_mac, 0);
+            if let Some(f) = FLOWS.get_ptr_mut(fk) {
+                unsafe { (*f).event_ns = now };
+            }
+        }
+    }
+    if let Some(mut e) = EVENTS.reserve::<Straggler>(0) {
+        let s = Straggler { flow: *fk, ifindex, client_mac: *client_mac, to_mac: *to_mac };
+        e.write(s);
+        e.submit(0);
+    }
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub csum: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// IPv4 traffic: learn the client if it is for a VIP.
+// Its own BPF function: the stack of each path stays within the 512-byte limit.
+#[inline(never)]
+pub fn ipv4(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(decision::PASSED_NOT_NEIGHBOR);
+    }
+    let vip = VipKey::v4(ip.dst, vlan);
+    let client = [u32::from_ne_bytes(ip.src), 0, 0, 0];
+    traffic(ctx, &vip, client)
+}
+
+/// IPv6 traffic other than a Neighbor Solicitation: learn the client if it is for a VIP.
+// Its own BPF function: the stack of each path stays within the 512-byte limit.
+#[inline(never)]
+pub fn ipv6(ctx: &XdpContext, vip: VipKey, client: [u32; 4]) -> Result<u32, u32> {
+    traffic(ctx, &vip, client)
+}
+
+/// Traffic to `vip` from `client`. Frames to this adapter are learned; frames to a failed
+/// adapter whose heir this is are accepted (the destination rewritten to this adapter so
+/// the kernel takes them): as the moved MAC, or as stragglers the agent must correct.
+#[inline(always)]
+fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32> {
+    if unsafe { VIPS.get(vip) }.is_none() {
+        return Err(decision::PASSED_NOT_NEIGHBOR);
+    }
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let adapter = match maps::adapter(ifindex) {
+        Some(a) if a.state != vip_common::ADAPTER_UNKNOWN => a,
+        _ => return Err(decision::PASSED_ADAPTER_UNKNOWN),
+    };
+    if adapter.state != ADAPTER_UP {
+        return Err(decision::PASSED_ADAPTER_DOWN);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let eth = unsafe { &mut *eth };
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let fk = flow_key(vip, client);
+    if eq6(&eth.dst, &adapter.mac) {
+        learn(&fk, ifindex, adapter.slot, &eth.src, len);
+        maps::count_traffic(adapter.slot, len, false);
+        return Err(decision::PASSED_VIP_TRAFFIC);
+    }
+    if eth.dst[0] & 1 != 0 {
+        return Err(decision::PASSED_NOT_FOR_US);
+    }
+    let Some((owner_ix, owner)) = maps::inherited(ifindex, &eth.dst) else {
+        return Err(decision::PASSED_NOT_FOR_US);
+    };
+    let to = eth.dst;
+    set6(&mut eth.dst, &adapter.mac);
+    maps::count_traffic(adapter.slot, len, false);
+    if maps::mac_moved(&owner) {
+        // The client still uses the failed adapter's MAC, and may: its replies go out
+        // from that MAC too (see the egress program).
+        learn(&fk, owner_ix, owner.slot, &eth.src, len);
+        return Err(decision::ACCEPTED_MOVED_MAC);
+    }
+    straggler(&fk, ifindex, adapter.slot, &eth.src, &to);
+    Err(decision::ACCEPTED_STRAGGLER)
+}
