@@ -6,6 +6,7 @@ pub mod failover;
 pub mod fixtures;
 pub mod netns;
 pub mod rawsock;
+pub mod steering;
 pub mod topo;
 pub mod keepalived;
 pub mod probe;

@@ -253,7 +253,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
             prog.load().map_err(|source| DataplaneError::Program { name, source })?;
         }
-        for name in [names::EGRESS_PROGRAM, names::INGRESS_PROGRAM] {
+        for name in [names::EGRESS_PROGRAM, names::INGRESS_PROGRAM, names::TC_PASS_PROGRAM] {
             let tc: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::MissingProgram(name))?
@@ -305,6 +305,15 @@ impl Dataplane {
         let fd: FdLink = link.try_into().map_err(|e| pin_err(&e))?;
         fd.pin(link_path).map_err(|e| pin_err(&e))?;
         Ok(())
+    }
+
+    /// A loaded TC program, for BPF_PROG_TEST_RUN.
+    pub fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier> {
+        self.ebpf
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Writes spread VIP `id`'s bucket table (one owner slot per bucket).

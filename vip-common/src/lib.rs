@@ -32,6 +32,8 @@ pub mod names {
     pub const EGRESS_PROGRAM: &str = "vip_egress";
     /// TC ingress program: marks frames the XDP program took for this adapter as ours.
     pub const INGRESS_PROGRAM: &str = "vip_ingress";
+    /// A TC program that passes everything: the egress benchmark's baseline.
+    pub const TC_PASS_PROGRAM: &str = "vip_tc_pass";
     pub const BUCKETS: &str = "BUCKETS";
     pub const FLOWS: &str = "FLOWS";
     pub const MACS: &str = "MACS";

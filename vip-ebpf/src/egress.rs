@@ -109,3 +109,9 @@ pub fn vip_ingress(ctx: TcContext) -> i32 {
     }
     TC_ACT_OK
 }
+
+/// Baseline for the egress benchmark: passes everything.
+#[classifier]
+pub fn vip_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}

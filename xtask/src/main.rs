@@ -68,6 +68,13 @@ enum Bench {
         #[arg(long)]
         quick: bool,
     },
+    /// Aggregate throughput to one VIP spread over 3 adapters against one adapter (links
+    /// shaped alike), and the egress steering program's cost per frame.
+    Steering {
+        /// Fewer rounds, for a quick look (the docs are not rewritten).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -341,6 +348,17 @@ fn bench(which: Bench) -> Result<()> {
                 cmd.args(["--write", "docs/benchmarks.md"]);
             }
             sh(cmd.env("VIP_EBPF_OBJECT", &obj))
+        }
+        Bench::Steering { quick } => {
+            let agent = build_agent(true)?;
+            let mut cmd = Command::new("cargo");
+            cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "steering"]);
+            if quick {
+                cmd.arg("--quick");
+            } else {
+                cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            sh(cmd.current_dir(workspace_root()).env("VIP_EBPF_OBJECT", &obj).env("VIP_AGENT_BIN", &agent))
         }
         Bench::Failover { quick } => {
             println!("==> set-up: benchmark packages");

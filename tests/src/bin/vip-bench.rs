@@ -48,11 +48,27 @@ enum Which {
         #[arg(long)]
         write: Option<String>,
     },
+    Steering {
+        #[arg(long)]
+        quick: bool,
+        /// Write the report into this Markdown file (its `steering` section).
+        #[arg(long)]
+        write: Option<String>,
+    },
 }
 
 fn main() {
     let (quick, write) = match Cli::parse().which {
         Which::Dataplane { quick, write } => (quick, write),
+        Which::Steering { quick, write } => {
+            let report = steering_report(quick);
+            println!("{report}");
+            if let Some(path) = write {
+                write_section(&path, "steering", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+                println!("written to {path}");
+            }
+            return;
+        }
         Which::Failover { pulls, ka_pulls, ka_min_pulls, write } => {
             let object = std::fs::read(vip_tests::object_path()).expect("reading the XDP object");
             let report = vip_tests::failover::run(pulls, ka_pulls, ka_min_pulls, &object);
@@ -88,7 +104,8 @@ fn per_frame(samples: usize) -> String {
         ("ARP hit", frame("arp request for a VIP"), true),
         ("ARP miss", frame("arp request for an address not hosted"), false),
         ("NS hit", frame("neighbor solicitation for a VIP"), true),
-        ("IPv4 UDP", frame("ordinary IPv4 UDP"), false),
+        ("IPv4 UDP to a VIP (client learned)", frame("IPv4 UDP to a VIP: the client is learned"), false),
+        ("IPv4 UDP, not to a VIP", frame("ordinary IPv4 UDP (not to a VIP)"), false),
     ];
     let ifindex = env.ifindex(Arrival::Up);
     let results = env.within(|env| {
@@ -272,4 +289,41 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
         ka.median, ka.min, ka.max, ko.median,
         xa.median / ka.median,
     )
+}
+
+fn steering_report(quick: bool) -> String {
+    use vip_tests::steering::{egress_cost, throughput, LINK_MBIT};
+    let object = std::fs::read(vip_tests::object_path()).expect("reading the XDP object");
+    let (rounds, clients, window) = if quick { (1, 6, Duration::from_millis(700)) } else { (5, 12, Duration::from_secs(2)) };
+    let t = throughput(rounds, clients, window, &object);
+    let (s, o) = (dist(t.spread.clone()), dist(t.one.clone()));
+    let mut r = format!("## Steering (`cargo xtask bench steering`)\n\nMachine: {}\n\n", machine());
+    r += &format!(
+        "### Aggregate throughput to one VIP: spread over 3 adapters against one adapter\n\n\
+         {clients} clients on one bridge send 1200-byte UDP datagrams to the VIP as fast as they can; the node \
+         counts what arrives for {:.1} s. Each adapter's link is the switch port toward it, shaped to \
+         {LINK_MBIT} Mbit/s (tbf), so an adapter is a link of fixed capacity as on a real switch. `spread`: \
+         the VIP in spread mode on vip0..vip2 (clients per adapter in round 1: {:?}). `one adapter`: the VIP \
+         on vip0 only. {rounds} rounds, the two variants alternating.\n\n\
+         | variant | median Mbit/s | min | max | rounds |\n|---|---|---|---|---|\n\
+         | spread over 3 adapters | {:.0} | {:.0} | {:.0} | {} |\n| one adapter | {:.0} | {:.0} | {:.0} | {} |\n\n\
+         **Ratio of medians: {:.2}x** (the ideal is 3x; the remainder is the clients' share imbalance and the \
+         2 vCPUs generating and receiving the traffic).\n\n",
+        window.as_secs_f64(),
+        t.shares,
+        s.median, s.min, s.max, s.n, o.median, o.min, o.max, o.n,
+        s.median / o.median
+    );
+    let samples = if quick { 30 } else { 300 };
+    r += "### Egress steering: ns per frame through BPF_PROG_TEST_RUN, beside an empty TC program\n\n\
+          `repeat = 1000` per sample (a steer rewrites the MACs to the same values each time), variants \
+          interleaved. The empty program's figure is the test-run harness itself.\n\n\
+          | frame | vip_egress median | p99 | empty median | p99 | extra ns (medians) |\n|---|---|---|---|---|---|\n";
+    for (name, e, p) in egress_cost(samples) {
+        r += &format!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            e.median, e.p99, p.median, p.p99, e.median - p.median
+        );
+    }
+    r
 }
