@@ -10,8 +10,8 @@ use std::{
 
 use aya::programs::{links::PinnedLink, XdpMode};
 use vip_common::{
-    client_bucket, decision, egress, names, AdapterInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_DOWN,
-    ADAPTER_MAC_MOVED, ADAPTER_UP, FAMILY_IPV4, MAX_ADAPTERS, NO_SLOT, SPREAD_BUCKETS, VIP_SPREAD,
+    client_bucket, decision, egress, names, vserver_flags, AdapterInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_DOWN,
+    ADAPTER_MAC_MOVED, ADAPTER_UP, ADAPTER_VSERVER, FAMILY_IPV4, MAX_ADAPTERS, NO_SLOT, SPREAD_BUCKETS, VIP_SPREAD,
 };
 use vip_packet::{mac_str, Mac};
 
@@ -100,6 +100,19 @@ struct VipRt {
     rebalance: bool,
     /// Spread mode: the owner slot of each bucket, as written to the map.
     buckets: Vec<u8>,
+    /// The virtual server it belongs to (index into `vservers`): not on `lo`, delivered there.
+    vserver: Option<u32>,
+}
+
+/// A virtual server's interface (seed 004).
+struct VserverRt {
+    name: String,
+    interface: String,
+    ifindex: Option<u32>,
+    /// The interface's own MAC (the virtual server's gateway).
+    mac: Option<Mac>,
+    link: Option<PinnedLink>,
+    vips: Vec<usize>,
 }
 
 /// A hold-down or up-delay timer to start.
@@ -119,6 +132,7 @@ pub struct Agent {
     lo: u32,
     adapters: Vec<AdapterRt>,
     vips: Vec<VipRt>,
+    vservers: Vec<VserverRt>,
     failovers: VecDeque<FailoverStatus>,
     refusals: Vec<Refusal>,
     hist_maps: Histogram,
@@ -328,7 +342,20 @@ impl Agent {
                     stranded: false,
                     rebalance: v.rebalance,
                     buckets: vec![],
+                    vserver: cfg.virtual_servers.iter().position(|s| s.vips.contains(&i)).map(|x| x as u32),
                 }
+            })
+            .collect();
+        let vservers = cfg
+            .virtual_servers
+            .iter()
+            .map(|v| VserverRt {
+                name: v.name.clone(),
+                interface: v.interface.clone(),
+                ifindex: None,
+                mac: None,
+                link: None,
+                vips: v.vips.clone(),
             })
             .collect();
         let mut agent = Agent {
@@ -340,6 +367,7 @@ impl Agent {
             lo,
             adapters,
             vips,
+            vservers,
             failovers: VecDeque::new(),
             refusals: vec![],
             hist_maps: Histogram::default(),
@@ -375,6 +403,13 @@ impl Agent {
             configured.insert(link.ifindex);
             self.attach(i, &link, mode, reload, None)?;
         }
+        for i in 0..self.vservers.len() {
+            let Some(link) = links.iter().find(|l| l.name == self.vservers[i].interface).cloned() else {
+                anyhow::bail!("virtual server {}: interface {} not present", self.vservers[i].name, self.vservers[i].interface);
+            };
+            configured.insert(link.ifindex);
+            self.attach_vserver(i, &link, mode, reload)?;
+        }
         // Entries and pins a previous agent left for adapters no longer configured.
         for (ifindex, _) in self.dp.adapters()? {
             if !configured.contains(&ifindex) {
@@ -383,7 +418,7 @@ impl Agent {
         }
         for e in std::fs::read_dir(&pin)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let ix = ["link_", "egress_", "ingress_"].iter().find_map(|p| name.strip_prefix(p));
+            let ix = ["link_", "egress_", "ingress_", "vs_"].iter().find_map(|p| name.strip_prefix(p));
             if let Some(ix) = ix.and_then(|n| n.parse::<u32>().ok()) {
                 if !configured.contains(&ix) {
                     tracing::info!(ifindex = ix, "removing a stale link pin");
@@ -432,17 +467,20 @@ impl Agent {
         }
         self.recompute(true);
         self.place_spread(None);
-        let keep: Vec<IpAddr> = self.vips.iter().filter(|v| v.state == VipState::Active).map(|v| v.addr).collect();
+        // A virtual server's VIPs are its own: the host does not hold them.
+        let keep: Vec<IpAddr> =
+            self.vips.iter().filter(|v| v.state == VipState::Active && v.vserver.is_none()).map(|v| v.addr).collect();
         for addr in self.host.stale_vips(&keep) {
             tracing::info!(%addr, "removing a VIP no longer configured from lo");
             self.host.remove_vip(&mut self.rtnl, addr)?;
         }
         for i in 0..self.vips.len() {
-            if self.vips[i].state == VipState::Active {
+            if self.vips[i].state == VipState::Active && self.vips[i].vserver.is_none() {
                 let addr = self.vips[i].addr;
                 self.host.add_vip(&mut self.rtnl, self.lo, addr)?;
             }
         }
+        self.discover_vservers();
         let now = Instant::now();
         for i in 0..self.vips.len() {
             // Spread clients each learn their adapter when they ask: a broadcast would
@@ -773,7 +811,10 @@ impl Agent {
             }
             let old = v.mask;
             v.mask = mask;
-            let flags = if v.mode == VipMode::Spread { VIP_SPREAD } else { 0 };
+            let mut flags = if v.mode == VipMode::Spread { VIP_SPREAD } else { 0 };
+            if let Some(x) = v.vserver {
+                flags |= vserver_flags(x);
+            }
             if let Err(e) = self.dp.set_vip(v.key, VipInfo { allowed: mask, id: v.id, flags }) {
                 tracing::error!(vip = %v.addr, error = %e, "VIP map write failed");
             }
@@ -950,6 +991,49 @@ impl Agent {
         }
         let gap = Duration::from_millis(self.cfg.steering.correction_interval_ms);
         self.corrected.retain(|_, t| now.duration_since(*t) < gap);
+        self.discover_vservers();
+    }
+
+    /// Attaches the data plane to a virtual server's interface (pinned like an adapter's)
+    /// and points the VSERVERS device map at it.
+    fn attach_vserver(&mut self, i: usize, link: &Link, mode: XdpMode, reload: bool) -> anyhow::Result<()> {
+        let path = self.cfg.agent.pin_path.join(format!("vs_{}", link.ifindex));
+        let pinned = match PinnedLink::from_pin(&path) {
+            Ok(p) if reload => {
+                self.dp.replace_in_link(p)?;
+                PinnedLink::from_pin(&path)?
+            }
+            Ok(p) => p,
+            Err(_) => {
+                let _ = std::fs::remove_file(&path);
+                self.dp.attach_pinned(link.ifindex, mode, &path)?
+            }
+        };
+        let mac = link.mac.unwrap_or_default();
+        self.dp.set_adapter(link.ifindex, AdapterInfo { mac, slot: i as u8, state: ADAPTER_VSERVER, heir: 0, flags: 0 })?;
+        self.dp.set_vserver(i as u32, link.ifindex)?;
+        let v = &mut self.vservers[i];
+        (v.ifindex, v.mac, v.link) = (Some(link.ifindex), link.mac, Some(pinned));
+        tracing::info!(vserver = %v.name, interface = %link.name, ifindex = link.ifindex, "virtual server attached");
+        Ok(())
+    }
+
+    /// Asks each virtual server whose MAC the data plane has not learned yet for it (an
+    /// ARP probe for its first VIP from its interface); the data plane learns it from the
+    /// reply. Called at start and on every load tick until known.
+    pub fn discover_vservers(&mut self) {
+        for (i, v) in self.vservers.iter().enumerate() {
+            let (Some(ix), Some(mac)) = (v.ifindex, v.mac) else { continue };
+            if self.dp.vserver_mac(i as u32).is_some() {
+                continue;
+            }
+            let Some(IpAddr::V4(ip)) = v.vips.first().map(|&x| self.vips[x].addr) else { continue };
+            let probe = vip_packet::Arp::request(mac, std::net::Ipv4Addr::UNSPECIFIED, ip).to_bytes();
+            match crate::packet::PacketSocket::open(ix, false).and_then(|s| s.send(&probe)) {
+                Ok(()) => tracing::debug!(vserver = %v.name, "asked for its MAC"),
+                Err(e) => tracing::warn!(vserver = %v.name, error = %e, "could not ask for its MAC"),
+            }
+        }
     }
 
     /// Takes the straggler event ring (once).
@@ -1266,6 +1350,17 @@ impl Agent {
             egress: vec![],
             clients_moved: self.clients_moved,
             corrections_sent: self.corrections_sent,
+            virtual_servers: self
+                .vservers
+                .iter()
+                .enumerate()
+                .map(|(i, v)| crate::status::VserverStatus {
+                    name: v.name.clone(),
+                    interface: v.interface.clone(),
+                    mac: self.dp.vserver_mac(i as u32).map(|m| mac_str(&m)),
+                    vips: v.vips.iter().map(|&x| self.vips[x].addr.to_string()).collect(),
+                })
+                .collect(),
         }
     }
 
@@ -1273,6 +1368,11 @@ impl Agent {
     /// VIP addresses and the sysctls. The host is left as the agent found it.
     pub fn shutdown(&mut self) {
         self.stopping = true;
+        for v in &mut self.vservers {
+            if let Some(l) = v.link.take() {
+                let _ = l.unpin();
+            }
+        }
         for a in &mut self.adapters {
             if let Some(l) = a.link.take() {
                 if let Err(e) = l.unpin() {
@@ -1288,7 +1388,7 @@ impl Agent {
         if let Ok(rd) = std::fs::read_dir(&pin) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
-                if ["link_", "egress_", "ingress_"].iter().any(|p| n.starts_with(p)) {
+                if ["link_", "egress_", "ingress_", "vs_"].iter().any(|p| n.starts_with(p)) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }

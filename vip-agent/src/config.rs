@@ -23,7 +23,7 @@ use toml::{
     de::{DeTable, DeValue},
     Spanned,
 };
-use vip_common::{MAX_ADAPTERS, MAX_IFINDEX, MAX_VIPS};
+use vip_common::{MAX_ADAPTERS, MAX_IFINDEX, MAX_VIPS, MAX_VSERVERS};
 
 /// `[agent] xdp_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +127,19 @@ pub struct VipConfig {
     pub address_line: usize,
 }
 
+/// `[[virtual_server]]`: VIPs delivered to the interface that leads to a virtual server
+/// (seed 004), exclusively.
+#[derive(Debug, Clone)]
+pub struct VirtualServerConfig {
+    pub name: String,
+    /// The host-side interface leading to it (e.g. a veth into its namespace).
+    pub interface: String,
+    /// Indexes into `Config::vips`.
+    pub vips: Vec<usize>,
+    pub line: usize,
+    pub interface_line: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
@@ -136,6 +149,7 @@ pub struct Config {
     pub steering: SteeringConfig,
     pub adapters: Vec<AdapterConfig>,
     pub vips: Vec<VipConfig>,
+    pub virtual_servers: Vec<VirtualServerConfig>,
 }
 
 /// What validation needs to know about one adapter on the host.
@@ -270,7 +284,8 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-const ROOT_KEYS: &[&str] = &["agent", "announce", "probe", "steering", "adapter", "vip"];
+const ROOT_KEYS: &[&str] = &["agent", "announce", "probe", "steering", "adapter", "vip", "virtual_server"];
+const VSERVER_KEYS: &[&str] = &["name", "interface", "vips"];
 const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_interval_ms", "load_interval_ms"];
 const AGENT_KEYS: &[&str] =
     &["xdp_mode", "hold_down_ms", "up_delay_ms", "control_socket", "metrics_listen", "pin_path"];
@@ -361,8 +376,10 @@ impl Config {
             }
         }
 
+        let virtual_servers = cx.virtual_servers(&root, &adapters, &vips);
+
         cx.into_errors()?;
-        Ok(Config { path: path.into(), agent, announce, probe, steering, adapters, vips })
+        Ok(Config { path: path.into(), agent, announce, probe, steering, adapters, vips, virtual_servers })
     }
 
     pub fn validate_host(&self, host: &dyn HostView) -> Result<(), ConfigErrors> {
@@ -392,6 +409,16 @@ impl Config {
             })
             .collect();
 
+        for (i, vs) in self.virtual_servers.iter().enumerate() {
+            let key = format!("virtual_server[{i}].interface");
+            match host.adapter(&vs.interface) {
+                None => err(vs.interface_line, key, format!("interface {} does not exist on this host", vs.interface)),
+                Some(h) if h.ifindex >= MAX_IFINDEX => {
+                    err(vs.interface_line, key, format!("interface {} has ifindex {}, beyond the data plane", vs.interface, h.ifindex))
+                }
+                Some(_) => {}
+            }
+        }
         for (i, vip) in self.vips.iter().enumerate() {
             let ip = vip.address.addr;
             let outside = vip.adapters.iter().filter(|&&a| {
@@ -512,10 +539,16 @@ impl<'a> Cx<'a> {
 
     /// The `[[name]]` tables of `root`, at least one required.
     fn tables<'t, 'i>(&mut self, root: &Tbl<'t, 'i>, name: &str, known: &[&str]) -> Vec<Tbl<'t, 'i>> {
-        let Some(v) = root.get(name) else {
+        if root.get(name).is_none() {
             self.err(1, name, format!("at least one [[{name}]] is required"));
             return Vec::new();
-        };
+        }
+        self.optional_tables(root, name, known)
+    }
+
+    /// Like [`Cx::tables`], for arrays of tables that may be absent.
+    fn optional_tables<'t, 'i>(&mut self, root: &Tbl<'t, 'i>, name: &str, known: &[&str]) -> Vec<Tbl<'t, 'i>> {
+        let Some(v) = root.get(name) else { return Vec::new() };
         let Some(items) = v.get_ref().as_array() else {
             let msg = format!("expected an array of tables ([[{name}]]), found a {}", v.get_ref().type_str());
             self.err(self.line_of(v), name, msg);
@@ -666,6 +699,52 @@ impl<'a> Cx<'a> {
             self.err(t.line, t.key.clone(), format!("more than {MAX_VIPS} VIPs, the data plane's limit"));
         }
         vips
+    }
+
+    fn virtual_servers(&mut self, root: &Tbl, adapters: &[AdapterConfig], vips: &[VipConfig]) -> Vec<VirtualServerConfig> {
+        let tables = self.optional_tables(root, "virtual_server", VSERVER_KEYS);
+        let mut out = Vec::<VirtualServerConfig>::new();
+        let mut taken = HashMap::<usize, String>::new();
+        for t in &tables {
+            let name = self.req(t, "name", string).unwrap_or_default();
+            let interface = self.req(t, "interface", string);
+            let interface_line = self.key_line(t, "interface");
+            if let Some(Err(m)) = interface.as_deref().map(check_ifname) {
+                self.err(interface_line, t.key("interface"), m);
+            }
+            let interface = interface.unwrap_or_default();
+            if adapters.iter().any(|a| a.name == interface) {
+                self.err(interface_line, t.key("interface"), format!("{interface} is an [[adapter]]; a virtual server needs its own interface"));
+            }
+            if out.iter().any(|v| !interface.is_empty() && v.interface == interface) {
+                self.err(interface_line, t.key("interface"), format!("{interface} already leads to another virtual server"));
+            }
+            let mut mine = Vec::new();
+            if self.require(t, "vips") && t.get("vips").and_then(|v| v.get_ref().as_array()).is_some_and(|a| a.is_empty()) {
+                self.err(self.key_line(t, "vips"), t.key("vips"), "must name at least one VIP");
+            }
+            self.each(t, "vips", |v| {
+                let s = string(v)?;
+                let ip: IpAddr = s.parse().map_err(|_| format!("{s:?} is not an IP address (give the [[vip]] address without its prefix)"))?;
+                let Some(i) = vips.iter().position(|x| x.address.addr == ip && x.vlan.is_none()) else {
+                    return Err(format!("{ip} is not the address of an untagged [[vip]]"));
+                };
+                if ip.is_ipv6() {
+                    return Err(format!("{ip}: virtual servers take IPv4 VIPs in this version"));
+                }
+                if let Some(other) = taken.get(&i) {
+                    return Err(format!("{ip} already belongs to virtual server {other}"));
+                }
+                taken.insert(i, name.clone());
+                mine.push(i);
+                Ok(())
+            });
+            out.push(VirtualServerConfig { name, interface, vips: mine, line: t.line, interface_line });
+        }
+        if let Some(t) = tables.get(MAX_VSERVERS as usize) {
+            self.err(t.line, t.key.clone(), format!("more than {MAX_VSERVERS} virtual servers, the data plane's limit"));
+        }
+        out
     }
 
     /// Feeds each element of array `name` to `f`, reporting the ones it refuses.
@@ -1334,6 +1413,26 @@ mod mode_tests {
             assert_eq!((e.0[0].line, e.0[0].key.as_str()), (line, key), "{e}");
             assert!(e.0[0].message.contains(want), "{e}");
         }
+        let vs = "[[virtual_server]]\nname = \"web\"\ninterface = \"eth0\"\nvips = [\"192.0.2.10\", \"192.0.2.99\", \"x\"]\n\
+                  [[virtual_server]]\nname = \"db\"\ninterface = \"vs1\"\nvips = [\"192.0.2.10\"]\nport = 1\n";
+        let e = Config::parse(Path::new("m.toml"), &format!("{base}{vs}")).unwrap_err();
+        let got: Vec<_> = e.0.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (8, "virtual_server[0].interface"),
+                (9, "virtual_server[0].vips[1]"),
+                (9, "virtual_server[0].vips[2]"),
+                (13, "virtual_server[1].vips[0]"),
+                (14, "virtual_server[1].port"),
+            ],
+            "{e}"
+        );
+        assert!(e.0[0].message.contains("is an [[adapter]]"), "{e}");
+        assert!(e.0[3].message.contains("already belongs to virtual server web"), "{e}");
+        let ok = format!("{base}[[virtual_server]]\nname = \"web\"\ninterface = \"vs0\"\nvips = [\"192.0.2.10\"]\n");
+        let c = Config::parse(Path::new("m.toml"), &ok).unwrap();
+        assert_eq!((c.virtual_servers[0].interface.as_str(), c.virtual_servers[0].vips.clone()), ("vs0", vec![0]));
         let adapter = "[[adapter]]\nname = \"eth0\"\nweight = 0\nmove_mac = 1\n[steering]\nclient_timeout_s = 0\nbogus = 1\n";
         let vip = "[[vip]]\naddress = \"192.0.2.10/24\"\nadapters = [\"eth0\"]\n";
         let e = Config::parse(Path::new("m.toml"), &format!("{adapter}{vip}")).unwrap_err();

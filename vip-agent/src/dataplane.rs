@@ -34,6 +34,8 @@ pub enum DataplaneError {
     IfindexTooLarge(u32),
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
+    #[error("map {map}: {reason}")]
+    DevMap { map: &'static str, reason: String },
     #[error("pinning at {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
 }
@@ -70,9 +72,10 @@ unsafe impl Sync for MmapArray {}
 impl MmapArray {
     /// Maps `data` (`entries` values of `value_size` bytes, a multiple of 8), or gives it
     /// back when the map was not created mmapable.
+    #[allow(clippy::result_large_err)] // the map itself comes back, to be used another way
     fn open(data: MapData, entries: u32, value_size: usize) -> std::result::Result<MmapArray, MapData> {
         use std::os::fd::{AsFd, AsRawFd};
-        debug_assert!(value_size % 8 == 0);
+        debug_assert!(value_size.is_multiple_of(8));
         let bytes = entries as usize * value_size;
         let fd = data.fd().as_fd().as_raw_fd();
         let mem = unsafe {
@@ -305,6 +308,21 @@ impl Dataplane {
         let fd: FdLink = link.try_into().map_err(|e| pin_err(&e))?;
         fd.pin(link_path).map_err(|e| pin_err(&e))?;
         Ok(())
+    }
+
+    /// Points virtual server `idx` at the interface `ifindex` (its `VSERVERS` entry).
+    pub fn set_vserver(&mut self, idx: u32, ifindex: u32) -> Result<()> {
+        let m = self.ebpf.map_mut(names::VSERVERS).ok_or(DataplaneError::MissingMap(names::VSERVERS))?;
+        let mut d: aya::maps::DevMap<&mut MapData> = aya::maps::DevMap::try_from(m).map_err(map_err(names::VSERVERS))?;
+        d.set(idx, ifindex, None, 0).map_err(|e| DataplaneError::DevMap { map: names::VSERVERS, reason: e.to_string() })
+    }
+
+    /// Virtual server `idx`'s MAC, once the data plane has learned it from its frames.
+    pub fn vserver_mac(&self, idx: u32) -> Option<[u8; 6]> {
+        let m = self.ebpf.map(names::VS_MACS)?;
+        let a: aya::maps::Array<&MapData, [u8; 8]> = aya::maps::Array::try_from(m).ok()?;
+        let v = a.get(&idx, 0).ok()?;
+        (v[6] == 1).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]])
     }
 
     /// A loaded TC program, for BPF_PROG_TEST_RUN.

@@ -73,6 +73,16 @@ pub struct AdapterStatus {
     pub tx_packets: u64,
 }
 
+/// A virtual server (seed 004): where its VIPs are delivered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VserverStatus {
+    pub name: String,
+    pub interface: String,
+    /// The virtual server's own MAC, once learned from its frames.
+    pub mac: Option<String>,
+    pub vips: Vec<String>,
+}
+
 /// One entry of the client table: a client talking to a VIP through an adapter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientStatus {
@@ -162,6 +172,8 @@ pub struct Status {
     /// Unicast corrections sent to stragglers.
     #[serde(default)]
     pub corrections_sent: u64,
+    #[serde(default)]
+    pub virtual_servers: Vec<VserverStatus>,
 }
 
 /// Clients listed in a status (the total is always given).
@@ -256,6 +268,9 @@ impl Status {
                 let b: Vec<String> = v.buckets.iter().map(|(a, n)| format!("{a}:{n}")).collect();
                 let _ = writeln!(o, "{:<26} spread buckets {}", "", b.join(" "));
             }
+        }
+        for v in &self.virtual_servers {
+            let _ = writeln!(o, "\nVIRTUAL SERVER {} via {} (MAC {}): {}", v.name, v.interface, v.mac.as_deref().unwrap_or("not learned yet"), v.vips.join(", "));
         }
         let _ = writeln!(o, "\nCLIENTS ({} in the table; {} moved, {} straggler corrections)", self.clients_total, self.clients_moved, self.corrections_sent);
         for c in self.clients.iter().take(20) {

@@ -40,9 +40,11 @@ pub mod names {
     pub const TRAFFIC: &str = "TRAFFIC";
     pub const EGRESS: &str = "EGRESS";
     pub const EVENTS: &str = "EVENTS";
+    pub const VSERVERS: &str = "VSERVERS";
+    pub const VS_MACS: &str = "VS_MACS";
     /// Every map the agent pins (and removes on a full stop).
-    pub const PINNED_MAPS: [&str; 10] =
-        [VIPS, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS];
+    pub const PINNED_MAPS: [&str; 12] =
+        [VIPS, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS];
 }
 
 /// Address families as stored in [`VipKey::family`].
@@ -106,6 +108,23 @@ pub struct VipInfo {
 
 /// [`VipInfo::flags`]: `spread` mode, one adapter answers each client (see [`client_bucket`]).
 pub const VIP_SPREAD: u32 = 1;
+/// [`VipInfo::flags`]: the VIP belongs to a virtual server; its index is
+/// [`vserver_index`]. Its inbound traffic is redirected there (seed 004).
+pub const VIP_VSERVER: u32 = 2;
+/// Virtual servers the data plane can deliver to (`VSERVERS` device map entries).
+pub const MAX_VSERVERS: u32 = 64;
+
+/// The virtual server a VIP's flags name.
+#[inline(always)]
+pub const fn vserver_index(flags: u32) -> u32 {
+    flags >> 16
+}
+
+/// Flags naming virtual server `index`.
+#[inline(always)]
+pub const fn vserver_flags(index: u32) -> u32 {
+    VIP_VSERVER | (index << 16)
+}
 
 /// Buckets per spread VIP. 240 is divisible by 1..=6, 8, 10, 12, 15 and 16, so a
 /// round-robin fill over that many adapters (or total weight) repeats exactly around the
@@ -200,6 +219,8 @@ pub const EVENTS_BYTES: u32 = 64 * 1024;
 pub const ADAPTER_UNKNOWN: u8 = 0;
 pub const ADAPTER_DOWN: u8 = 1;
 pub const ADAPTER_UP: u8 = 2;
+/// Not an adapter: the interface leading to virtual server `slot` (its `VSERVERS` index).
+pub const ADAPTER_VSERVER: u8 = 3;
 
 /// Value of the `ADAPTERS` array, indexed by ifindex. The first 8 bytes (what a failover
 /// changes) are written by the agent as one aligned store.
@@ -283,8 +304,23 @@ pub mod decision {
     /// Traffic for a VIP to a failed adapter's MAC (a flooded straggler): accepted, and
     /// the agent told to correct the client.
     pub const ACCEPTED_STRAGGLER: u32 = 23;
+    /// IPv4 to a virtual server's VIP: redirected to its interface (XDP_REDIRECT).
+    pub const REDIRECTED_TO_VSERVER: u32 = 24;
+    /// From a virtual server to a known client: redirected out of the client's adapter.
+    pub const REDIRECTED_FROM_VSERVER: u32 = 25;
+    /// A virtual server's ARP request answered with its interface's MAC (the gateway).
+    pub const ANSWERED_VSERVER_ARP: u32 = 26;
+    /// For a virtual server, but it cannot be delivered (its MAC not learned yet, no
+    /// client-table entry for a reply, or the redirect failed): passed to the kernel.
+    pub const PASSED_VSERVER_UNDELIVERED: u32 = 27;
     /// Number of decisions; the length of the `DECISIONS` array.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 28;
+
+    /// Decisions whose action is XDP_REDIRECT (the others answered are XDP_TX).
+    #[inline(always)]
+    pub const fn is_redirect(d: u32) -> bool {
+        d == REDIRECTED_TO_VSERVER || d == REDIRECTED_FROM_VSERVER
+    }
 
     /// Names as used in metrics and `vip-agent status`, indexed by decision.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -312,6 +348,10 @@ pub mod decision {
         "passed_vip_traffic",
         "accepted_moved_mac",
         "accepted_straggler",
+        "redirected_to_vserver",
+        "redirected_from_vserver",
+        "answered_vserver_arp",
+        "passed_vserver_undelivered",
     ];
 }
 
@@ -342,7 +382,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
 const _: () = assert!(core::mem::size_of::<FlowInfo>() == 48);
 const _: () = assert!(core::mem::size_of::<Traffic>() == 32);
 const _: () = assert!(core::mem::size_of::<Straggler>() == 52);
-const _: () = assert!(SPREAD_BUCKETS % 8 == 0);
+const _: () = assert!(SPREAD_BUCKETS.is_multiple_of(8));
 const _: () = assert!(MAX_ADAPTERS <= 64); // slots are bits of a u64
 const _: () = assert!((MAX_VIPS as u64) * (MAX_ADAPTERS as u64) <= u32::MAX as u64);
 

@@ -14,9 +14,10 @@ mod ndp;
 mod parse;
 mod steer;
 mod egress;
+mod vserver;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     macros::xdp,
     programs::XdpContext,
 };
@@ -28,9 +29,13 @@ use crate::parse::{be16, ptr_at, EthHdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_A
 #[xdp]
 pub fn vip_xdp(ctx: XdpContext) -> u32 {
     match try_vip_xdp(&ctx) {
-        Ok(answered) => {
-            maps::count(answered);
-            XDP_TX
+        Ok(d) => {
+            maps::count(d);
+            if decision::is_redirect(d) {
+                XDP_REDIRECT
+            } else {
+                XDP_TX
+            }
         }
         Err(passed) => {
             maps::count(passed);
@@ -66,6 +71,13 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         }
         vlan = vid;
         off += core::mem::size_of::<VlanHdr>();
+    }
+    if vlan == 0 {
+        if let Some(a) = maps::adapter(ctx.ingress_ifindex() as u32) {
+            if a.state == vip_common::ADAPTER_VSERVER {
+                return vserver::from_vserver(ctx, ethertype);
+            }
+        }
     }
     match ethertype {
         ETH_P_ARP => arp::answer(ctx, off, vlan),

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use vip_common::{
     answer_index, AdapterInfo, FlowInfo, FlowKey, MacKey, Traffic, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_MAC_MOVED,
@@ -37,6 +37,15 @@ pub static TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_ADA
 
 #[map(name = "EGRESS")]
 pub static EGRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(vip_common::egress::COUNT, 0);
+
+/// Virtual servers: index → the interface leading to each (seed 004).
+#[map(name = "VSERVERS")]
+pub static VSERVERS: DevMap = DevMap::with_max_entries(vip_common::MAX_VSERVERS, 0);
+
+/// Each virtual server's own MAC (bytes 0..6; byte 6 is 1 once learned), learned from its
+/// frames by the program on its interface.
+#[map(name = "VS_MACS")]
+pub static VS_MACS: Array<[u8; 8]> = Array::with_max_entries(vip_common::MAX_VSERVERS, 0);
 
 /// Straggler events for the agent.
 #[map(name = "EVENTS")]

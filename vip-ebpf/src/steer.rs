@@ -4,8 +4,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use vip_common::{
-    client_bucket, decision, FlowInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_UP, BUCKET_WORDS,
-    MAX_ADAPTERS, NO_SLOT, VIP_SPREAD,
+    client_bucket, decision, vserver_index, FlowInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_UP, BUCKET_WORDS,
+    MAX_ADAPTERS, NO_SLOT, VIP_SPREAD, VIP_VSERVER,
 };
 
 use crate::{
@@ -182,9 +182,18 @@ pub fn ipv6(ctx: &XdpContext, vip: VipKey, client: [u32; 4]) -> Result<u32, u32>
 /// the kernel takes them): as the moved MAC, or as stragglers the agent must correct.
 #[inline(always)]
 fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32> {
-    if unsafe { VIPS.get(vip) }.is_none() {
-        return Err(decision::PASSED_NOT_NEIGHBOR);
-    }
+    let flags = match unsafe { VIPS.get(vip) } {
+        Some(v) => v.flags,
+        None => return Err(decision::PASSED_NOT_NEIGHBOR),
+    };
+    // A virtual server's VIP, once accepted below, goes to the virtual server.
+    let deliver = |d: u32| -> Result<u32, u32> {
+        if flags & VIP_VSERVER != 0 {
+            crate::vserver::to_vserver(ctx, vserver_index(flags))
+        } else {
+            Err(d)
+        }
+    };
     let ifindex = ctx.ingress_ifindex() as u32;
     let adapter = match maps::adapter(ifindex) {
         Some(a) if a.state != vip_common::ADAPTER_UNKNOWN => a,
@@ -200,7 +209,7 @@ fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32>
     if eq6(&eth.dst, &adapter.mac) {
         learn(&fk, ifindex, adapter.slot, &eth.src, len);
         maps::count_traffic(adapter.slot, len, false);
-        return Err(decision::PASSED_VIP_TRAFFIC);
+        return deliver(decision::PASSED_VIP_TRAFFIC);
     }
     if eth.dst[0] & 1 != 0 {
         return Err(decision::PASSED_NOT_FOR_US);
@@ -215,8 +224,8 @@ fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32>
         // The client still uses the failed adapter's MAC, and may: its replies go out
         // from that MAC too (see the egress program).
         learn(&fk, owner_ix, owner.slot, &eth.src, len);
-        return Err(decision::ACCEPTED_MOVED_MAC);
+        return deliver(decision::ACCEPTED_MOVED_MAC);
     }
     straggler(&fk, ifindex, adapter.slot, &eth.src, &to);
-    Err(decision::ACCEPTED_STRAGGLER)
+    deliver(decision::ACCEPTED_STRAGGLER)
 }

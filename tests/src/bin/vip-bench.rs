@@ -307,8 +307,8 @@ fn steering_report(quick: bool) -> String {
          on vip0 only. {rounds} rounds, the two variants alternating.\n\n\
          | variant | median Mbit/s | min | max | rounds |\n|---|---|---|---|---|\n\
          | spread over 3 adapters | {:.0} | {:.0} | {:.0} | {} |\n| one adapter | {:.0} | {:.0} | {:.0} | {} |\n\n\
-         **Ratio of medians: {:.2}x** (the ideal is 3x; the remainder is the clients' share imbalance and the \
-         2 vCPUs generating and receiving the traffic).\n\n",
+         **Ratio of medians: {:.2}x** (the ideal is 3x; with the shares even, as above, the gap is the \
+         machine's 2 vCPUs, which both generate and receive the traffic).\n\n",
         window.as_secs_f64(),
         t.shares,
         s.median, s.min, s.max, s.n, o.median, o.min, o.max, o.n,
