@@ -654,6 +654,10 @@ impl Agent {
     /// broadcast announcement from the adapter taking most of its buckets is the fallback.
     fn move_clients(&mut self, from: Option<usize>, only: &[usize], now: Instant) -> HashSet<usize> {
         let mut sent_from = HashSet::new();
+        let spread = |v: &VipRt| v.mode == VipMode::Spread && v.state == VipState::Active;
+        if !only.iter().any(|&v| spread(&self.vips[v])) {
+            return sent_from;
+        }
         let flows = self.dp.flows();
         for &vi in only {
             let v = &self.vips[vi];
@@ -886,9 +890,12 @@ impl Agent {
         for j in std::iter::once(i).chain(orphans) {
             from.extend(self.announce_moved_mac(j, maps_at));
         }
-        from.extend(self.move_clients(Some(i), &touched, maps_at));
+        // Broadcast announcements leave before the client table is read for the unicast
+        // updates of spread clients.
         let (first, _) = self.ann.pump(Instant::now());
-        self.record(i, kind, at, maps_at, first, carried.len(), from);
+        from.extend(self.move_clients(Some(i), &touched, maps_at));
+        let (later, _) = self.ann.pump(Instant::now());
+        self.record(i, kind, at, maps_at, first.or(later), carried.len(), from);
     }
 
     /// A failed adapter with `move_mac` whose MAC now lives on its heir: the heir sends a
