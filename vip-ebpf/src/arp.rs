@@ -27,6 +27,20 @@ const ETH_P_IP: u16 = 0x0800;
 const ARPOP_REQUEST: u16 = 1;
 const ARPOP_REPLY: u16 = 2;
 
+/// Rewrites a request in place into the reply "target is at `mac`", sent to the
+/// requester's hardware address as the kernel does (RFC 826).
+#[inline(always)]
+pub fn into_reply(eth: &mut EthHdr, arp: &mut ArpHdr, mac: &[u8; 6]) {
+    let (requester, requester_ip, target_ip) = (arp.sha, arp.spa, arp.tpa);
+    set6(&mut eth.dst, &requester);
+    set6(&mut eth.src, mac);
+    arp.op = ARPOP_REPLY.to_be_bytes();
+    set6(&mut arp.tha, &requester);
+    arp.tpa = requester_ip;
+    set6(&mut arp.sha, mac);
+    arp.spa = target_ip;
+}
+
 // Its own BPF function: the stack of each path stays within the 512-byte limit.
 #[inline(never)]
 pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
@@ -59,17 +73,7 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
         probe,
     })?;
 
-    // Reply to the requester's hardware address, as the kernel does (RFC 826).
-    let requester = arp.sha;
-    let requester_ip = arp.spa;
-    let vip_ip = arp.tpa;
-    set6(&mut eth.dst, &requester);
-    set6(&mut eth.src, &a.mac);
-    arp.op = ARPOP_REPLY.to_be_bytes();
-    set6(&mut arp.tha, &requester);
-    arp.tpa = requester_ip;
-    set6(&mut arp.sha, &a.mac);
-    arp.spa = vip_ip;
+    into_reply(eth, arp, &a.mac);
 
     maps::count_answer(a.vip_id, a.slot);
     Ok(if probe { decision::ANSWERED_ARP_PROBE } else { decision::ANSWERED_ARP })

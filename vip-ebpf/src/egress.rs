@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use vip_common::{egress as e, VipKey, ADAPTER_UP};
+use vip_common::{egress as e, VipKey};
 
 use crate::{
     maps::{self, FLOWS, VIPS},
@@ -58,17 +58,9 @@ fn try_egress(ctx: &TcContext) -> (i32, u32) {
     let Some(flow) = (unsafe { FLOWS.get(&flow_key(&vip, client)) }) else {
         return (TC_ACT_OK, e::NO_FLOW);
     };
-    let Some(target) = maps::adapter(flow.ifindex) else { return (TC_ACT_OK, e::ADAPTER_DOWN) };
-    let (out, src_mac, slot, decision) = if target.state == ADAPTER_UP {
-        (flow.ifindex, target.mac, target.slot, e::STEERED_SAME)
-    } else if target.heir != 0 && maps::mac_moved(&target) {
-        match maps::adapter(target.heir) {
-            Some(h) if h.state == ADAPTER_UP => (target.heir, target.mac, h.slot, e::STEERED_MOVED_MAC),
-            _ => return (TC_ACT_OK, e::ADAPTER_DOWN),
-        }
-    } else {
-        return (TC_ACT_OK, e::ADAPTER_DOWN);
-    };
+    let Some(p) = maps::reply_path(flow) else { return (TC_ACT_OK, e::ADAPTER_DOWN) };
+    let (out, src_mac, slot) = (p.out, p.mac, p.slot);
+    let decision = if p.moved { e::STEERED_MOVED_MAC } else { e::STEERED_SAME };
     let len = ctx.len() as u64;
     // Packet pointers are taken again: nothing above may have invalidated them, but the
     // verifier tracks them per access.

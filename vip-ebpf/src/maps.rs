@@ -165,3 +165,28 @@ pub fn inherited(ifindex: u32, dst: &[u8; 6]) -> Option<(u32, AdapterInfo)> {
 pub fn mac_moved(a: &AdapterInfo) -> bool {
     a.flags & ADAPTER_MAC_MOVED != 0
 }
+
+/// Where a VIP's frame to a client in the table leaves: the client's adapter while it is
+/// up, else (its MAC moved) its heir; with the MAC to send from and the slot to count.
+/// `moved` says which. None: the client's adapter is down with no MAC move.
+pub struct ReplyPath {
+    pub out: u32,
+    pub mac: [u8; 6],
+    pub slot: u8,
+    pub moved: bool,
+}
+
+#[inline(always)]
+pub fn reply_path(flow: &vip_common::FlowInfo) -> Option<ReplyPath> {
+    let target = adapter(flow.ifindex)?;
+    if target.state == vip_common::ADAPTER_UP {
+        return Some(ReplyPath { out: flow.ifindex, mac: target.mac, slot: target.slot, moved: false });
+    }
+    if target.state == ADAPTER_DOWN && target.heir != 0 && mac_moved(&target) {
+        let heir = adapter(target.heir)?;
+        if heir.state == vip_common::ADAPTER_UP {
+            return Some(ReplyPath { out: target.heir, mac: target.mac, slot: heir.slot, moved: true });
+        }
+    }
+    None
+}

@@ -6,7 +6,7 @@
 //! table leave through the adapter that client uses.
 
 use aya_ebpf::{helpers::bpf_redirect, programs::XdpContext};
-use vip_common::{decision, vserver_index, VipKey, ADAPTER_DOWN, ADAPTER_UP, VIP_VSERVER};
+use vip_common::{decision, vserver_index, VipKey, VIP_VSERVER};
 
 use crate::{
     arp::ArpHdr,
@@ -81,14 +81,7 @@ pub fn from_vserver(ctx: &XdpContext, ethertype: u16) -> Result<u32, u32> {
                 return Err(decision::PASSED_ARP_GRATUITOUS);
             }
             // Whoever it asks for, this interface is the way there.
-            let (sha, spa, tpa) = (arp.sha, arp.spa, arp.tpa);
-            set6(&mut eth.dst, &sha);
-            set6(&mut eth.src, &iface.mac);
-            arp.op = 2u16.to_be_bytes();
-            set6(&mut arp.tha, &sha);
-            arp.tpa = spa;
-            set6(&mut arp.sha, &iface.mac);
-            arp.spa = tpa;
+            crate::arp::into_reply(eth, arp, &iface.mac);
             Ok(decision::ANSWERED_VSERVER_ARP)
         }
         ETH_P_IP => {
@@ -101,14 +94,8 @@ pub fn from_vserver(ctx: &XdpContext, ethertype: u16) -> Result<u32, u32> {
             learn_mac(idx, &eth.src);
             let fk = flow_key(&key, [u32::from_ne_bytes(ip.dst), 0, 0, 0]);
             let Some(flow) = (unsafe { FLOWS.get(&fk) }) else { return Err(decision::PASSED_VSERVER_UNDELIVERED) };
-            let Some(target) = maps::adapter(flow.ifindex) else { return Err(decision::PASSED_VSERVER_UNDELIVERED) };
-            let (out, mac, slot) = if target.state == ADAPTER_UP {
-                (flow.ifindex, target.mac, target.slot)
-            } else if target.state == ADAPTER_DOWN && target.heir != 0 && maps::mac_moved(&target) {
-                (target.heir, target.mac, target.slot)
-            } else {
-                return Err(decision::PASSED_VSERVER_UNDELIVERED);
-            };
+            let Some(p) = maps::reply_path(flow) else { return Err(decision::PASSED_VSERVER_UNDELIVERED) };
+            let (out, mac, slot) = (p.out, p.mac, p.slot);
             let client_mac = flow.mac;
             let len = (ctx.data_end() - ctx.data()) as u64;
             set6(&mut eth.src, &mac);
