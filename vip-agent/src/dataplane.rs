@@ -15,7 +15,7 @@ use aya::{
 use bytemuck::Zeroable;
 use vip_common::{
     answer_index, decision, egress, mac_key, names, AdapterInfo, FlowInfo, FlowKey, MacKey, Traffic, VipInfo, VipKey,
-    BUCKETS_LEN, BUCKET_WORDS, MAX_ADAPTERS, MAX_IFINDEX, NO_SLOT, SPREAD_BUCKETS,
+    BUCKETS_LEN, BUCKET_WORDS, MAX_ADAPTERS, MAX_IFINDEX, SPREAD_BUCKETS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -202,18 +202,6 @@ impl BucketMap {
         }
         Ok(())
     }
-
-    fn get(&self, id: u32) -> Vec<u8> {
-        (0..BUCKET_WORDS)
-            .flat_map(|w| {
-                let i = id * BUCKET_WORDS + w;
-                match self {
-                    BucketMap::Mapped(m) => m.load(i as usize).to_ne_bytes(),
-                    BucketMap::Syscall(a) => a.get(&i, 0).unwrap_or([NO_SLOT; 8]),
-                }
-            })
-            .collect()
-    }
 }
 
 type VipMap = HashMap<MapData, VipKey, VipInfo>;
@@ -337,10 +325,6 @@ impl Dataplane {
     /// Writes spread VIP `id`'s bucket table (one owner slot per bucket).
     pub fn set_buckets(&mut self, id: u32, slots: &[u8]) -> Result<()> {
         self.buckets.set(id, slots)
-    }
-
-    pub fn buckets(&self, id: u32) -> Vec<u8> {
-        self.buckets.get(id)
     }
 
     /// Registers an adapter's MAC so frames sent to it after it fails can be recognised.
