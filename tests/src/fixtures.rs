@@ -318,9 +318,11 @@ impl TableEnv {
         for (i, (a, state)) in adapters.into_iter().enumerate() {
             dp.set_adapter(ifindex[i], AdapterInfo { mac: arrival_mac(a), slot: i as u8, state, heir: 0, flags: 0 }).expect("adapter");
         }
+        // Every hosted VIP shares policy 0: slots 0 (Up) and 1 (Down) may answer; slot 2
+        // (NotAllowed) may not.
+        dp.set_policy(0, 0b011).expect("policy");
         for (id, key) in hosted().into_iter().enumerate() {
-            // Slots 0 (Up) and 1 (Down) may answer; slot 2 (NotAllowed) may not.
-            dp.set_vip(key, VipInfo { allowed: 0b011, id: id as u32, flags: 0 }).expect("vip");
+            dp.set_vip(key, VipInfo { policy: 0, id: id as u32, flags: 0, _pad: 0 }).expect("vip");
         }
         TableEnv { ns, dp, ifindex }
     }

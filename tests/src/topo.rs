@@ -128,7 +128,12 @@ impl Lab {
 
     /// The agent config tables for this lab's adapters.
     pub fn adapter_tables(&self) -> String {
-        self.adapters.iter().map(|a| format!("[[adapter]]\nname = \"{}\"\n", a.name)).collect()
+        self.adapter_tables_with("")
+    }
+
+    /// The same, with `extra` keys in each table.
+    pub fn adapter_tables_with(&self, extra: &str) -> String {
+        self.adapters.iter().map(|a| format!("[[adapter]]\nname = \"{}\"\n{extra}", a.name)).collect()
     }
 
     /// Attaches the responder to every adapter in `mode` and readies the peers and maps
@@ -166,8 +171,9 @@ impl Lab {
             self.set_adapter_state(dp, a, ADAPTER_UP);
         }
         let all = self.adapters.iter().fold(0u64, |m, a| m | 1 << a.slot);
-        dp.set_vip(VipKey::v4(VIP4.octets(), 0), VipInfo { allowed: all, id: 0, flags: 0 }).expect("vip4");
-        dp.set_vip(VipKey::v6(VIP6.octets(), 0), VipInfo { allowed: all, id: 1, flags: 0 }).expect("vip6");
+        dp.set_policy(0, all).expect("policy");
+        dp.set_vip(VipKey::v4(VIP4.octets(), 0), VipInfo { policy: 0, id: 0, flags: 0, _pad: 0 }).expect("vip4");
+        dp.set_vip(VipKey::v6(VIP6.octets(), 0), VipInfo { policy: 0, id: 1, flags: 0, _pad: 0 }).expect("vip6");
     }
 
     pub fn set_adapter_state(&self, dp: &mut Dataplane, a: &Adapter, state: u8) {

@@ -75,9 +75,38 @@ fn answers_are_counted_per_vip_and_adapter() {
         assert_eq!(env.run(&ns, Arrival::Up).action, XDP_TX);
     });
     // VIP ids follow fixtures::hosted(): 0 is VIP4, 2 is VIP6; slot 0 is the Up adapter.
-    assert_eq!(env.dp.answers(0, 0).unwrap(), 3);
-    assert_eq!(env.dp.answers(0, 1).unwrap(), 0);
-    assert_eq!(env.dp.answers(2, 0).unwrap(), 1);
+    assert_eq!((env.dp.answers(0), env.dp.answers(1), env.dp.answers(2)), (3, 0, 1));
+    assert_eq!(env.dp.traffic(0).unwrap().answers, 4, "per adapter: the Up adapter's answers");
+    assert_eq!(env.dp.traffic(1).unwrap().answers, 0);
+}
+
+/// VIPs placed alike share one policy: one store changes who answers all of them.
+#[test]
+fn one_policy_store_moves_every_vip_sharing_it() {
+    if !root_or_skip("one_policy_store_moves_every_vip_sharing_it") {
+        return;
+    }
+    let mut env = TableEnv::new();
+    let reqs: Vec<Vec<u8>> = valid_requests().into_iter().map(|r| r.1).collect();
+    env.within(|env| {
+        for r in &reqs {
+            assert_eq!(env.run(r, Arrival::Up).action, XDP_TX);
+            assert_eq!(env.run(r, Arrival::NotAllowed).action, XDP_PASS);
+        }
+    });
+    env.dp.set_policy(0, 0b100).expect("policy");
+    assert_eq!(env.dp.policy(0), 0b100);
+    let before = env.dp.decisions().unwrap();
+    env.within(|env| {
+        for r in &reqs {
+            assert_eq!(env.run(r, Arrival::Up).action, XDP_PASS, "slot 0 no longer allowed");
+            assert_eq!(env.run(r, Arrival::NotAllowed).action, XDP_TX, "slot 2 allowed now");
+        }
+    });
+    let after = env.dp.decisions().unwrap();
+    let d = decision::PASSED_ADAPTER_NOT_ALLOWED as usize;
+    assert_eq!(after[d] - before[d], reqs.len() as u64);
+    env.dp.set_policy(0, 0b011).expect("policy");
 }
 
 #[test]
@@ -94,7 +123,7 @@ fn removed_vip_and_adapter_stop_answers() {
     env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_PASS));
     let after = env.dp.decisions().unwrap();
     assert_eq!(after[decision::PASSED_NOT_VIP as usize], before[decision::PASSED_NOT_VIP as usize] + 1);
-    env.dp.set_vip(key, vip_common::VipInfo { allowed: 0b011, id: 0, flags: 0 }).expect("re-add vip");
+    env.dp.set_vip(key, vip_common::VipInfo { policy: 0, id: 0, flags: 0, _pad: 0 }).expect("re-add vip");
     env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_TX));
     let up = env.ifindex(Arrival::Up);
     env.dp.remove_adapter(up).expect("remove adapter");
@@ -154,9 +183,10 @@ fn steering_rows() {
         (r, bumped[0])
     };
 
-    // Spread over slots 0 (Up) and 2 (NotAllowed, here allowed): the bucket decides.
-    env.dp.set_vip(key, VipInfo { allowed: 0b101, id: 0, flags: VIP_SPREAD }).unwrap();
-    env.dp.set_buckets(0, &[2; SPREAD_BUCKETS as usize]).unwrap();
+    // Spread over slots 0 (Up) and 2 (NotAllowed, here allowed, policy 1): the bucket decides.
+    env.dp.set_policy(1, 0b101).unwrap();
+    env.dp.set_vip(key, VipInfo { policy: 1, id: 0, flags: VIP_SPREAD, _pad: 0 }).unwrap();
+    env.dp.set_buckets(1, &[2; SPREAD_BUCKETS as usize]).unwrap();
     let (r, d) = env.within(|env| decided(env, &req, Arrival::Up));
     assert_eq!((r.action, d), (XDP_PASS, "passed_spread_other"), "bucket owned by slot 2");
     assert!(env.dp.flow(&flow).is_none(), "a request not answered is not learned");
@@ -166,7 +196,7 @@ fn steering_rows() {
     env.dp.remove_flow(&flow).unwrap();
     let mut table = vec![2u8; SPREAD_BUCKETS as usize];
     table[client_bucket(&flow.client) as usize] = 0;
-    env.dp.set_buckets(0, &table).unwrap();
+    env.dp.set_buckets(1, &table).unwrap();
     let (r, d) = env.within(|env| decided(env, &req, Arrival::Up));
     assert_eq!((r.action, d), (XDP_TX, "answered_arp"), "its bucket moved to slot 0");
     let (_, d) = env.within(|env| decided(env, &req, Arrival::NotAllowed));
@@ -174,7 +204,7 @@ fn steering_rows() {
     let f = env.dp.flow(&flow).expect("answered spread client is in the table");
     assert_eq!((f.ifindex, f.slot, f.mac), (env.ifindex(Arrival::Up), 0, CLIENT_MAC));
     // A known client stays with its adapter when its bucket moves (no rebalance).
-    env.dp.set_buckets(0, &[2; SPREAD_BUCKETS as usize]).unwrap();
+    env.dp.set_buckets(1, &[2; SPREAD_BUCKETS as usize]).unwrap();
     let (_, d) = env.within(|env| decided(env, &req, Arrival::Up));
     assert_eq!(d, "answered_arp", "the table entry keeps the client on its adapter");
     env.dp.remove_flow(&flow).unwrap();
@@ -185,7 +215,7 @@ fn steering_rows() {
     assert_eq!((r.action, d), (XDP_PASS, "passed_vip_traffic"));
     let f = env.dp.flow(&flow).expect("learned from traffic");
     assert_eq!((f.ifindex, f.packets), (env.ifindex(Arrival::Up), 1));
-    env.dp.set_vip(key, VipInfo { allowed: 0b011, id: 0, flags: 0 }).unwrap();
+    env.dp.set_vip(key, VipInfo { policy: 0, id: 0, flags: 0, _pad: 0 }).unwrap();
     env.dp.remove_flow(&flow).unwrap();
 
     // The Down adapter (slot 1) failed; Up is its heir and holds its MAC.

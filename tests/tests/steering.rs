@@ -113,7 +113,8 @@ fn spread_shares_clients_steers_replies_and_moves_only_the_failed_adapters() {
         "[announce]\ncount = 2\ninterval_ms = 50\n[probe]\nenabled = false\n[steering]\nload_interval_ms = 200\n{}\
          [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"spread\"\n\
          [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"spread\"\nrebalance = true\n",
-        lab.adapter_tables()
+        // Without MAC move: the failed adapter's clients are told one by one.
+        lab.adapter_tables_with("move_mac = false\n")
     );
     files.write("", &body);
     let agent = AgentProc::start(&lab.node, &files, &[]);
@@ -325,7 +326,7 @@ fn straggler_is_served_and_corrected() {
         &format!(
             "[announce]\ncount = 1\ninterval_ms = 50\n[probe]\nenabled = false\n[steering]\ncorrection_interval_ms = 500\n{}\
              [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n",
-            lab.adapter_tables()
+            lab.adapter_tables_with("move_mac = false\n")
         ),
     );
     let agent = AgentProc::start(&lab.node, &files, &[]);

@@ -1,28 +1,35 @@
-//! The agent's state machine: adapters and VIPs as the config wants them, the data plane's
-//! maps, and what happens when a link goes down or comes back.
+//! The agent: the one owner of the data plane's maps, the host changes and the
+//! announcer. It runs on one thread (see [`crate::runtime`]), reacts to link events,
+//! timers and messages, asks the placement core (`vip-placement`) who answers what, and
+//! applies the difference ([`crate::apply`]). Nothing else writes its state, so there is
+//! no lock; status readers get a [`crate::status::Snapshot`] of shared, immutable parts.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use aya::programs::{links::PinnedLink, XdpMode};
 use vip_common::{
-    client_bucket, decision, egress, names, vserver_flags, AdapterInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_DOWN,
-    ADAPTER_MAC_MOVED, ADAPTER_UP, ADAPTER_VSERVER, FAMILY_IPV4, MAX_ADAPTERS, NO_SLOT, SPREAD_BUCKETS, VIP_SPREAD,
+    client_bucket, names, vserver_flags, AdapterInfo, FlowInfo, FlowKey, Straggler, VipKey, ADAPTER_DOWN,
+    ADAPTER_MAC_MOVED, ADAPTER_UP, ADAPTER_VSERVER, FAMILY_IPV4, MAX_ADAPTERS, VIP_SPREAD,
 };
 use vip_packet::{mac_str, Mac};
+use vip_placement::{self as placement, bit, Assignment, ClassKey, Classes, Mode, Slot};
 
 use crate::{
-    announce::{self, Announcer},
-    config::{Config, HostAdapter, HostView, Subnet, VipMode, XdpModeCfg},
+    announce::{self, Announcer, Job},
+    apply::Policies,
+    config::{Config, HostAdapter, HostView, Subnet, XdpModeCfg},
     conflict::{self, ProbeTarget},
     dataplane::Dataplane,
     host::Host,
-    netlink::{Link, LinkEvent, Rtnl},
-    status::{unix_now, AdapterStatus, ClientStatus, FailoverStatus, Histogram, Refusal, Status, VipStatus},
+    netlink::{Link, LinkEvent, LinkEvents, Rtnl},
+    status::{unix_now, FailoverStatus, Histogram, Refusal},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +45,10 @@ pub enum Health {
 }
 
 impl Health {
-    fn answers(self) -> bool {
+    pub fn answers(self) -> bool {
         matches!(self, Health::Up | Health::HoldDown)
     }
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Health::Missing => "missing",
             Health::Up => "up",
@@ -52,108 +59,129 @@ impl Health {
     }
 }
 
-struct AdapterRt {
-    name: String,
-    slot: u8,
-    max_vips: u32,
-    vlans: Vec<u16>,
-    ifindex: Option<u32>,
-    mac: Option<Mac>,
-    health: Health,
+pub(crate) struct AdapterRt {
+    pub name: String,
+    pub slot: u8,
+    pub ifindex: Option<u32>,
+    pub mac: Option<Mac>,
+    pub health: Health,
     /// Bumped on every transition so a stale hold-down or up-delay timer does nothing.
-    gen: u64,
-    since: f64,
-    link: Option<PinnedLink>,
-    /// Addresses and routes of the adapter: where a VIP may be taken over.
-    subnets: Vec<Subnet>,
-    weight: u32,
-    move_mac: bool,
-    /// While it is down: the adapter that takes its stragglers (and its MAC, with move_mac).
-    heir: Option<usize>,
-    /// VIP bytes per second through it, as last sampled (seed 004's load).
-    load: f64,
-    last_bytes: Option<(Instant, u64)>,
+    pub gen: u64,
+    pub since: f64,
+    pub link: Option<PinnedLink>,
+    pub move_mac: bool,
+    /// Where its MAC was added to a unicast filter (its heir's ifindex) while it is down.
+    pub mac_at: Option<u32>,
+    pub last_bytes: Option<(Instant, u64)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VipState {
-    Active,
-    Refused,
-}
-
-struct VipRt {
-    addr: IpAddr,
-    vlan: u16,
-    key: VipKey,
-    id: u32,
-    failover: bool,
-    /// Its own adapters (config order) as a slot mask.
-    home: u64,
-    /// Its own adapters' slots in config order (for `primary`).
-    order: Vec<u8>,
-    mode: VipMode,
-    /// The allowed mask in the map now.
-    mask: u64,
-    state: VipState,
-    /// No adapter may answer for it (its own are down, no takeover possible): said once.
-    stranded: bool,
-    rebalance: bool,
-    /// Spread mode: the owner slot of each bucket, as written to the map.
-    buckets: Vec<u8>,
-    /// The virtual server it belongs to (index into `vservers`): not on `lo`, delivered there.
-    vserver: Option<u32>,
+/// One VIP as configured (ranges expanded), fixed for the agent's life.
+#[derive(Debug, Clone)]
+pub struct VipSpec {
+    pub addr: IpAddr,
+    pub vlan: u16,
+    pub key: VipKey,
+    /// `VipInfo::flags`: spread mode, virtual server.
+    pub flags: u32,
+    /// Its `[[vip]]` table.
+    pub table: u32,
 }
 
 /// A virtual server's interface (seed 004).
-struct VserverRt {
-    name: String,
-    interface: String,
-    ifindex: Option<u32>,
+pub(crate) struct VserverRt {
+    pub name: String,
+    pub interface: String,
+    pub ifindex: Option<u32>,
     /// The interface's own MAC (the virtual server's gateway).
-    mac: Option<Mac>,
-    link: Option<PinnedLink>,
-    vips: Vec<usize>,
+    pub mac: Option<Mac>,
+    pub link: Option<PinnedLink>,
+    pub vips: Vec<usize>,
 }
 
-/// A hold-down or up-delay timer to start.
-#[derive(Debug)]
+/// A hold-down or up-delay timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Timer {
     pub adapter: usize,
     pub gen: u64,
-    pub after: Duration,
+}
+
+/// The client table as last read (by the housekeeping thread), by adapter: who must be
+/// told when an adapter fails, without reading the table on the failover path.
+#[derive(Debug, Default)]
+pub struct ClientIndex {
+    pub by_ifindex: HashMap<u32, Vec<(FlowKey, FlowInfo)>>,
+    pub total: usize,
+    /// The most recently seen, newest first (for status).
+    pub recent: Vec<(FlowKey, FlowInfo)>,
+}
+
+impl ClientIndex {
+    pub fn build(mut flows: Vec<(FlowKey, FlowInfo)>, shown: usize) -> ClientIndex {
+        let total = flows.len();
+        flows.sort_by_key(|(_, f)| Reverse(f.seen_ns));
+        let recent = flows.iter().take(shown).copied().collect();
+        let mut by_ifindex: HashMap<u32, Vec<(FlowKey, FlowInfo)>> = HashMap::new();
+        for (k, f) in flows {
+            by_ifindex.entry(f.ifindex).or_default().push((k, f));
+        }
+        ClientIndex { by_ifindex, total, recent }
+    }
 }
 
 pub struct Agent {
-    cfg: Config,
-    dp: Dataplane,
-    rtnl: Rtnl,
-    host: Host,
-    ann: Announcer,
-    lo: u32,
-    adapters: Vec<AdapterRt>,
-    vips: Vec<VipRt>,
-    vservers: Vec<VserverRt>,
-    failovers: VecDeque<FailoverStatus>,
-    refusals: Vec<Refusal>,
-    hist_maps: Histogram,
-    hist_announce: Histogram,
-    started: f64,
-    adopted: bool,
+    pub(crate) cfg: Config,
+    pub(crate) links: LinkEvents,
+    pub(crate) dp: Dataplane,
+    pub(crate) rtnl: Rtnl,
+    pub(crate) host: Host,
+    pub(crate) ann: Announcer,
+    pub(crate) lo: u32,
+    pub(crate) adapters: Vec<AdapterRt>,
+    /// The adapters as placement sees them (health, load, subnets), kept in step.
+    pub(crate) padapters: Vec<placement::Adapter>,
+    pub(crate) nodes: Vec<placement::Node>,
+    pub(crate) vips: Arc<Vec<VipSpec>>,
+    pub(crate) pvips: Arc<Vec<placement::Vip>>,
+    pub(crate) by_key: HashMap<VipKey, u32>,
+    /// Not refused by the conflict probe.
+    pub(crate) active: Arc<Vec<bool>>,
+    pub(crate) classes: Arc<Classes>,
+    /// A stable id per class key, so a class keeps its data-plane policies when the VIPs
+    /// are classified again.
+    pub(crate) class_ids: HashMap<ClassKey, u32>,
+    pub(crate) class_sid: Vec<u32>,
+    pub(crate) assignment: Arc<Assignment>,
+    pub(crate) policies: Policies,
+    /// The policy each VIP's map entry points at (u32::MAX: not in the map).
+    pub(crate) vip_policy: Vec<u32>,
+    /// Refusals in force (to say each once), and the last ones said.
+    pub(crate) refusals_now: HashSet<placement::Refusal>,
+    pub(crate) refusals: VecDeque<Refusal>,
+    pub(crate) vservers: Vec<VserverRt>,
+    pub(crate) failovers: VecDeque<FailoverStatus>,
+    /// Failover records waiting for their first announcement: tag -> event instant.
+    pub(crate) tags: HashMap<u64, Instant>,
+    pub(crate) next_tag: u64,
+    pub(crate) hist_maps: Histogram,
+    pub(crate) hist_announce: Histogram,
+    pub(crate) started: f64,
+    pub(crate) adopted: bool,
     pub stopping: bool,
     /// Last correction sent per straggling client (rate limit).
-    corrected: HashMap<FlowKey, Instant>,
-    clients_moved: u64,
-    corrections_sent: u64,
+    pub(crate) corrected: HashMap<FlowKey, Instant>,
+    pub(crate) clients: Arc<ClientIndex>,
+    pub(crate) clients_moved: u64,
+    pub(crate) corrections_sent: u64,
+    pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Link events read during a long operation (their urgent part done), to finish.
+    pub(crate) deferred: VecDeque<(Instant, LinkEvent)>,
 }
 
 const MAX_FAILOVERS_KEPT: usize = 256;
-/// The announcer's queue key for MAC-move learning frames (not a VIP id).
-const MAC_MOVE_ID: u32 = u32::MAX;
 const MAX_REFUSALS_KEPT: usize = 256;
 
-
 /// The client address of a table entry.
-fn flow_client(k: &FlowKey) -> IpAddr {
+pub fn flow_client(k: &FlowKey) -> IpAddr {
     let o = VipKey { addr: k.client, vlan: 0, family: k.family, _pad: 0 }.octets();
     if k.family == FAMILY_IPV4 {
         IpAddr::from([o[0], o[1], o[2], o[3]])
@@ -162,26 +190,12 @@ fn flow_client(k: &FlowKey) -> IpAddr {
     }
 }
 
-/// Smooth weighted round robin over `(slot, weight)` members into SPREAD_BUCKETS buckets.
-pub fn weighted_table(members: &[(u8, i64)]) -> Vec<u8> {
-    let total: i64 = members.iter().map(|m| m.1).sum();
-    let mut current = vec![0i64; members.len()];
-    (0..SPREAD_BUCKETS)
-        .map(|_| {
-            if members.is_empty() {
-                return NO_SLOT;
-            }
-            for (c, m) in current.iter_mut().zip(members) {
-                *c += m.1;
-            }
-            let best = (0..members.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k))).expect("not empty");
-            current[best] -= total;
-            members[best].0
-        })
-        .collect()
+/// The VIP address of a table entry.
+pub fn flow_vip(k: &FlowKey) -> IpAddr {
+    flow_client(&FlowKey { client: k.vip, ..*k })
 }
 
-fn vip_key(addr: &IpAddr, vlan: u16) -> VipKey {
+pub fn vip_key(addr: &IpAddr, vlan: u16) -> VipKey {
     match addr {
         IpAddr::V4(a) => VipKey::v4(a.octets(), vlan),
         IpAddr::V6(a) => VipKey::v6(a.octets(), vlan),
@@ -196,7 +210,7 @@ fn xdp_mode(m: XdpModeCfg) -> XdpMode {
     }
 }
 
-/// The host as netlink reports it, for `Config::validate_host`.
+/// The host as netlink reports it, for `Config::validate_host` and takeover checks.
 pub struct NetlinkHost {
     pub links: Vec<Link>,
     pub addrs: Vec<(u32, Subnet)>,
@@ -215,15 +229,21 @@ impl NetlinkHost {
         let pick = |v: &[(u32, Subnet)]| v.iter().filter(|(i, _)| on.contains(i)).map(|(_, s)| s.clone()).collect();
         (pick(&self.addrs), pick(&self.routes))
     }
-}
 
-impl NetlinkHost {
     /// Where a VIP may be taken over onto this adapter: its addresses' and routes'
     /// subnets. A default route is no sign of being in a subnet (as in validation).
-    fn takeover_subnets(&self, ifindex: u32) -> Vec<Subnet> {
+    pub fn takeover_subnets(&self, ifindex: u32) -> Vec<Subnet> {
         let (mut a, r) = self.subnets(ifindex);
         a.extend(r.into_iter().filter(|s| s.prefix > 0));
         a
+    }
+
+    /// [`NetlinkHost::takeover_subnets`] of each named adapter (empty when missing).
+    pub fn subnets_of(&self, names: &[String]) -> Vec<Vec<Subnet>> {
+        names
+            .iter()
+            .map(|n| self.links.iter().find(|l| &l.name == n).map(|l| self.takeover_subnets(l.ifindex)).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -240,7 +260,7 @@ fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let root = Path::new("/sys/fs/bpf");
     let is_bpffs = |p: &Path| -> bool {
-        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
     };
@@ -261,11 +281,56 @@ fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
     anyhow::bail!("pin_path {} is not on a BPF file system (bpffs)", pin_path.display())
 }
 
+/// The VIPs of the config, expanded, as the agent and placement see them.
+pub fn vip_specs(cfg: &Config) -> (Vec<VipSpec>, Vec<placement::Vip>) {
+    let vserver_of: HashMap<usize, u32> =
+        cfg.virtual_servers.iter().enumerate().flat_map(|(s, v)| v.vips.iter().map(move |&i| (i, s as u32))).collect();
+    let mut specs = Vec::with_capacity(cfg.all_vips.len());
+    let mut pvips = Vec::with_capacity(cfg.all_vips.len());
+    for (i, &(t, addr)) in cfg.all_vips.iter().enumerate() {
+        let v = &cfg.vips[t as usize];
+        let vlan = v.vlan.unwrap_or(0);
+        let mut flags = if v.mode == Mode::Spread { VIP_SPREAD } else { 0 };
+        if let Some(&s) = vserver_of.get(&i) {
+            flags |= vserver_flags(s);
+        }
+        specs.push(VipSpec { addr, vlan, key: vip_key(&addr, vlan), flags, table: t });
+        pvips.push(placement::Vip {
+            addr,
+            vlan,
+            homes: v.adapters.iter().map(|&a| a as Slot).collect(),
+            mode: v.mode,
+            failover: v.failover,
+            rebalance: v.rebalance,
+        });
+    }
+    (specs, pvips)
+}
+
+/// The adapters as placement sees them, from the config and their takeover subnets.
+pub fn placement_adapters(cfg: &Config, subnets: Vec<Vec<Subnet>>) -> Vec<placement::Adapter> {
+    cfg.adapters
+        .iter()
+        .zip(subnets)
+        .map(|(a, subnets)| placement::Adapter {
+            name: a.name.clone(),
+            node: 0,
+            up: false,
+            weight: a.weight,
+            load: 0.0,
+            max_vips: a.max_vips,
+            vlans: a.vlans.clone(),
+            subnets,
+        })
+        .collect()
+}
+
 impl Agent {
     /// Brings the agent up: validates against the host (nothing is touched if that
-    /// fails), loads or adopts the data plane, prepares the adapters, probes and adds the
-    /// VIPs, announces them. On any failure after the first change the host is restored.
-    pub fn start(cfg: Config, object: &[u8], reload: bool) -> anyhow::Result<Agent> {
+    /// fails), loads or adopts the data plane, prepares the adapters, probes the VIPs,
+    /// places them, writes the maps and the host routes, announces. On any failure after
+    /// the first change the host is restored.
+    pub fn start(cfg: Config, object: &[u8], reload: bool, links: LinkEvents, ann: Announcer) -> anyhow::Result<Agent> {
         let mut rtnl = Rtnl::open()?;
         let nh = NetlinkHost::read(&mut rtnl)?;
         if let Err(e) = cfg.validate_host(&nh) {
@@ -291,61 +356,31 @@ impl Agent {
                 return Err(e.into());
             }
         };
-        let adopted = !dp.vip_keys()?.is_empty() || !dp.adapters()?.is_empty();
         let host = Host::open(state_file(&cfg));
-        let a = &cfg.announce;
-        let ann = Announcer::new(a.count, Duration::from_millis(a.interval_ms), a.max_per_second);
         let now = unix_now();
+        let names: Vec<String> = cfg.adapters.iter().map(|a| a.name.clone()).collect();
+        let padapters = placement_adapters(&cfg, nh.subnets_of(&names));
         let adapters = cfg
             .adapters
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                let link = nh.links.iter().find(|l| l.name == c.name);
-                AdapterRt {
-                    name: c.name.clone(),
-                    slot: i as u8,
-                    max_vips: c.max_vips,
-                    vlans: c.vlans.clone(),
-                    ifindex: None,
-                    mac: link.and_then(|l| l.mac),
-                    health: Health::Missing,
-                    gen: 0,
-                    since: now,
-                    link: None,
-                    subnets: link.map(|l| nh.takeover_subnets(l.ifindex)).unwrap_or_default(),
-                    weight: c.weight,
-                    move_mac: c.move_mac,
-                    heir: None,
-                    load: 0.0,
-                    last_bytes: None,
-                }
+            .map(|(i, c)| AdapterRt {
+                name: c.name.clone(),
+                slot: i as u8,
+                ifindex: None,
+                mac: nh.links.iter().find(|l| l.name == c.name).and_then(|l| l.mac),
+                health: Health::Missing,
+                gen: 0,
+                since: now,
+                link: None,
+                move_mac: c.move_mac,
+                mac_at: None,
+                last_bytes: None,
             })
             .collect();
-        let vips = cfg
-            .vips
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let vlan = v.vlan.unwrap_or(0);
-                VipRt {
-                    addr: v.address.addr,
-                    vlan,
-                    key: vip_key(&v.address.addr, vlan),
-                    id: i as u32,
-                    failover: v.failover,
-                    home: v.adapters.iter().fold(0u64, |m, a| m | 1 << a),
-                    order: v.adapters.iter().map(|a| *a as u8).collect(),
-                    mode: v.mode,
-                    mask: 0,
-                    state: VipState::Refused,
-                    stranded: false,
-                    rebalance: v.rebalance,
-                    buckets: vec![],
-                    vserver: cfg.virtual_servers.iter().position(|s| s.vips.contains(&i)).map(|x| x as u32),
-                }
-            })
-            .collect();
+        let (specs, pvips) = vip_specs(&cfg);
+        let by_key = specs.iter().enumerate().map(|(i, v)| (v.key, i as u32)).collect();
+        let n = specs.len();
         let vservers = cfg
             .virtual_servers
             .iter()
@@ -360,24 +395,42 @@ impl Agent {
             .collect();
         let mut agent = Agent {
             cfg,
+            links,
             dp,
             rtnl,
             host,
             ann,
             lo,
             adapters,
-            vips,
+            padapters,
+            nodes: vec![placement::Node { name: hostname(), up: true }],
+            vips: Arc::new(specs),
+            pvips: Arc::new(pvips),
+            by_key,
+            active: Arc::new(vec![false; n]),
+            classes: Arc::new(Classes::default()),
+            class_ids: HashMap::new(),
+            class_sid: vec![],
+            assignment: Arc::new(Assignment::default()),
+            policies: Policies::default(),
+            vip_policy: vec![u32::MAX; n],
+            refusals_now: HashSet::new(),
+            refusals: VecDeque::new(),
             vservers,
             failovers: VecDeque::new(),
-            refusals: vec![],
+            tags: HashMap::new(),
+            next_tag: 0,
             hist_maps: Histogram::default(),
             hist_announce: Histogram::default(),
             started: now,
-            adopted,
+            adopted: false,
             stopping: false,
             corrected: HashMap::new(),
+            clients: Arc::new(ClientIndex::default()),
             clients_moved: 0,
             corrections_sent: 0,
+            timers: BinaryHeap::new(),
+            deferred: VecDeque::new(),
         };
         if let Err(e) = agent.bring_up(&nh.links, reload) {
             // A restarted agent that fails leaves the previous agent's pins alone so
@@ -391,9 +444,13 @@ impl Agent {
     }
 
     fn bring_up(&mut self, links: &[Link], reload: bool) -> anyhow::Result<()> {
+        let t0 = Instant::now();
         let pin = self.cfg.agent.pin_path.clone();
         let mode = xdp_mode(self.cfg.agent.xdp_mode);
-        self.host.prepare_host()?;
+        let in_map: HashMap<VipKey, vip_common::VipInfo> = self.dp.vip_entries()?.into_iter().collect();
+        self.adopted = !in_map.is_empty() || !self.dp.adapters()?.is_empty();
+        let ipv6 = self.vips.iter().any(|v| v.addr.is_ipv6());
+        self.host.prepare_host(ipv6)?;
         let mut configured = HashSet::new();
         for i in 0..self.adapters.len() {
             let Some(link) = links.iter().find(|l| l.name == self.adapters[i].name).cloned() else {
@@ -426,76 +483,86 @@ impl Agent {
                 }
             }
         }
-        let wanted: HashSet<VipKey> = self.vips.iter().map(|v| v.key).collect();
-        let in_map: HashSet<VipKey> = self.dp.vip_keys()?.into_iter().collect();
-        for k in in_map.difference(&wanted) {
-            self.dp.remove_vip(*k)?;
+        let stale: Vec<VipKey> = in_map.keys().filter(|k| !self.by_key.contains_key(k)).copied().collect();
+        if !stale.is_empty() {
+            tracing::info!(vips = stale.len(), "removing VIPs no longer configured from the data plane");
+            self.dp.remove_vips(&stale)?;
         }
         // VIPs already in an adopted map are ours: probing them would find ourselves.
-        let mut probe = vec![];
-        for v in &mut self.vips {
-            if in_map.contains(&v.key) || !self.cfg.probe.enabled {
-                v.state = VipState::Active;
-                continue;
-            }
-            let from: Vec<(u32, Mac)> = self
-                .adapters
-                .iter()
-                .filter(|a| v.home & (1 << a.slot) != 0 && a.health.answers())
-                .filter_map(|a| Some((a.ifindex?, a.mac?)))
-                .collect();
-            probe.push(ProbeTarget { vip: v.id, addr: v.addr, vlan: v.vlan, from });
+        let mut active = vec![true; self.vips.len()];
+        if self.cfg.probe.enabled {
+            self.probe(&in_map, &mut active)?;
         }
-        if !probe.is_empty() {
-            let listen: Vec<u32> = self.adapters.iter().filter(|a| a.health.answers()).filter_map(|a| a.ifindex).collect();
-            let ours: HashSet<Mac> = self.adapters.iter().filter_map(|a| a.mac).collect();
-            let p = &self.cfg.probe;
-            let found = conflict::probe(&probe, &listen, &ours, p.count, Duration::from_millis(p.wait_ms))?;
-            for v in &mut self.vips {
-                if !probe.iter().any(|t| t.vip == v.id) {
-                    continue;
-                }
-                match found.get(&v.id) {
-                    Some(c) => {
-                        let reason = format!("address in use: {} from {}", c.what, mac_str(&c.mac));
-                        tracing::warn!(vip = %v.addr, vlan = v.vlan, %reason, "VIP refused");
-                        self.refusals.push(Refusal { at: unix_now(), vip: v.addr.to_string(), adapter: None, reason });
-                    }
-                    None => v.state = VipState::Active,
-                }
-            }
-        }
-        self.recompute(true);
-        self.place_spread(None);
+        self.active = Arc::new(active);
+        // An adopted map's VIPs keep answering through their old policies until moved to
+        // new ones: the new ones are allocated elsewhere.
+        self.policies = Policies::avoiding(in_map.values().map(|v| v.policy));
+        self.reclassify(None);
+        let t_maps = t0.elapsed();
         // A virtual server's VIPs are its own: the host does not hold them.
-        let keep: Vec<IpAddr> =
-            self.vips.iter().filter(|v| v.state == VipState::Active && v.vserver.is_none()).map(|v| v.addr).collect();
-        for addr in self.host.stale_vips(&keep) {
-            tracing::info!(%addr, "removing a VIP no longer configured from lo");
-            self.host.remove_vip(&mut self.rtnl, addr)?;
+        let keep: HashSet<IpAddr> = self
+            .vips
+            .iter()
+            .zip(self.active.iter())
+            .filter(|(v, a)| **a && v.flags & vip_common::VIP_VSERVER == 0)
+            .map(|(v, _)| v.addr)
+            .collect();
+        let stale = self.host.stale_vips(&keep);
+        if !stale.is_empty() {
+            tracing::info!(vips = stale.len(), "removing VIPs no longer configured from the host");
+            self.host.remove_vips(&mut self.rtnl, &stale)?;
         }
-        for i in 0..self.vips.len() {
-            if self.vips[i].state == VipState::Active && self.vips[i].vserver.is_none() {
-                let addr = self.vips[i].addr;
-                self.host.add_vip(&mut self.rtnl, self.lo, addr)?;
-            }
-        }
+        let mut keep: Vec<IpAddr> = keep.into_iter().collect();
+        keep.sort();
+        self.host.add_vips(&mut self.rtnl, self.lo, &keep)?;
         self.discover_vservers();
-        let now = Instant::now();
-        for i in 0..self.vips.len() {
-            // Spread clients each learn their adapter when they ask: a broadcast would
-            // send them all to one.
-            if self.vips[i].mode != VipMode::Spread {
-                self.announce_vip(i, u64::MAX, now);
-            }
-        }
-        self.ann.pump(Instant::now());
         tracing::info!(
             adapters = self.adapters.iter().filter(|a| a.health != Health::Missing).count(),
-            vips = self.vips.iter().filter(|v| v.state == VipState::Active).count(),
+            vips = self.active.iter().filter(|a| **a).count(),
+            classes = self.classes.len(),
             adopted = self.adopted,
+            maps_ms = t_maps.as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
             "agent up"
         );
+        Ok(())
+    }
+
+    /// Conflict probes for every VIP not already in an adopted map (seed 002: "address
+    /// not used by another cluster member"): those another host answers for are refused.
+    fn probe(&mut self, in_map: &HashMap<VipKey, vip_common::VipInfo>, active: &mut [bool]) -> anyhow::Result<()> {
+        let mut targets = vec![];
+        for (i, v) in self.vips.iter().enumerate() {
+            if in_map.contains_key(&v.key) {
+                continue;
+            }
+            // One adapter per VIP probes (its first own adapter that is up); all listen.
+            let from: Vec<(u32, Mac)> = self.pvips[i]
+                .homes
+                .iter()
+                .map(|&h| &self.adapters[h as usize])
+                .filter(|a| a.health.answers())
+                .filter_map(|a| Some((a.ifindex?, a.mac?)))
+                .take(1)
+                .collect();
+            targets.push(ProbeTarget { vip: i as u32, addr: v.addr, vlan: v.vlan, from });
+        }
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let listen: Vec<u32> = self.adapters.iter().filter(|a| a.health.answers()).filter_map(|a| a.ifindex).collect();
+        let ours: HashSet<Mac> = self.adapters.iter().filter_map(|a| a.mac).collect();
+        let p = &self.cfg.probe;
+        let found = conflict::probe(&targets, &listen, &ours, p.count, Duration::from_millis(p.wait_ms))?;
+        let mut found: Vec<(u32, conflict::Conflict)> = found.into_iter().collect();
+        found.sort_by_key(|f| f.0);
+        for (i, c) in found {
+            active[i as usize] = false;
+            let v = &self.vips[i as usize];
+            let reason = format!("address in use: {} from {}", c.what, mac_str(&c.mac));
+            tracing::warn!(vip = %v.addr, vlan = v.vlan, %reason, "VIP refused");
+            self.push_refusal(Refusal { at: unix_now(), vip: v.addr.to_string(), count: 1, adapter: None, reason });
+        }
         Ok(())
     }
 
@@ -504,7 +571,7 @@ impl Agent {
     fn attach(&mut self, i: usize, link: &Link, mode: XdpMode, reload: bool, initial: Option<Health>) -> anyhow::Result<()> {
         let path = self.cfg.agent.pin_path.join(format!("link_{}", link.ifindex));
         self.host.prepare_adapter(&link.name)?;
-        if !self.adapters[i].vlans.is_empty() {
+        if !self.padapters[i].vlans.is_empty() {
             if let Err(e) = self.host.disable_rxvlan(&link.name) {
                 tracing::warn!(adapter = %link.name, error = %e, "could not turn RX VLAN offload off; tagged requests may not be answered");
             }
@@ -542,7 +609,7 @@ impl Agent {
             }
             self.dp.set_mac(mac, link.ifindex)?;
         }
-        self.ann.add_adapter(link.ifindex)?;
+        self.ann.send(Job::AddAdapter { ifindex: link.ifindex });
         let a = &mut self.adapters[i];
         a.link = Some(pinned);
         a.ifindex = Some(link.ifindex);
@@ -551,402 +618,188 @@ impl Agent {
         a.gen += 1;
         a.since = unix_now();
         let state = a.health.name();
-        self.write_adapter(i)?;
+        self.padapters[i].up = a.health.answers();
+        self.write_adapter(i, None)?;
         tracing::info!(adapter = %link.name, ifindex = link.ifindex, state, "adapter attached");
         Ok(())
     }
 
-    fn write_adapter(&mut self, i: usize) -> anyhow::Result<()> {
+    /// Writes adapter `i`'s entry: its state, and while it is down its heir (with the
+    /// MAC-moved flag when its MAC moves there).
+    pub(crate) fn write_adapter(&mut self, i: usize, heir: Option<Slot>) -> anyhow::Result<()> {
         let a = &self.adapters[i];
         let Some(ifindex) = a.ifindex else { return Ok(()) };
         let up = a.health.answers();
         let state = if up { ADAPTER_UP } else { ADAPTER_DOWN };
-        let heir = if up { None } else { a.heir.and_then(|h| self.adapters[h].ifindex) };
+        let heir = if up { None } else { heir.and_then(|h| self.adapters[h as usize].ifindex) };
         let flags = if heir.is_some() && a.move_mac { ADAPTER_MAC_MOVED } else { 0 };
         let info = AdapterInfo { mac: a.mac.unwrap_or_default(), slot: a.slot, state, heir: heir.unwrap_or(0), flags };
         self.dp.set_adapter(ifindex, info)?;
         Ok(())
     }
 
-    /// The healthy adapter with the least load per weight (seed 004), other than `not`.
-    fn least_loaded(&self, not: usize) -> Option<usize> {
-        (0..self.adapters.len())
-            .filter(|&j| j != not && self.adapters[j].health.answers() && self.adapters[j].ifindex.is_some())
-            .min_by(|&x, &y| {
-                let (a, b) = (&self.adapters[x], &self.adapters[y]);
-                (a.load / a.weight as f64).total_cmp(&(b.load / b.weight as f64)).then(x.cmp(&y))
+    pub(crate) fn up_mask(&self) -> u64 {
+        placement::up_mask(&self.nodes, &self.padapters)
+    }
+
+    /// Classifies the VIPs again (at start, or with `next` from the host watcher when the
+    /// adapters' addresses changed), carries the assignment over and places.
+    pub(crate) fn reclassify(&mut self, next: Option<(Vec<Vec<Subnet>>, Arc<Classes>)>) {
+        let classes = match next {
+            Some((subnets, classes)) => {
+                for (a, s) in self.padapters.iter_mut().zip(subnets) {
+                    a.subnets = s;
+                }
+                classes
+            }
+            None => {
+                let active = self.active.iter().enumerate().filter(|(_, a)| **a).map(|(i, _)| i as u32);
+                Arc::new(placement::classify(&self.pvips, active, &self.padapters))
+            }
+        };
+        let carried = self.assignment.carry(&self.classes, &classes);
+        self.class_sid = classes
+            .list
+            .iter()
+            .map(|c| {
+                let n = self.class_ids.len() as u32;
+                *self.class_ids.entry(c.key.clone()).or_insert(n)
             })
+            .collect();
+        self.classes = classes;
+        self.assignment = Arc::new(carried);
+        let d = placement::place(&placement::Input {
+            nodes: &self.nodes,
+            adapters: &self.padapters,
+            classes: &self.classes,
+            previous: &self.assignment,
+        });
+        let df = placement::diff(&self.assignment, &d.assignment);
+        let next = Arc::new(d.assignment);
+        self.apply_maps(&df, &next);
+        self.reconcile(&next);
+        self.assignment = next;
+        self.report_refusals(&d.refusals);
+        self.announce(&df, None, Instant::now());
     }
 
-    /// A round-robin fill of the buckets over the adapters in `mask`, each as often as its
-    /// weight (smooth weighted round robin: the adapters interleave, so any run of
-    /// consecutive buckets is shared by weight within one).
-    fn weighted_table(&self, mask: u64) -> Vec<u8> {
-        let members: Vec<(u8, i64)> =
-            self.adapters.iter().filter(|a| mask & (1 << a.slot) != 0).map(|a| (a.slot, a.weight as i64)).collect();
-        weighted_table(&members)
+    /// Places again after a change of health or load, and applies the difference.
+    /// Returns the diff and when the maps were written.
+    pub(crate) fn decide(&mut self) -> (placement::Diff, Instant) {
+        let d = placement::place(&placement::Input {
+            nodes: &self.nodes,
+            adapters: &self.padapters,
+            classes: &self.classes,
+            previous: &self.assignment,
+        });
+        let df = placement::diff(&self.assignment, &d.assignment);
+        let next = Arc::new(d.assignment);
+        self.apply_maps(&df, &next);
+        let at = Instant::now();
+        self.assignment = next;
+        self.report_refusals(&d.refusals);
+        (df, at)
     }
 
-    /// Places spread VIPs' buckets after a change. When adapter `failed` went down, only
-    /// its buckets move, each to the survivor with the least load per weight (its
-    /// measured traffic plus what it is given here); everyone else's clients stay. When
-    /// the set of answering adapters changes otherwise, the table is refilled by weight.
-    fn place_spread(&mut self, failed: Option<u8>) {
-        let up = self.up_mask();
-        for vi in 0..self.vips.len() {
-            let v = &self.vips[vi];
-            if v.mode != VipMode::Spread || v.state != VipState::Active {
+    /// Says the refusals that are new since the last decision (once per change).
+    fn report_refusals(&mut self, now: &[placement::Refusal]) {
+        let current: HashSet<placement::Refusal> = now.iter().cloned().collect();
+        for r in now {
+            if self.refusals_now.contains(r) {
                 continue;
             }
-            let answering = v.mask & up;
-            let owners = v.buckets.iter().filter(|&&s| s != NO_SLOT).fold(0u64, |m, s| m | 1 << s);
-            let next = match failed {
-                Some(f) if owners & (1 << f) != 0 && answering != 0 && owners & !(1 << f) & !answering == 0 => {
-                    let mut t = v.buckets.clone();
-                    let moved: Vec<usize> = (0..t.len()).filter(|&b| t[b] == f).collect();
-                    let per_bucket = self.adapters[f as usize].load / moved.len().max(1) as f64;
-                    let survivors: Vec<usize> =
-                        self.adapters.iter().enumerate().filter(|(_, a)| answering & (1 << a.slot) != 0).map(|(j, _)| j).collect();
-                    let mut given = vec![0.0f64; self.adapters.len()];
-                    let mut count = vec![0u32; self.adapters.len()];
-                    for &s in t.iter().filter(|&&s| s != NO_SLOT) {
-                        count[s as usize] += 1;
-                    }
-                    for b in moved {
-                        let cost = |j: usize| {
-                            let a = &self.adapters[j];
-                            ((a.load + given[j]) / a.weight as f64, count[j] as f64 / a.weight as f64)
-                        };
-                        let j = *survivors
-                            .iter()
-                            .min_by(|&&x, &&y| {
-                                let (cx, cy) = (cost(x), cost(y));
-                                cx.0.total_cmp(&cy.0).then(cx.1.total_cmp(&cy.1)).then(x.cmp(&y))
-                            })
-                            .expect("answering is not empty");
-                        t[b] = self.adapters[j].slot;
-                        given[j] += per_bucket;
-                        count[j] += 1;
-                    }
-                    t
-                }
-                _ if owners == answering && !v.buckets.is_empty() => continue,
-                _ => self.weighted_table(answering),
-            };
-            let v = &mut self.vips[vi];
-            v.buckets = next;
-            if let Err(e) = self.dp.set_buckets(v.id, &v.buckets) {
-                tracing::error!(vip = %v.addr, error = %e, "bucket map write failed");
+            let Some(c) = self.classes.list.get(r.class as usize) else { continue };
+            let Some(&first) = c.members.get(r.start as usize) else { continue };
+            let vip = self.vips[first as usize].addr;
+            let adapter = r.adapter.map(|s| self.adapters[s as usize].name.clone());
+            let reason = r.reason.to_string();
+            tracing::warn!(%vip, vips = r.len, adapter = adapter.as_deref().unwrap_or(""), %reason, "takeover refused");
+            self.push_refusal(Refusal { at: unix_now(), vip: vip.to_string(), count: r.len, adapter, reason });
+        }
+        self.refusals_now = current;
+    }
+
+    fn push_refusal(&mut self, r: Refusal) {
+        self.refusals.push_back(r);
+        while self.refusals.len() > MAX_REFUSALS_KEPT {
+            self.refusals.pop_front();
+        }
+    }
+
+    pub(crate) fn new_tag(&mut self, at: Instant) -> u64 {
+        self.next_tag += 1;
+        self.tags.insert(self.next_tag, at);
+        if self.tags.len() > MAX_FAILOVERS_KEPT {
+            let oldest = *self.tags.keys().min().expect("not empty");
+            self.tags.remove(&oldest);
+        }
+        self.next_tag
+    }
+
+    /// The announcer sent the first frame of a tagged job from `ifindex`.
+    pub fn on_sent(&mut self, tag: u64, ifindex: u32, at: Instant) {
+        let Some(&event) = self.tags.get(&tag) else { return };
+        let Some(name) = self.adapters.iter().find(|a| a.ifindex == Some(ifindex)).map(|a| a.name.clone()) else { return };
+        let ns = at.saturating_duration_since(event).as_nanos() as u64;
+        if let Some(f) = self.failovers.iter_mut().rev().find(|f| f.tag == Some(tag)) {
+            if f.first_announcement_ns.is_none() {
+                f.first_announcement_ns = Some(ns);
+                self.hist_announce.observe(ns);
+            }
+            if !f.announced_from.contains(&name) {
+                f.announced_from.push(name);
+                f.announced_from.sort();
             }
         }
     }
 
-    /// The adapter (index) that should answer `client` for spread VIP `vi` now.
-    fn bucket_owner(&self, vi: usize, client: &[u32; 4]) -> Option<usize> {
-        let slot = *self.vips[vi].buckets.get(client_bucket(client) as usize)?;
-        self.adapters.iter().position(|a| a.slot == slot && a.health.answers())
-    }
-
-    /// Tells spread-mode clients whose adapter changed (their bucket moved: `from` failed,
-    /// or a rebalance) about their new adapter with a unicast ARP reply / NA, and points
-    /// their table entries there so their replies follow at once. Only clients the data
-    /// plane has seen can be told; when none of a failed adapter's clients are known, one
-    /// broadcast announcement from the adapter taking most of its buckets is the fallback.
-    fn move_clients(&mut self, from: Option<usize>, only: &[usize], now: Instant) -> HashSet<usize> {
-        let mut sent_from = HashSet::new();
-        let spread = |v: &VipRt| v.mode == VipMode::Spread && v.state == VipState::Active;
-        if !only.iter().any(|&v| spread(&self.vips[v])) {
-            return sent_from;
-        }
-        let flows = self.dp.flows();
-        for &vi in only {
-            let v = &self.vips[vi];
-            if v.mode != VipMode::Spread || v.state != VipState::Active {
-                continue;
-            }
-            let (key, addr, vlan, id) = (v.key, v.addr, v.vlan, v.id);
-            let mut told = 0;
-            for (k, f) in flows.iter().filter(|(k, _)| k.vip == key.addr && k.vlan == key.vlan && k.family == key.family) {
-                let current = self.adapters.iter().position(|a| a.ifindex == Some(f.ifindex));
-                if let Some(fr) = from {
-                    if current != Some(fr) || self.adapters[fr].move_mac {
-                        continue;
-                    }
-                }
-                let Some(j) = self.bucket_owner(vi, &k.client) else { continue };
-                if current == Some(j) {
-                    continue;
-                }
-                let (Some(ix), Some(mac)) = (self.adapters[j].ifindex, self.adapters[j].mac) else { continue };
-                let mut nf = *f;
-                nf.ifindex = ix;
-                nf.slot = self.adapters[j].slot;
-                if let Err(e) = self.dp.set_flow(*k, nf) {
-                    tracing::warn!(error = %e, "client table write failed");
-                }
-                let client = flow_client(k);
-                self.ann.queue(ix, id, announce::unicast_frame(mac, addr, vlan, f.mac, client), now);
-                self.clients_moved += 1;
-                sent_from.insert(j);
-                told += 1;
-            }
-            tracing::info!(vip = %addr, clients = told, "spread clients moved");
-            if let Some(fr) = from {
-                if told == 0 && !self.adapters[fr].move_mac {
-                    // Nobody known: the failed adapter's clients (if any) hear a broadcast.
-                    if let Some(j) = self.heaviest_heir(vi) {
-                        if let (Some(ix), Some(mac)) = (self.adapters[j].ifindex, self.adapters[j].mac) {
-                            self.ann.queue(ix, id, announce::frame(mac, addr, vlan), now);
-                            sent_from.insert(j);
-                        }
-                    }
-                }
-            }
-        }
-        sent_from
-    }
-
-    /// The adapter owning the most buckets of spread VIP `vi`.
-    fn heaviest_heir(&self, vi: usize) -> Option<usize> {
-        let b = &self.vips[vi].buckets;
-        (0..self.adapters.len())
-            .filter(|&j| self.adapters[j].health.answers())
-            .max_by_key(|&j| (b.iter().filter(|&&s| s == self.adapters[j].slot).count(), std::cmp::Reverse(j)))
-    }
-
-    fn up_mask(&self) -> u64 {
-        self.adapters.iter().filter(|a| a.health.answers()).fold(0, |m, a| m | 1 << a.slot)
-    }
-
-    /// Why adapter `a` may not take over VIP `v`, if it may not (seed 002's checks).
-    fn takeover_refusal(&self, v: &VipRt, a: &AdapterRt, load: u32) -> Option<String> {
-        if v.vlan != 0 && !a.vlans.contains(&v.vlan) {
-            return Some(format!("does not carry vlan {}", v.vlan));
-        }
-        if !a.subnets.iter().any(|s| s.contains(&v.addr)) {
-            return Some("has no address or route in the VIP's subnet".into());
-        }
-        if load >= a.max_vips {
-            return Some(format!("is at max_vips ({})", a.max_vips));
-        }
-        None
-    }
-
-    /// Recomputes every active VIP's allowed mask: its own adapters while one of them is
-    /// up; otherwise (with failover) the healthy adapters that pass the checks. Writes the
-    /// VIPs whose mask changed (all of them with `all`). Returns the VIPs that changed.
-    fn recompute(&mut self, all: bool) -> Vec<(usize, u64)> {
-        let up = self.up_mask();
-        let mut load: Vec<u32> = vec![0; self.adapters.len()];
-        let mut next: Vec<u64> = vec![0; self.vips.len()];
-        // Home placements first, so takeovers only use capacity that is really spare.
-        for (i, v) in self.vips.iter().enumerate() {
-            if v.state != VipState::Active {
-                continue;
-            }
-            if v.home & up != 0 || !v.failover {
-                next[i] = match v.mode {
-                    VipMode::All | VipMode::Spread => v.home,
-                    // The first of its adapters, in config order, that is up.
-                    VipMode::Primary => v.order.iter().map(|s| 1u64 << s).find(|b| b & up != 0).unwrap_or(v.home),
-                };
-                for a in &self.adapters {
-                    if v.home & (1 << a.slot) != 0 {
-                        load[a.slot as usize] += 1;
-                    }
-                }
-            }
-        }
-        let mut refusals = vec![];
-        let mut stranded = vec![false; self.vips.len()];
-        // Takeovers that exist already keep their places (capacity first, the same adapter
-        // first): an unrelated change must not move or strand a VIP that is working.
-        let held = |v: &VipRt| v.mask & !v.home;
-        let mut order: Vec<usize> = (0..self.vips.len()).collect();
-        order.sort_by_key(|&i| (held(&self.vips[i]) & up == 0, i));
-        for i in order {
-            let v = &self.vips[i];
-            if v.state != VipState::Active || next[i] != 0 {
-                continue;
-            }
-            let mut mask = v.home;
-            let mut why = vec![];
-            let mut candidates: Vec<&AdapterRt> =
-                self.adapters.iter().filter(|a| up & (1 << a.slot) != 0 && v.home & (1 << a.slot) == 0).collect();
-            candidates.sort_by_key(|a| held(v) & (1 << a.slot) == 0);
-            for a in candidates {
-                match self.takeover_refusal(v, a, load[a.slot as usize]) {
-                    // A primary-mode VIP is answered by one adapter only, taken over too.
-                    None if v.mode == VipMode::Primary && mask != v.home => {}
-                    None => {
-                        mask |= 1 << a.slot;
-                        load[a.slot as usize] += 1;
-                    }
-                    Some(r) => why.push((a.name.clone(), r)),
-                }
-            }
-            stranded[i] = mask == v.home;
-            // Said when the placement changes (not again while it stays the same).
-            if (mask == v.home && !v.stranded) || (mask != v.home && mask != v.mask) {
-                if why.is_empty() && mask == v.home {
-                    why.push((String::new(), "no other healthy adapter".into()));
-                }
-                refusals.extend(why.into_iter().map(|(a, r)| (i, v.addr, a, r)));
-            }
-            next[i] = mask;
-        }
-        for (v, s) in self.vips.iter_mut().zip(stranded) {
-            v.stranded = s;
-        }
-        for (_, vip, adapter, reason) in refusals {
-            tracing::warn!(%vip, %adapter, %reason, "takeover refused");
-            let adapter = if adapter.is_empty() { None } else { Some(adapter) };
-            self.refusals.push(Refusal { at: unix_now(), vip: vip.to_string(), adapter, reason });
-        }
-        if self.refusals.len() > MAX_REFUSALS_KEPT {
-            let extra = self.refusals.len() - MAX_REFUSALS_KEPT;
-            self.refusals.drain(..extra);
-        }
-        let mut changed = vec![];
-        for (i, mask) in next.into_iter().enumerate() {
-            let v = &mut self.vips[i];
-            if v.state != VipState::Active || (!all && v.mask == mask) {
-                continue;
-            }
-            let old = v.mask;
-            v.mask = mask;
-            let mut flags = if v.mode == VipMode::Spread { VIP_SPREAD } else { 0 };
-            if let Some(x) = v.vserver {
-                flags |= vserver_flags(x);
-            }
-            if let Err(e) = self.dp.set_vip(v.key, VipInfo { allowed: mask, id: v.id, flags }) {
-                tracing::error!(vip = %v.addr, error = %e, "VIP map write failed");
-            }
-            changed.push((i, old));
-        }
-        changed
-    }
-
-    /// Queues announcements of VIP `i` from the adapters in `slots` that answer it now,
-    /// dropping what is still queued wherever it no longer answers.
-    fn announce_vip(&mut self, i: usize, slots: u64, now: Instant) -> Vec<usize> {
-        let v = &self.vips[i];
-        if v.state != VipState::Active {
-            return vec![];
-        }
-        let mut from = vec![];
-        for (j, a) in self.adapters.iter().enumerate() {
-            let (Some(ifindex), Some(mac)) = (a.ifindex, a.mac) else { continue };
-            let answering = v.mask & (1 << a.slot) != 0 && a.health.answers();
-            if !answering {
-                self.ann.cancel(ifindex, v.id);
-                continue;
-            }
-            if slots & (1 << a.slot) == 0 {
-                continue;
-            }
-            self.ann.queue(ifindex, v.id, announce::frame(mac, v.addr, v.vlan), now);
-            from.push(j);
-        }
-        from
+    /// VIPs answered on adapter `i` under the current assignment.
+    fn answered_on(&self, i: usize) -> usize {
+        let b = bit(i as Slot) & self.assignment.up;
+        self.assignment.classes.iter().flat_map(|p| &p.runs).filter(|r| r.allowed & b != 0).map(|r| r.len as usize).sum()
     }
 
     /// The adapter lost its link (or hold-down ran out, or it was removed): stop answering
-    /// there, move what must move, announce from the survivors.
+    /// there first (one store), then place, apply, move its MAC, announce.
     fn fail(&mut self, i: usize, at: Instant, kind: &str) {
-        // First of all: the adapter stops answering (one store, with its heir in it).
-        self.adapters[i].heir = self.least_loaded(i);
-        if let Err(e) = self.write_adapter(i) {
+        let carried = self.answered_on(i);
+        self.padapters[i].up = false;
+        // First of all: the adapter stops answering, its heir in the same store.
+        let up = self.up_mask();
+        let heir = placement::heir(i, &self.padapters, up, &self.assignment);
+        if let Err(e) = self.write_adapter(i, heir) {
             tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
         }
-        let bit = 1u64 << self.adapters[i].slot;
-        let carried: Vec<usize> = (0..self.vips.len())
-            .filter(|&v| self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0)
-            .collect();
-        let changed = self.recompute(false);
-        self.place_spread(Some(self.adapters[i].slot));
-        // Adapters that had handed their stragglers (or MAC) to this one get another heir.
-        let orphans: Vec<usize> = (0..self.adapters.len()).filter(|&j| self.adapters[j].heir == Some(i)).collect();
-        for &j in &orphans {
-            self.adapters[j].heir = self.least_loaded(j);
-            if let Err(e) = self.write_adapter(j) {
-                tracing::error!(adapter = %self.adapters[j].name, error = %e, "adapter map write failed");
-            }
-        }
-        let maps_at = Instant::now();
+        let dp_at = Instant::now();
         if let Some(ix) = self.adapters[i].ifindex {
-            self.ann.clear(ix);
+            self.ann.send(Job::Clear { ifindex: ix });
         }
-        let mut touched: Vec<usize> = carried.clone();
-        touched.extend(changed.iter().map(|(v, _)| *v));
-        touched.sort_unstable();
-        touched.dedup();
-        let mut from = HashSet::new();
-        for &v in &touched {
-            if self.vips[v].mode != VipMode::Spread {
-                from.extend(self.announce_vip(v, u64::MAX, maps_at));
-            }
-        }
-        for j in std::iter::once(i).chain(orphans) {
-            from.extend(self.announce_moved_mac(j, maps_at));
-        }
-        // Broadcast announcements leave before the client table is read for the unicast
-        // updates of spread clients.
-        let (first, _) = self.ann.pump(Instant::now());
-        from.extend(self.move_clients(Some(i), &touched, maps_at));
-        let (later, _) = self.ann.pump(Instant::now());
-        self.record(i, kind, at, maps_at, first.or(later), carried.len(), from);
-    }
-
-    /// A failed adapter with `move_mac` whose MAC now lives on its heir: the heir sends a
-    /// frame from that MAC so the switch learns its new port.
-    fn announce_moved_mac(&mut self, i: usize, now: Instant) -> Option<usize> {
-        let a = &self.adapters[i];
-        let (true, false, Some(h), Some(mac)) = (a.move_mac, a.health.answers(), a.heir, a.mac) else { return None };
-        let ix = self.adapters[h].ifindex?;
-        tracing::info!(adapter = %a.name, heir = %self.adapters[h].name, mac = %mac_str(&mac), "MAC moved");
-        self.ann.queue(ix, MAC_MOVE_ID, announce::learning_frame(mac), now);
-        Some(h)
+        let (df, maps_at) = self.decide();
+        let tag = self.new_tag(at);
+        self.after_decision(&df, tag, maps_at);
+        self.record(i, kind, at, dp_at, maps_at, tag, carried);
     }
 
     /// The adapter is back (after up_delay): answer there again, bring home what was
-    /// taken over, announce on it. Spread-mode clients move back only with `rebalance`.
+    /// taken over, take its MAC back, announce on it.
     fn restore(&mut self, i: usize, at: Instant) {
-        self.adapters[i].heir = None;
-        if let Err(e) = self.write_adapter(i) {
+        self.padapters[i].up = true;
+        if let Err(e) = self.write_adapter(i, None) {
             tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
         }
-        let changed = self.recompute(false);
-        self.place_spread(None);
-        let maps_at = Instant::now();
-        let bit = 1u64 << self.adapters[i].slot;
-        let mut from = HashSet::new();
-        let mut n = 0;
-        for v in 0..self.vips.len() {
-            if self.vips[v].state == VipState::Active && self.vips[v].mask & bit != 0 {
-                n += 1;
-                if self.vips[v].mode != VipMode::Spread {
-                    from.extend(self.announce_vip(v, bit, maps_at));
-                }
-            }
-        }
-        // VIPs that came home stop being announced by the adapters that held them; any
-        // that gained another adapter (capacity freed there) are announced there.
-        for (v, old) in changed {
-            if self.vips[v].mode != VipMode::Spread {
-                let gained = self.vips[v].mask & !old & !bit;
-                from.extend(self.announce_vip(v, gained, maps_at));
-            }
-        }
-        if let (true, Some(ix), Some(mac)) = (self.adapters[i].move_mac, self.adapters[i].ifindex, self.adapters[i].mac) {
-            // Its MAC comes home: the switch learns the port back from this frame.
-            self.ann.queue(ix, MAC_MOVE_ID, announce::learning_frame(mac), maps_at);
-            from.insert(i);
-        }
-        let rebalance: Vec<usize> = (0..self.vips.len()).filter(|&v| self.vips[v].rebalance).collect();
-        from.extend(self.move_clients(None, &rebalance, maps_at));
-        let (first, _) = self.ann.pump(Instant::now());
-        self.record(i, "up", at, maps_at, first, n, from);
+        let dp_at = Instant::now();
+        let (df, maps_at) = self.decide();
+        let tag = self.new_tag(at);
+        self.after_decision(&df, tag, maps_at);
+        let n = self.answered_on(i);
+        self.record(i, "up", at, dp_at, maps_at, tag, n);
+    }
+
+    /// What follows a decision once the maps are written: MACs that move, announcements,
+    /// clients to move.
+    fn after_decision(&mut self, df: &placement::Diff, tag: u64, now: Instant) {
+        self.move_macs(df, tag, now);
+        self.announce(df, Some(tag), now);
     }
 
     /// A straggler event from the data plane: a client sent a VIP's traffic to a failed
@@ -959,31 +812,33 @@ impl Agent {
             return;
         }
         let k = &ev.flow;
-        let Some(vi) = self.vips.iter().position(|v| v.key.addr == k.vip && v.vlan == k.vlan && v.key.family == k.family)
-        else {
-            return;
-        };
-        let v = &self.vips[vi];
-        let up = self.up_mask();
+        let key = VipKey { addr: k.vip, vlan: k.vlan, family: k.family, _pad: 0 };
+        let Some(&vi) = self.by_key.get(&key) else { return };
+        let Some(run) = self.assignment.run_of(&self.classes, vi) else { return };
+        let answering = run.allowed & self.assignment.up;
         let flow_adapter = self.dp.flow(k).and_then(|f| self.adapters.iter().position(|a| a.ifindex == Some(f.ifindex)));
         let target = match flow_adapter {
-            Some(j) if self.adapters[j].health.answers() && v.mask & (1 << self.adapters[j].slot) != 0 => Some(j),
-            _ if v.mode == VipMode::Spread => self.bucket_owner(vi, &k.client),
-            _ => self.adapters.iter().position(|a| v.mask & up & (1 << a.slot) != 0),
+            Some(j) if answering & bit(j as Slot) != 0 => Some(j),
+            _ => match &run.buckets {
+                Some(b) => Some(b[client_bucket(&k.client) as usize] as usize).filter(|&j| answering & bit(j as Slot) != 0),
+                None => placement::slots(answering).next().map(|s| s as usize),
+            },
         };
         let Some(j) = target else { return };
         let (Some(ix), Some(mac)) = (self.adapters[j].ifindex, self.adapters[j].mac) else { return };
+        let v = &self.vips[vi as usize];
         let frame = announce::unicast_frame(mac, v.addr, v.vlan, ev.client_mac, flow_client(k));
-        self.ann.queue_once(ix, v.id, frame, now);
+        self.ann.send(Job::Frame { ifindex: ix, frame, key: flow_hash(k), tag: None });
         self.corrected.insert(*k, now);
         self.corrections_sent += 1;
         tracing::info!(vip = %v.addr, client = %flow_client(k), to = %self.adapters[j].name, sent_to = %mac_str(&ev.to_mac), "straggler corrected");
     }
 
-    /// New traffic totals per slot (from the data plane's counters): updates each adapter's
-    /// load, and forgets old straggler rate-limit entries.
-    pub fn update_load(&mut self, traffic: &[vip_common::Traffic], now: Instant) {
-        for a in &mut self.adapters {
+    /// New traffic totals per slot and a fresh client index (from the housekeeping
+    /// thread): updates each adapter's load, forgets old straggler rate-limit entries,
+    /// asks for virtual servers' MACs not learned yet.
+    pub fn on_housekeeping(&mut self, traffic: &[vip_common::Traffic], clients: Arc<ClientIndex>, now: Instant) {
+        for (i, a) in self.adapters.iter_mut().enumerate() {
             let Some(t) = traffic.get(a.slot as usize) else { continue };
             let bytes = t.rx_bytes + t.tx_bytes;
             if let Some((then, before)) = a.last_bytes {
@@ -991,11 +846,12 @@ impl Agent {
                 if dt > 0.0 {
                     let rate = bytes.saturating_sub(before) as f64 / dt;
                     // Smoothed over about two samples: a burst counts, a blip fades.
-                    a.load = 0.5 * a.load + 0.5 * rate;
+                    self.padapters[i].load = 0.5 * self.padapters[i].load + 0.5 * rate;
                 }
             }
             a.last_bytes = Some((now, bytes));
         }
+        self.clients = clients;
         let gap = Duration::from_millis(self.cfg.steering.correction_interval_ms);
         self.corrected.retain(|_, t| now.duration_since(*t) < gap);
         self.discover_vservers();
@@ -1027,7 +883,7 @@ impl Agent {
 
     /// Asks each virtual server whose MAC the data plane has not learned yet for it (an
     /// ARP probe for its first VIP from its interface); the data plane learns it from the
-    /// reply. Called at start and on every load tick until known.
+    /// reply. Called at start and on every housekeeping tick until known.
     pub fn discover_vservers(&mut self) {
         for (i, v) in self.vservers.iter().enumerate() {
             let (Some(ix), Some(mac)) = (v.ifindex, v.mac) else { continue };
@@ -1049,39 +905,27 @@ impl Agent {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn record(&mut self, i: usize, kind: &str, at: Instant, maps_at: Instant, first: Option<Instant>, vips: usize, from: HashSet<usize>) {
+    fn record(&mut self, i: usize, kind: &str, at: Instant, dp_at: Instant, maps_at: Instant, tag: u64, vips: usize) {
         let maps_ns = maps_at.saturating_duration_since(at).as_nanos() as u64;
-        let first_ns = first.map(|f| f.saturating_duration_since(at).as_nanos() as u64);
+        let dp_ns = dp_at.saturating_duration_since(at).as_nanos() as u64;
         self.hist_maps.observe(maps_ns);
-        if let Some(n) = first_ns {
-            self.hist_announce.observe(n);
-        }
-        let mut from: Vec<String> = from.into_iter().map(|j| self.adapters[j].name.clone()).collect();
-        from.sort();
-        tracing::info!(
-            adapter = %self.adapters[i].name,
-            kind,
-            vips,
-            maps_written_ns = maps_ns,
-            first_announcement_ns = ?first_ns,
-            announced_from = ?from,
-            "failover"
-        );
+        tracing::info!(adapter = %self.adapters[i].name, kind, vips, dataplane_ns = dp_ns, maps_written_ns = maps_ns, "failover");
         self.failovers.push_back(FailoverStatus {
             at: unix_now() - at.elapsed().as_secs_f64(),
             adapter: self.adapters[i].name.clone(),
             kind: kind.into(),
             vips,
+            dataplane_ns: dp_ns,
             maps_written_ns: maps_ns,
-            first_announcement_ns: first_ns,
-            announced_from: from,
+            first_announcement_ns: None,
+            announced_from: vec![],
+            tag: Some(tag),
         });
         while self.failovers.len() > MAX_FAILOVERS_KEPT {
             self.failovers.pop_front();
         }
     }
 
-    /// Logging waits until the maps are written: it is the slowest part of a failover.
     fn set_health(&mut self, i: usize, h: Health) {
         let a = &mut self.adapters[i];
         a.health = h;
@@ -1089,163 +933,29 @@ impl Agent {
         a.since = unix_now();
     }
 
-    /// Handles one link event received at `at`. Returns timers to start.
-    pub fn on_event(&mut self, ev: &LinkEvent, at: Instant) -> Vec<Timer> {
-        if self.stopping {
-            return vec![];
-        }
-        match ev {
-            LinkEvent::Removed { ifindex, .. } => {
-                if let Some(i) = self.adapters.iter().position(|a| a.ifindex == Some(*ifindex)) {
-                    self.gone(i, at);
-                }
-                vec![]
-            }
-            LinkEvent::Changed(link) => self.on_link(link, at),
-            // Read outside the lock by the caller, then applied with `update_subnets`.
-            LinkEvent::Addresses => vec![],
-        }
+    fn start_timer(&mut self, i: usize, after_ms: u64) {
+        let t = Timer { adapter: i, gen: self.adapters[i].gen };
+        self.timers.push(Reverse((Instant::now() + Duration::from_millis(after_ms), t)));
     }
 
-    /// The adapter's device went away or was renamed: forget it (its attachment went
-    /// with the device) and fail over.
-    fn gone(&mut self, i: usize, at: Instant) {
-        let Some(ifindex) = self.adapters[i].ifindex else { return };
-        let was_answering = self.adapters[i].health.answers();
-        self.set_health(i, Health::Missing);
-        if was_answering {
-            self.fail(i, at, "removed");
-        } else {
-            // Already failed over: nothing moves, nothing to announce.
-            if let Err(e) = self.write_adapter(i) {
-                tracing::error!(error = %e, "adapter map write failed");
-            }
-            tracing::info!(adapter = %self.adapters[i].name, "adapter removed (was down)");
-        }
-        if let Err(e) = self.dp.remove_adapter(ifindex) {
-            tracing::error!(error = %e, "adapter map write failed");
-        }
-        if let Some(l) = self.adapters[i].link.take() {
-            let _ = l.unpin();
-        }
-        self.ann.remove_adapter(ifindex);
-        self.adapters[i].ifindex = None;
+    /// When the next hold-down or up-delay timer runs out.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
     }
 
-    fn on_link(&mut self, link: &Link, at: Instant) -> Vec<Timer> {
-        let mut timers = vec![];
-        if let Some(i) = self.adapters.iter().position(|a| a.ifindex == Some(link.ifindex)) {
-            if link.name != self.adapters[i].name {
-                tracing::warn!(adapter = %self.adapters[i].name, new_name = %link.name, "adapter renamed; no longer used");
-                self.gone(i, at);
-            } else {
-                let hold = self.cfg.agent.hold_down_ms;
-                let delay = self.cfg.agent.up_delay_ms;
-                let a = &self.adapters[i];
-                if link.mac.is_some() && link.mac != a.mac {
-                    self.adapters[i].mac = link.mac;
-                    let _ = self.write_adapter(i);
-                }
-                match (self.adapters[i].health, link.running) {
-                    (Health::Up, false) if hold == 0 => {
-                        self.set_health(i, Health::Down);
-                        self.fail(i, at, "down");
-                    }
-                    (Health::Up, false) => {
-                        tracing::info!(adapter = %link.name, hold_down_ms = hold, "link down: holding");
-                        self.set_health(i, Health::HoldDown);
-                        timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(hold) });
-                    }
-                    (Health::HoldDown, true) => {
-                        tracing::info!(adapter = %link.name, "link back within hold_down_ms: no failover");
-                        self.set_health(i, Health::Up);
-                    }
-                    (Health::Down, true) if delay == 0 => {
-                        self.set_health(i, Health::Up);
-                        self.restore(i, at);
-                    }
-                    (Health::Down, true) => {
-                        tracing::info!(adapter = %link.name, up_delay_ms = delay, "link up: waiting");
-                        self.set_health(i, Health::UpDelay);
-                        timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(delay) });
-                    }
-                    (Health::UpDelay, false) => {
-                        tracing::info!(adapter = %link.name, "link down again within up_delay_ms");
-                        self.set_health(i, Health::Down)
-                    }
-                    _ => {}
-                }
+    /// Runs the timers that are due.
+    pub fn run_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, timer))) = self.timers.peek().copied() {
+            if t > now {
+                break;
             }
-            return timers;
-        }
-        // A configured adapter appeared (created, re-created or renamed to its name).
-        if let Some(i) = self.adapters.iter().position(|a| a.name == link.name && a.health == Health::Missing) {
-            let mode = xdp_mode(self.cfg.agent.xdp_mode);
-            let delay = self.cfg.agent.up_delay_ms;
-            // A returning device waits out up_delay like a returning cable, written as
-            // down until then.
-            let initial = if link.running && delay > 0 { Health::UpDelay } else if link.running { Health::Up } else { Health::Down };
-            match NetlinkHost::read(&mut self.rtnl) {
-                Ok(nh) => self.adapters[i].subnets = nh.takeover_subnets(link.ifindex),
-                Err(e) => tracing::warn!(adapter = %link.name, error = %e, "could not read its addresses"),
-            }
-            match self.attach(i, link, mode, false, Some(initial)) {
-                Ok(()) => match initial {
-                    Health::Up => self.restore(i, at),
-                    Health::UpDelay => {
-                        timers.push(Timer { adapter: i, gen: self.adapters[i].gen, after: Duration::from_millis(delay) })
-                    }
-                    _ => {}
-                },
-                Err(e) => tracing::error!(adapter = %link.name, error = %e, "could not attach to the returning adapter"),
-            }
-        }
-        timers
-    }
-
-    /// Events were lost (the socket overflowed): re-read every link and act on the
-    /// differences.
-    pub fn resync(&mut self) -> Vec<Timer> {
-        if self.stopping {
-            return vec![];
-        }
-        let links = match self.rtnl.links() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "link dump failed");
-                return vec![];
-            }
-        };
-        let at = Instant::now();
-        let mut timers = vec![];
-        for i in 0..self.adapters.len() {
-            if let Some(ix) = self.adapters[i].ifindex {
-                if !links.iter().any(|l| l.ifindex == ix) {
-                    self.gone(i, at);
-                }
-            }
-        }
-        for l in &links {
-            timers.extend(self.on_link(l, at));
-        }
-        timers
-    }
-
-    /// Applies a fresh read of the host's addresses and routes to every present adapter:
-    /// where VIPs may be taken over. Takes effect at the next placement.
-    pub fn update_subnets(&mut self, nh: &NetlinkHost) {
-        for a in &mut self.adapters {
-            let Some(ix) = a.ifindex else { continue };
-            let s = nh.takeover_subnets(ix);
-            if s != a.subnets {
-                tracing::info!(adapter = %a.name, subnets = ?s.iter().map(|s| format!("{}/{}", s.addr, s.prefix)).collect::<Vec<_>>(), "adapter addresses changed");
-                a.subnets = s;
-            }
+            self.timers.pop();
+            self.on_timer(&timer);
         }
     }
 
     /// A hold-down or up-delay timer ran out.
-    pub fn on_timer(&mut self, t: &Timer) {
+    fn on_timer(&mut self, t: &Timer) {
         if self.stopping || self.adapters[t.adapter].gen != t.gen {
             return;
         }
@@ -1263,116 +973,169 @@ impl Agent {
         }
     }
 
-    /// Sends what is due; returns when to run again.
-    pub fn pump(&mut self) -> Option<Instant> {
-        self.ann.pump(Instant::now()).1
+    /// The urgent part of a link event, safe at any moment (even in the middle of a long
+    /// operation): an adapter that lost its carrier stops answering at once.
+    pub(crate) fn urgent(&mut self, ev: &LinkEvent) {
+        let LinkEvent::Changed(link) = ev else { return };
+        if self.cfg.agent.hold_down_ms > 0 || link.running {
+            return;
+        }
+        let Some(i) = self.adapters.iter().position(|a| a.ifindex == Some(link.ifindex)) else { return };
+        if self.adapters[i].health != Health::Up || link.name != self.adapters[i].name {
+            return;
+        }
+        let mut pa = self.padapters.clone();
+        pa[i].up = false;
+        let heir = placement::heir(i, &pa, placement::up_mask(&self.nodes, &pa), &self.assignment);
+        let a = &self.adapters[i];
+        let (Some(ifindex), mac) = (a.ifindex, a.mac.unwrap_or_default()) else { return };
+        let heir_ix = heir.and_then(|h| self.adapters[h as usize].ifindex);
+        let flags = if heir_ix.is_some() && a.move_mac { ADAPTER_MAC_MOVED } else { 0 };
+        let info = AdapterInfo { mac, slot: a.slot, state: ADAPTER_DOWN, heir: heir_ix.unwrap_or(0), flags };
+        let _ = self.dp.set_adapter(ifindex, info);
     }
 
-    /// Status without the data plane's counters (cheap: taken under the lock); see
-    /// [`fill_counters`] for the rest.
-    pub fn status(&self) -> Status {
-        let up = self.up_mask();
-        let decisions = vec![];
-        let adapters = self
-            .adapters
-            .iter()
-            .map(|a| AdapterStatus {
-                name: a.name.clone(),
-                ifindex: a.ifindex,
-                mac: a.mac.map(|m| mac_str(&m)),
-                slot: a.slot,
-                state: a.health.name().into(),
-                since: a.since,
-                vips: self
-                    .vips
-                    .iter()
-                    .filter(|v| v.state == VipState::Active && v.mask & up & (1 << a.slot) != 0)
-                    .count(),
-                max_vips: a.max_vips,
-                weight: a.weight,
-                load_bytes_per_s: a.load,
-                heir: if a.health.answers() { None } else { a.heir.map(|h| self.adapters[h].name.clone()) },
-                mac_moved: !a.health.answers() && a.heir.is_some() && a.move_mac,
-                rx_packets: 0,
-                tx_packets: 0,
-            })
-            .collect();
-        let vips = self
-            .vips
-            .iter()
-            .map(|v| {
-                let names = |m: u64| -> Vec<String> {
-                    self.adapters.iter().filter(|a| m & (1 << a.slot) != 0).map(|a| a.name.clone()).collect()
-                };
-                let answers = self
-                    .adapters
-                    .iter()
-                    .filter(|a| (v.home | v.mask) & (1 << a.slot) != 0)
-                    .map(|a| (a.name.clone(), 0))
-                    .collect();
-                VipStatus {
-                    address: v.addr.to_string(),
-                    vlan: v.vlan,
-                    id: v.id,
-                    state: match v.state {
-                        VipState::Active => "active",
-                        VipState::Refused => "refused",
-                    }
-                    .into(),
-                    failover: v.failover,
-                    answering: if v.state == VipState::Active { names(v.mask & up) } else { vec![] },
-                    taken_over_by: names(v.mask & !v.home),
-                    answers,
-                    mode: match v.mode {
-                        VipMode::All => "all",
-                        VipMode::Primary => "primary",
-                        VipMode::Spread => "spread",
-                    }
-                    .into(),
-                    buckets: self
-                        .adapters
-                        .iter()
-                        .map(|a| (a.name.clone(), v.buckets.iter().filter(|&&s| s == a.slot).count() as u32))
-                        .filter(|(_, n)| *n > 0)
-                        .collect(),
+    /// Link events read while a long operation runs: their urgent part is done now, the
+    /// rest when the operation ends.
+    pub(crate) fn preempt(&mut self) {
+        while let Ok(Some((at, evs))) = self.links.try_recv() {
+            for ev in evs {
+                self.urgent(&ev);
+                self.deferred.push_back((at, ev));
+            }
+        }
+    }
+
+    /// Handles one link event received at `at`.
+    pub fn on_event(&mut self, ev: &LinkEvent, at: Instant) {
+        if self.stopping {
+            return;
+        }
+        match ev {
+            LinkEvent::Removed { ifindex, .. } => {
+                if let Some(i) = self.adapters.iter().position(|a| a.ifindex == Some(*ifindex)) {
+                    self.gone(i, at);
                 }
-            })
-            .collect();
-        Status {
-            config: self.cfg.path.display().to_string(),
-            pin_path: self.cfg.agent.pin_path.display().to_string(),
-            started: self.started,
-            adopted: self.adopted,
-            adapters,
-            vips,
-            failovers: self.failovers.iter().cloned().collect(),
-            refusals: self.refusals.clone(),
-            decisions,
-            announcements_sent: self.ann.sent,
-            announcements_queued: self.ann.queued(),
-            maps_written: self.hist_maps.clone(),
-            first_announcement: self.hist_announce.clone(),
-            clients: vec![],
-            clients_total: 0,
-            egress: vec![],
-            clients_moved: self.clients_moved,
-            corrections_sent: self.corrections_sent,
-            virtual_servers: self
-                .vservers
-                .iter()
-                .enumerate()
-                .map(|(i, v)| crate::status::VserverStatus {
-                    name: v.name.clone(),
-                    interface: v.interface.clone(),
-                    mac: self.dp.vserver_mac(i as u32).map(|m| mac_str(&m)),
-                    vips: v.vips.iter().map(|&x| self.vips[x].addr.to_string()).collect(),
-                })
-                .collect(),
+            }
+            LinkEvent::Changed(link) => self.on_link(link, at),
+            // Followed by the host watcher, on a socket of its own.
+            LinkEvent::Addresses => {}
+        }
+    }
+
+    /// The adapter's device went away or was renamed: forget it (its attachment went
+    /// with the device) and fail over.
+    fn gone(&mut self, i: usize, at: Instant) {
+        let Some(ifindex) = self.adapters[i].ifindex else { return };
+        let was_answering = self.adapters[i].health.answers();
+        self.set_health(i, Health::Missing);
+        if was_answering {
+            self.fail(i, at, "removed");
+        } else {
+            // Already failed over: nothing moves, nothing to announce.
+            tracing::info!(adapter = %self.adapters[i].name, "adapter removed (was down)");
+        }
+        if let Err(e) = self.dp.remove_adapter(ifindex) {
+            tracing::error!(error = %e, "adapter map write failed");
+        }
+        if let Some(l) = self.adapters[i].link.take() {
+            let _ = l.unpin();
+        }
+        self.ann.send(Job::RemoveAdapter { ifindex });
+        self.adapters[i].ifindex = None;
+    }
+
+    fn on_link(&mut self, link: &Link, at: Instant) {
+        if let Some(i) = self.adapters.iter().position(|a| a.ifindex == Some(link.ifindex)) {
+            if link.name != self.adapters[i].name {
+                tracing::warn!(adapter = %self.adapters[i].name, new_name = %link.name, "adapter renamed; no longer used");
+                self.gone(i, at);
+                return;
+            }
+            let hold = self.cfg.agent.hold_down_ms;
+            let delay = self.cfg.agent.up_delay_ms;
+            if link.mac.is_some() && link.mac != self.adapters[i].mac {
+                self.adapters[i].mac = link.mac;
+                let heir = self.assignment.heirs.get(i).copied().flatten();
+                let _ = self.write_adapter(i, heir);
+            }
+            match (self.adapters[i].health, link.running) {
+                (Health::Up, false) if hold == 0 => {
+                    self.set_health(i, Health::Down);
+                    self.fail(i, at, "down");
+                }
+                (Health::Up, false) => {
+                    tracing::info!(adapter = %link.name, hold_down_ms = hold, "link down: holding");
+                    self.set_health(i, Health::HoldDown);
+                    self.start_timer(i, hold);
+                }
+                (Health::HoldDown, true) => {
+                    tracing::info!(adapter = %link.name, "link back within hold_down_ms: no failover");
+                    self.set_health(i, Health::Up);
+                }
+                (Health::Down, true) if delay == 0 => {
+                    self.set_health(i, Health::Up);
+                    self.restore(i, at);
+                }
+                (Health::Down, true) => {
+                    tracing::info!(adapter = %link.name, up_delay_ms = delay, "link up: waiting");
+                    self.set_health(i, Health::UpDelay);
+                    self.start_timer(i, delay);
+                }
+                (Health::UpDelay, false) => {
+                    tracing::info!(adapter = %link.name, "link down again within up_delay_ms");
+                    self.set_health(i, Health::Down)
+                }
+                _ => {}
+            }
+            return;
+        }
+        // A configured adapter appeared (created, re-created or renamed to its name).
+        if let Some(i) = self.adapters.iter().position(|a| a.name == link.name && a.health == Health::Missing) {
+            let mode = xdp_mode(self.cfg.agent.xdp_mode);
+            let delay = self.cfg.agent.up_delay_ms;
+            // A returning device waits out up_delay like a returning cable, written as
+            // down until then.
+            let initial = if link.running && delay > 0 { Health::UpDelay } else if link.running { Health::Up } else { Health::Down };
+            match self.attach(i, link, mode, false, Some(initial)) {
+                Ok(()) => match initial {
+                    Health::Up => self.restore(i, at),
+                    Health::UpDelay => self.start_timer(i, delay),
+                    _ => {}
+                },
+                Err(e) => tracing::error!(adapter = %link.name, error = %e, "could not attach to the returning adapter"),
+            }
+        }
+    }
+
+    /// Events were lost (the socket overflowed): re-read every link and act on the
+    /// differences.
+    pub fn resync(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let links = match self.rtnl.links() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "link dump failed");
+                return;
+            }
+        };
+        let at = Instant::now();
+        for i in 0..self.adapters.len() {
+            if let Some(ix) = self.adapters[i].ifindex {
+                if !links.iter().any(|l| l.ifindex == ix) {
+                    self.gone(i, at);
+                }
+            }
+        }
+        for l in &links {
+            self.on_link(l, at);
         }
     }
 
     /// Takes back everything: detaches (unpins the links), removes the pinned maps, the
-    /// VIP addresses and the sysctls. The host is left as the agent found it.
+    /// VIP routes and the sysctls. The host is left as the agent found it.
     pub fn shutdown(&mut self) {
         self.stopping = true;
         for v in &mut self.vservers {
@@ -1405,50 +1168,39 @@ impl Agent {
         tracing::info!("agent stopped; host restored");
     }
 
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// What the host watcher classifies with: the adapters, the VIPs, which are active.
+    pub fn placement_inputs(&self) -> (Vec<placement::Adapter>, Arc<Vec<placement::Vip>>, Arc<Vec<bool>>) {
+        (self.padapters.clone(), self.pvips.clone(), self.active.clone())
+    }
+
+    /// The host watcher classified the VIPs anew (the adapters' subnets changed).
+    pub fn on_reclassified(&mut self, subnets: Vec<Vec<Subnet>>, classes: Arc<Classes>) {
+        if self.stopping {
+            return;
+        }
+        self.reclassify(Some((subnets, classes)));
+    }
+
     /// A previous agent left everything in place and this one took it over.
     pub fn was_adopted(&self) -> bool {
         self.adopted || self.host.adopted()
     }
-
 }
 
-/// Reads the data plane's counters and client table into a status taken by
-/// [`Agent::status`].
-pub fn fill_counters(s: &mut Status, c: &crate::dataplane::Counters) {
-    s.decisions = decision::NAMES.iter().zip(c.decisions()).map(|(n, v)| (n.to_string(), v)).collect();
-    s.egress = egress::NAMES.iter().zip(c.egress()).map(|(n, v)| (n.to_string(), v)).collect();
-    for a in &mut s.adapters {
-        let t = c.traffic(a.slot);
-        (a.rx_packets, a.tx_packets) = (t.rx_packets, t.tx_packets);
-    }
-    let by_ifindex: HashMap<u32, String> = s.adapters.iter().filter_map(|a| Some((a.ifindex?, a.name.clone()))).collect();
-    let now = monotonic_ns();
-    let mut flows = c.flows();
-    s.clients_total = flows.len();
-    flows.sort_by_key(|(_, f)| std::cmp::Reverse(f.seen_ns));
-    s.clients = flows
-        .iter()
-        .take(crate::status::CLIENTS_SHOWN)
-        .map(|(k, f)| {
-            let vip = VipKey { addr: k.vip, vlan: k.vlan, family: k.family, _pad: 0 };
-            ClientStatus {
-                vip: flow_client(&FlowKey { client: vip.addr, ..*k }).to_string(),
-                vlan: k.vlan,
-                client: flow_client(k).to_string(),
-                mac: mac_str(&f.mac),
-                adapter: by_ifindex.get(&f.ifindex).cloned().unwrap_or_else(|| format!("ifindex {}", f.ifindex)),
-                idle_s: now.saturating_sub(f.seen_ns) as f64 / 1e9,
-                packets: f.packets,
-                bytes: f.bytes,
-            }
-        })
-        .collect();
-    let slots: std::collections::HashMap<String, u8> = s.adapters.iter().map(|a| (a.name.clone(), a.slot)).collect();
-    for v in &mut s.vips {
-        for (name, n) in &mut v.answers {
-            *n = slots.get(name.as_str()).map_or(0, |slot| c.answers(v.id, *slot));
-        }
-    }
+/// A key for deduplicating corrections to one client.
+pub fn flow_hash(k: &FlowKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    k.hash(&mut h);
+    h.finish()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -1463,21 +1215,4 @@ pub fn state_file(cfg: &Config) -> PathBuf {
     let mut p = cfg.agent.control_socket.clone().into_os_string();
     p.push(".state.json");
     PathBuf::from(p)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subnets() {
-        let s = |a: &str, p| Subnet { addr: a.parse().unwrap(), prefix: p };
-        let ip = |a: &str| -> IpAddr { a.parse().unwrap() };
-        assert!(s("192.0.2.0", 24).contains(&ip("192.0.2.10")));
-        assert!(!s("192.0.2.0", 24).contains(&ip("192.0.3.10")));
-        assert!(s("0.0.0.0", 0).contains(&ip("198.51.100.1")));
-        assert!(s("2001:db8::1", 64).contains(&ip("2001:db8::10")));
-        assert!(!s("2001:db8::1", 64).contains(&ip("2001:db9::10")));
-        assert!(!s("192.0.2.0", 24).contains(&ip("2001:db8::10")));
-    }
 }

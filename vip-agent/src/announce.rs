@@ -1,17 +1,26 @@
-//! Gratuitous ARP and unsolicited NA announcements, paced per adapter.
+//! Gratuitous ARP and unsolicited NA announcements, unicast corrections and MAC-move
+//! learning frames, sent by a thread of their own and paced per adapter.
 //!
-//! A change queues `count` rounds per (adapter, VIP), `interval` apart. Each adapter has a
-//! token bucket of `max_per_second` so that thousands of VIPs moving at once do not flood
-//! the switch; whatever the bucket does not allow now stays queued for the pump task.
+//! The agent's event loop hands over jobs and never waits on a send. A job names a range
+//! of VIPs (a run of one class), not a list of frames: frames are built as they go out,
+//! so 100,000 VIPs cost a few bytes of queue. A new job for the same (adapter, run)
+//! replaces the pending one, so a flapping link cannot pile up rounds; single frames are
+//! bounded. Each adapter has a token bucket of `max_per_second` (a tenth of a second's
+//! worth may go at once) so that thousands of VIPs moving do not flood the switch.
 
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
     net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
 use vip_packet::{Arp, Mac, Nd};
+use vip_placement::Classes;
 
 use crate::packet::PacketSocket;
 
@@ -62,139 +71,373 @@ pub fn learning_frame(mac: Mac) -> Vec<u8> {
     f
 }
 
-struct Pending {
-    due: Instant,
-    seq: u64,
-    vip: u32,
-    frame: Vec<u8>,
+/// The address and VLAN of every VIP, by VIP index: what announcements are built from.
+pub type Addresses = Arc<Vec<(IpAddr, u16)>>;
+
+/// What the event loop asks of the announcer.
+pub enum Job {
+    /// Opens the sending socket of an adapter (again, if it was re-created).
+    AddAdapter { ifindex: u32 },
+    RemoveAdapter { ifindex: u32 },
+    /// The adapter went down: drop everything queued on it.
+    Clear { ifindex: u32 },
+    /// Stop announcing class `class`'s members on the adapter (it no longer answers them).
+    Cancel { ifindex: u32, class: u32 },
+    /// `count` rounds announcing members `start .. start + len` of class `class` from
+    /// `mac` on `ifindex`. Replaces a pending job for the same adapter and run.
+    Vips { ifindex: u32, mac: Mac, classes: Arc<Classes>, class: u32, start: u32, len: u32, tag: Option<u64> },
+    /// One frame (a unicast correction), sent once. Replaces a pending one with the same key.
+    Frame { ifindex: u32, frame: Vec<u8>, key: u64, tag: Option<u64> },
+    /// `count` rounds of the learning frame from `mac` (a MAC that moved).
+    Learn { ifindex: u32, mac: Mac, tag: Option<u64> },
 }
 
-impl PartialEq for Pending {
-    fn eq(&self, o: &Self) -> bool {
-        (self.due, self.seq) == (o.due, o.seq)
+/// Counters the status reads while the thread runs.
+#[derive(Default)]
+pub struct Stats {
+    pub sent: AtomicU64,
+    pub send_errors: AtomicU64,
+    /// Corrections not queued because the queue was full.
+    pub dropped: AtomicU64,
+    /// Frames still to send (an estimate: ranges count their remaining VIPs).
+    pub queued: AtomicU64,
+}
+
+/// Told once per (tag, adapter): the first frame of a tagged job left at this instant.
+pub type OnSent = Box<dyn Fn(u64, u32, Instant) + Send>;
+
+/// The handle the event loop keeps.
+#[derive(Clone)]
+pub struct Announcer {
+    tx: mpsc::Sender<Job>,
+    pub stats: Arc<Stats>,
+}
+
+impl Announcer {
+    /// The handle, and the thread's body to run (see `runtime::supervised`). `on_sent`
+    /// is called from that thread.
+    pub fn new(
+        count: u32,
+        interval: Duration,
+        max_per_second: u32,
+        addrs: Addresses,
+        on_sent: OnSent,
+    ) -> (Announcer, impl FnOnce() + Send + 'static) {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        let mut worker = Worker::new(count, interval, max_per_second, addrs, stats.clone(), on_sent);
+        (Announcer { tx, stats }, move || worker.run(rx))
+    }
+
+    pub fn send(&self, job: Job) {
+        // The thread ends only with the process; a failed send means it died, which its
+        // supervisor reports.
+        let _ = self.tx.send(job);
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.stats.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.stats.queued.load(Ordering::Relaxed)
     }
 }
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
+
+/// At most this many single frames wait per adapter; more are dropped (and counted).
+const MAX_FRAMES_PER_LANE: usize = 65_536;
+
+enum Work {
+    Vips {
+        mac: Mac,
+        classes: Arc<Classes>,
+        class: u32,
+        start: u32,
+        len: u32,
+        cursor: u32,
+        round: u32,
+        /// When this round's first frame left: the next round is due `interval` later.
+        begun: Option<Instant>,
+        key: (u32, u32),
+    },
+    Frame { frame: Vec<u8>, key: u64 },
+    Learn { mac: Mac, round: u32 },
 }
-impl Ord for Pending {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.due, self.seq).cmp(&(o.due, o.seq))
-    }
+
+struct Entry {
+    work: Work,
+    tag: Option<u64>,
 }
 
 struct Lane {
     sock: PacketSocket,
     tokens: f64,
     refilled: Instant,
-    queue: BinaryHeap<Reverse<Pending>>,
+    /// (due, id); ids no longer in `entries` were replaced or cancelled.
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    entries: HashMap<u64, Entry>,
+    runs: HashMap<(u32, u32), u64>,
+    frames: HashMap<u64, u64>,
+    learn: Option<u64>,
 }
 
-pub struct Announcer {
+struct Worker {
     count: u32,
     interval: Duration,
     rate: f64,
     burst: f64,
-    seq: u64,
+    next_id: u64,
+    addrs: Addresses,
     lanes: HashMap<u32, Lane>,
-    pub sent: u64,
-    pub send_errors: u64,
+    stats: Arc<Stats>,
+    on_sent: OnSent,
+    told: std::collections::HashSet<(u64, u32)>,
 }
 
-impl Announcer {
-    pub fn new(count: u32, interval: Duration, max_per_second: u32) -> Announcer {
+impl Worker {
+    fn new(count: u32, interval: Duration, max_per_second: u32, addrs: Addresses, stats: Arc<Stats>, on_sent: OnSent) -> Worker {
         let rate = max_per_second as f64;
-        // A tenth of a second's worth may go at once, so a failover's first round leaves
-        // immediately unless it is very large.
-        let burst = (rate / 10.0).max(1.0);
-        Announcer { count, interval, rate, burst, seq: 0, lanes: HashMap::new(), sent: 0, send_errors: 0 }
-    }
-
-    /// Opens the sending socket for an adapter (again, if it was re-created).
-    pub fn add_adapter(&mut self, ifindex: u32) -> std::io::Result<()> {
-        let sock = PacketSocket::open(ifindex, false)?;
-        let (tokens, refilled) = (self.burst, Instant::now());
-        self.lanes.insert(ifindex, Lane { sock, tokens, refilled, queue: BinaryHeap::new() });
-        Ok(())
-    }
-
-    pub fn remove_adapter(&mut self, ifindex: u32) {
-        self.lanes.remove(&ifindex);
-    }
-
-    /// Drops everything still queued on an adapter (it went down).
-    pub fn clear(&mut self, ifindex: u32) {
-        if let Some(l) = self.lanes.get_mut(&ifindex) {
-            l.queue.clear();
+        Worker {
+            count: count.max(1),
+            interval,
+            rate,
+            burst: (rate / 10.0).max(1.0),
+            next_id: 0,
+            addrs,
+            lanes: HashMap::new(),
+            stats,
+            on_sent,
+            told: Default::default(),
         }
     }
 
-    /// Drops what is queued for one VIP on one adapter (the VIP left it).
-    pub fn cancel(&mut self, ifindex: u32, vip: u32) {
-        if let Some(l) = self.lanes.get_mut(&ifindex) {
-            l.queue.retain(|p| p.0.vip != vip);
-        }
-    }
-
-    /// Queues `count` rounds of `frame` on `ifindex`, the first due `now`.
-    pub fn queue(&mut self, ifindex: u32, vip: u32, frame: Vec<u8>, now: Instant) {
-        let Some(lane) = self.lanes.get_mut(&ifindex) else { return };
-        for round in 0..self.count {
-            self.seq += 1;
-            let due = now + self.interval * round;
-            lane.queue.push(Reverse(Pending { due, seq: self.seq, vip, frame: frame.clone() }));
-        }
-    }
-
-    /// Queues `frame` once (a correction), due `now`.
-    pub fn queue_once(&mut self, ifindex: u32, vip: u32, frame: Vec<u8>, now: Instant) {
-        let Some(lane) = self.lanes.get_mut(&ifindex) else { return };
-        self.seq += 1;
-        lane.queue.push(Reverse(Pending { due: now, seq: self.seq, vip, frame }));
-    }
-
-    /// Sends whatever is due and allowed by each bucket. Returns when the first frame of
-    /// this call left (if any) and when the pump should run next.
-    pub fn pump(&mut self, now: Instant) -> (Option<Instant>, Option<Instant>) {
-        let mut first = None;
+    fn run(&mut self, rx: mpsc::Receiver<Job>) {
         let mut next: Option<Instant> = None;
-        for lane in self.lanes.values_mut() {
-            lane.tokens = (lane.tokens + now.duration_since(lane.refilled).as_secs_f64() * self.rate).min(self.burst);
-            lane.refilled = now;
-            while let Some(Reverse(p)) = lane.queue.peek() {
-                if p.due > now {
-                    next = Some(next.map_or(p.due, |n| n.min(p.due)));
-                    break;
+        loop {
+            let job = match next {
+                Some(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
+                    Ok(j) => Some(j),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(j) => Some(j),
+                    Err(_) => return,
+                },
+            };
+            let now = Instant::now();
+            if let Some(j) = job {
+                self.take(j, now);
+                // Everything already queued comes in before sending: a burst of jobs is
+                // deduplicated as a whole.
+                while let Ok(j) = rx.try_recv() {
+                    self.take(j, now);
                 }
-                if lane.tokens < 1.0 {
-                    let wait = Duration::from_secs_f64((1.0 - lane.tokens) / self.rate);
-                    next = Some(next.map_or(now + wait, |n| n.min(now + wait)));
-                    break;
+            }
+            next = self.pump(Instant::now());
+            self.stats.queued.store(self.queued(), Ordering::Relaxed);
+        }
+    }
+
+    fn push(&mut self, ifindex: u32, due: Instant, e: Entry) -> Option<u64> {
+        let lane = self.lanes.get_mut(&ifindex)?;
+        self.next_id += 1;
+        let id = self.next_id;
+        lane.heap.push(Reverse((due, id)));
+        lane.entries.insert(id, e);
+        Some(id)
+    }
+
+    fn take(&mut self, job: Job, now: Instant) {
+        match job {
+            Job::AddAdapter { ifindex } => match PacketSocket::open(ifindex, false) {
+                Ok(sock) => {
+                    let lane = Lane {
+                        sock,
+                        tokens: self.burst,
+                        refilled: now,
+                        heap: BinaryHeap::new(),
+                        entries: HashMap::new(),
+                        runs: HashMap::new(),
+                        frames: HashMap::new(),
+                        learn: None,
+                    };
+                    self.lanes.insert(ifindex, lane);
                 }
-                lane.tokens -= 1.0;
-                let Reverse(p) = lane.queue.pop().expect("peeked");
-                match lane.sock.send(&p.frame) {
-                    Ok(()) => {
-                        self.sent += 1;
-                        if first.is_none() {
-                            first = Some(Instant::now());
+                Err(e) => tracing::error!(ifindex, error = %e, "no announcement socket for the adapter"),
+            },
+            Job::RemoveAdapter { ifindex } => {
+                self.lanes.remove(&ifindex);
+            }
+            Job::Clear { ifindex } => {
+                if let Some(l) = self.lanes.get_mut(&ifindex) {
+                    l.heap.clear();
+                    l.entries.clear();
+                    l.runs.clear();
+                    l.frames.clear();
+                    l.learn = None;
+                }
+            }
+            Job::Cancel { ifindex, class } => {
+                if let Some(l) = self.lanes.get_mut(&ifindex) {
+                    let gone: Vec<(u32, u32)> = l.runs.keys().filter(|k| k.0 == class).copied().collect();
+                    for k in gone {
+                        if let Some(id) = l.runs.remove(&k) {
+                            l.entries.remove(&id);
                         }
-                    }
-                    Err(e) => {
-                        self.send_errors += 1;
-                        tracing::warn!(ifindex = lane.sock.ifindex(), error = %e, "announcement not sent");
                     }
                 }
             }
+            Job::Vips { ifindex, mac, classes, class, start, len, tag } => {
+                let key = (class, start);
+                if let Some(old) = self.lanes.get_mut(&ifindex).and_then(|l| l.runs.remove(&key)) {
+                    self.lanes.get_mut(&ifindex).expect("lane").entries.remove(&old);
+                }
+                let work = Work::Vips { mac, classes, class, start, len, cursor: 0, round: 0, begun: None, key };
+                if let Some(id) = self.push(ifindex, now, Entry { work, tag }) {
+                    self.lanes.get_mut(&ifindex).expect("lane").runs.insert(key, id);
+                }
+            }
+            Job::Frame { ifindex, frame, key, tag } => {
+                let Some(l) = self.lanes.get_mut(&ifindex) else { return };
+                if let Some(old) = l.frames.remove(&key) {
+                    l.entries.remove(&old);
+                } else if l.frames.len() >= MAX_FRAMES_PER_LANE {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                if let Some(id) = self.push(ifindex, now, Entry { work: Work::Frame { frame, key }, tag }) {
+                    self.lanes.get_mut(&ifindex).expect("lane").frames.insert(key, id);
+                }
+            }
+            Job::Learn { ifindex, mac, tag } => {
+                if let Some(old) = self.lanes.get_mut(&ifindex).and_then(|l| l.learn.take()) {
+                    self.lanes.get_mut(&ifindex).expect("lane").entries.remove(&old);
+                }
+                if let Some(id) = self.push(ifindex, now, Entry { work: Work::Learn { mac, round: 0 }, tag }) {
+                    self.lanes.get_mut(&ifindex).expect("lane").learn = Some(id);
+                }
+            }
         }
-        (first, next)
     }
 
-    pub fn queued(&self) -> usize {
-        self.lanes.values().map(|l| l.queue.len()).sum()
+    /// Sends what is due and allowed by each bucket; returns when to run again.
+    fn pump(&mut self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut sent_events = vec![];
+        for (&ifindex, lane) in self.lanes.iter_mut() {
+            lane.tokens = (lane.tokens + now.duration_since(lane.refilled).as_secs_f64() * self.rate).min(self.burst);
+            lane.refilled = now;
+            while let Some(&Reverse((due, id))) = lane.heap.peek() {
+                if !lane.entries.contains_key(&id) {
+                    lane.heap.pop();
+                    continue;
+                }
+                if due > now {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                    break;
+                }
+                if lane.tokens < 1.0 {
+                    let wait = now + Duration::from_secs_f64((1.0 - lane.tokens) / self.rate);
+                    next = Some(next.map_or(wait, |n| n.min(wait)));
+                    break;
+                }
+                lane.heap.pop();
+                let mut e = lane.entries.remove(&id).expect("present");
+                // Send as much of this entry as the bucket allows; what remains goes back.
+                let mut again: Option<Instant> = None;
+                let mut done = false;
+                match &mut e.work {
+                    Work::Frame { frame, key } => {
+                        send(&lane.sock, frame, &self.stats, e.tag, ifindex, &mut sent_events);
+                        lane.tokens -= 1.0;
+                        lane.frames.remove(key);
+                        done = true;
+                    }
+                    Work::Learn { mac, round } => {
+                        send(&lane.sock, &learning_frame(*mac), &self.stats, e.tag, ifindex, &mut sent_events);
+                        lane.tokens -= 1.0;
+                        *round += 1;
+                        if *round < self.count {
+                            again = Some(now + self.interval);
+                        } else {
+                            lane.learn = None;
+                            done = true;
+                        }
+                    }
+                    Work::Vips { mac, classes, class, start, len, cursor, round, begun, key } => {
+                        let begun_at = *begun.get_or_insert(now);
+                        let members = classes.list.get(*class as usize).map(|c| &c.members[..]).unwrap_or(&[]);
+                        let end = (*start + *len).min(members.len() as u32);
+                        while *start + *cursor < end && lane.tokens >= 1.0 {
+                            let vip = members[(*start + *cursor) as usize] as usize;
+                            if let Some(&(addr, vlan)) = self.addrs.get(vip) {
+                                send(&lane.sock, &frame(*mac, addr, vlan), &self.stats, e.tag, ifindex, &mut sent_events);
+                            }
+                            lane.tokens -= 1.0;
+                            *cursor += 1;
+                        }
+                        if *start + *cursor < end {
+                            // The bucket ran dry: go on when it refills.
+                            again = Some(now);
+                        } else {
+                            *round += 1;
+                            *cursor = 0;
+                            *begun = None;
+                            if *round < self.count {
+                                again = Some(begun_at + self.interval);
+                            } else {
+                                lane.runs.remove(key);
+                                done = true;
+                            }
+                        }
+                    }
+                }
+                if !done {
+                    let at = again.unwrap_or(now);
+                    lane.heap.push(Reverse((at, id)));
+                    lane.entries.insert(id, e);
+                }
+            }
+        }
+        for (tag, ifindex, at) in sent_events {
+            if self.told.insert((tag, ifindex)) {
+                (self.on_sent)(tag, ifindex, at);
+            }
+        }
+        if self.told.len() > 4096 {
+            self.told.clear();
+        }
+        next
+    }
+
+    fn queued(&self) -> u64 {
+        self.lanes
+            .values()
+            .flat_map(|l| l.entries.values())
+            .map(|e| match &e.work {
+                Work::Vips { len, cursor, round, .. } => {
+                    (*len as u64 - *cursor as u64) + (*len as u64) * (self.count.saturating_sub(*round + 1)) as u64
+                }
+                Work::Frame { .. } => 1,
+                Work::Learn { round, .. } => self.count.saturating_sub(*round) as u64,
+            })
+            .sum()
+    }
+}
+
+fn send(sock: &PacketSocket, frame: &[u8], stats: &Stats, tag: Option<u64>, ifindex: u32, events: &mut Vec<(u64, u32, Instant)>) {
+    match sock.send(frame) {
+        Ok(()) => {
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = tag {
+                events.push((t, ifindex, Instant::now()));
+            }
+        }
+        Err(e) => {
+            stats.send_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(ifindex, error = %e, "announcement not sent");
+        }
     }
 }
 

@@ -16,7 +16,6 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
 use toml::{
@@ -77,10 +76,13 @@ pub struct SteeringConfig {
 #[derive(Debug, Clone)]
 pub struct AdapterConfig {
     pub name: String,
-    pub max_vips: u32,
+    /// At most this many VIPs answered here, its own and taken over (seed 002's
+    /// per-interface limit); None: no limit.
+    pub max_vips: Option<u32>,
     /// Share of spread-mode clients (relative to the other adapters of a VIP).
     pub weight: u32,
-    /// When it fails, a surviving adapter takes its MAC too (seed 002).
+    /// When it fails, a surviving adapter takes its MAC too (seed 002), so its clients
+    /// are served at once with nothing to announce; on by default.
     pub move_mac: bool,
     /// 802.1Q VLANs this adapter carries (tagged). Untagged VIPs need no entry.
     pub vlans: Vec<u16>,
@@ -90,30 +92,17 @@ pub struct AdapterConfig {
     pub name_line: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subnet {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
+pub use vip_placement::Subnet;
 
-/// `[[vip]] mode`: which of a VIP's healthy adapters answer for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VipMode {
-    /// Every healthy adapter of the VIP answers (seed 001).
-    #[default]
-    All,
-    /// Only the first healthy adapter in its `adapters` list (seed 002's primary and
-    /// secondary interfaces).
-    Primary,
-    /// One healthy adapter per client, by a stable hash of the client's address,
-    /// weighted (seeds 001 and 004).
-    Spread,
-}
+/// `[[vip]] mode`: which of a VIP's healthy adapters answer for it (default `spread`).
+pub use vip_placement::Mode as VipMode;
 
 #[derive(Debug, Clone)]
 pub struct VipConfig {
-    /// The address itself and the prefix of its subnet.
+    /// The address itself (the first of `count`) and the prefix of its subnet.
     pub address: Subnet,
+    /// Consecutive addresses from `address`: one table for a range of VIPs alike.
+    pub count: u32,
     /// Its home adapters, in order (indexes into `Config::adapters`).
     pub adapters: Vec<usize>,
     pub vlan: Option<u16>,
@@ -134,7 +123,7 @@ pub struct VirtualServerConfig {
     pub name: String,
     /// The host-side interface leading to it (e.g. a veth into its namespace).
     pub interface: String,
-    /// Indexes into `Config::vips`.
+    /// Indexes into `Config::all_vips`.
     pub vips: Vec<usize>,
     pub line: usize,
     pub interface_line: usize,
@@ -148,7 +137,11 @@ pub struct Config {
     pub probe: ProbeConfig,
     pub steering: SteeringConfig,
     pub adapters: Vec<AdapterConfig>,
+    /// The `[[vip]]` tables.
     pub vips: Vec<VipConfig>,
+    /// Every VIP, the ranges expanded, in order: (its `[[vip]]` table, its address). A
+    /// VIP's index here is its id in the data plane.
+    pub all_vips: Vec<(u32, IpAddr)>,
     pub virtual_servers: Vec<VirtualServerConfig>,
 }
 
@@ -210,54 +203,6 @@ impl Default for SteeringConfig {
     }
 }
 
-/// `[[adapter]] max_vips` when not given.
-pub const DEFAULT_MAX_VIPS: u32 = 1024;
-
-impl Subnet {
-    pub fn is_v6(&self) -> bool {
-        self.addr.is_ipv6()
-    }
-
-    /// Whether `ip` lies in this subnet; never true across address families.
-    pub fn contains(&self, ip: &IpAddr) -> bool {
-        let (net, ip, width) = match (self.addr, *ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => (u32::from(n).into(), u32::from(a).into(), 32),
-            (IpAddr::V6(n), IpAddr::V6(a)) => (u128::from(n), u128::from(a), 128),
-            _ => return false,
-        };
-        // A shift by the full width (prefix 0) is None: everything matches.
-        let shift = width - u32::from(self.prefix).min(width);
-        net.checked_shr(shift).unwrap_or(0) == ip.checked_shr(shift).unwrap_or(0)
-    }
-}
-
-impl fmt::Display for Subnet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// `ADDR/PREFIX`, the prefix within the family's width (0 allowed, as in a default route).
-impl FromStr for Subnet {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let Some((addr, prefix)) = s.split_once('/') else {
-            return Err(format!("{s:?} has no prefix length (write e.g. {:?})", format!("{s}/24")));
-        };
-        let bad = || format!("{s:?} is not an IP address with a prefix");
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad());
-        }
-        let width = if addr.is_ipv4() { 32 } else { 128 };
-        match prefix.parse::<u8>() {
-            Ok(prefix) if prefix <= width => Ok(Subnet { addr, prefix }),
-            _ => Err(format!("{s:?}: the prefix must be 0 to {width}")),
-        }
-    }
-}
-
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}: ", self.file.display(), self.line)?;
@@ -292,7 +237,7 @@ const AGENT_KEYS: &[&str] =
 const ANNOUNCE_KEYS: &[&str] = &["count", "interval_ms", "max_per_second"];
 const PROBE_KEYS: &[&str] = &["enabled", "count", "wait_ms"];
 const ADAPTER_KEYS: &[&str] = &["name", "max_vips", "vlans", "weight", "move_mac"];
-const VIP_KEYS: &[&str] = &["address", "adapters", "vlan", "failover", "mode", "rebalance"];
+const VIP_KEYS: &[&str] = &["address", "count", "adapters", "vlan", "failover", "mode", "rebalance"];
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -366,20 +311,21 @@ impl Config {
         };
 
         let (adapters, adapter_tables) = cx.adapters(&root);
-        let vips = cx.vips(&root, &adapters);
+        let (vips, all_vips) = cx.vips(&root, &adapters);
         for (i, (a, t)) in adapters.iter().zip(&adapter_tables).enumerate() {
-            let used = vips.iter().filter(|v| v.adapters.contains(&i)).count();
-            if used > a.max_vips as usize {
+            let Some(max) = a.max_vips else { continue };
+            let used: u64 = vips.iter().filter(|v| v.adapters.contains(&i)).map(|v| v.count as u64).sum();
+            if used > max as u64 {
                 let line = t.get("max_vips").map_or(a.name_line, |v| cx.line_of(v));
-                let msg = format!("{used} VIPs use {}, more than its max_vips of {}", a.name, a.max_vips);
+                let msg = format!("{used} VIPs use {}, more than its max_vips of {max}", a.name);
                 cx.err(line, t.key("max_vips"), msg);
             }
         }
 
-        let virtual_servers = cx.virtual_servers(&root, &adapters, &vips);
+        let virtual_servers = cx.virtual_servers(&root, &adapters, &vips, &all_vips);
 
         cx.into_errors()?;
-        Ok(Config { path: path.into(), agent, announce, probe, steering, adapters, vips, virtual_servers })
+        Ok(Config { path: path.into(), agent, announce, probe, steering, adapters, vips, all_vips, virtual_servers })
     }
 
     pub fn validate_host(&self, host: &dyn HostView) -> Result<(), ConfigErrors> {
@@ -618,9 +564,9 @@ impl<'a> Cx<'a> {
             });
             adapters.push(AdapterConfig {
                 name,
-                max_vips: self.opt(t, "max_vips", int(1, u32::MAX.into())).unwrap_or(DEFAULT_MAX_VIPS),
+                max_vips: self.opt(t, "max_vips", int(1, u32::MAX.into())),
                 weight: self.opt(t, "weight", int(1, 100)).unwrap_or(1),
-                move_mac: self.opt(t, "move_mac", boolean).unwrap_or(false),
+                move_mac: self.opt(t, "move_mac", boolean).unwrap_or(true),
                 vlans,
                 line: t.line,
                 name_line,
@@ -633,15 +579,30 @@ impl<'a> Cx<'a> {
         (adapters, tables)
     }
 
-    fn vips(&mut self, root: &Tbl, adapters: &[AdapterConfig]) -> Vec<VipConfig> {
+    fn vips(&mut self, root: &Tbl, adapters: &[AdapterConfig]) -> (Vec<VipConfig>, Vec<(u32, IpAddr)>) {
         let tables = self.tables(root, "vip", VIP_KEYS);
         let mut vips = Vec::<VipConfig>::new();
+        let mut all = Vec::<(u32, IpAddr)>::new();
         // (address, VLAN) is the data plane's key: a second VIP with both equal is refused.
         let mut seen = HashMap::<(IpAddr, Option<u16>), usize>::new();
+        let mut total: u64 = 0;
         for t in &tables {
             let address = self.req(t, "address", |v| vip_address(&string(v)?));
             let address_line = self.key_line(t, "address");
             let vlan = self.opt(t, "vlan", int(1, 4094));
+            let count: u32 = self.opt(t, "count", int(1, MAX_VIPS.into())).unwrap_or(1);
+            // A range stays inside its subnet and never reaches its broadcast address.
+            let addrs: Vec<IpAddr> = match &address {
+                Some(a) => match range(a, count) {
+                    Ok(v) => v,
+                    Err(m) => {
+                        self.err(self.key_line(t, "count"), t.key("count"), m);
+                        vec![]
+                    }
+                },
+                None => vec![],
+            };
+            total += count as u64;
 
             let mut homes = Vec::new();
             if self.require(t, "adapters")
@@ -669,15 +630,16 @@ impl<'a> Cx<'a> {
                     self.err(self.key_line(t, "vlan"), t.key("vlan"), msg);
                 }
             }
-            if let Some(a) = &address {
-                if let Some(&first) = seen.get(&(a.addr, vlan)) {
+            for &addr in &addrs {
+                if let Some(&first) = seen.get(&(addr, vlan)) {
                     let on = vlan.map_or("untagged".into(), |v| format!("on VLAN {v}"));
-                    let msg = format!("{} {on} is already defined at line {}", a.addr, vips[first].address_line);
+                    let msg = format!("{addr} {on} is already defined at line {}", vips[first].address_line);
                     self.err(address_line, t.key("address"), msg);
-                } else {
-                    seen.insert((a.addr, vlan), vips.len());
+                    break;
                 }
+                seen.insert((addr, vlan), vips.len());
             }
+            all.extend(addrs.iter().map(|a| (vips.len() as u32, *a)));
             let mode = self.opt(t, "mode", vip_mode).unwrap_or_default();
             let rebalance = self.opt(t, "rebalance", boolean);
             if rebalance.is_some() && mode != VipMode::Spread {
@@ -686,6 +648,7 @@ impl<'a> Cx<'a> {
             vips.push(VipConfig {
                 // The placeholder is never returned: a missing address is an error.
                 address: address.unwrap_or(Subnet { addr: Ipv4Addr::UNSPECIFIED.into(), prefix: 0 }),
+                count,
                 adapters: homes,
                 vlan,
                 failover: self.opt(t, "failover", boolean).unwrap_or(true),
@@ -695,13 +658,28 @@ impl<'a> Cx<'a> {
                 address_line,
             });
         }
-        if let Some(t) = tables.get(MAX_VIPS as usize) {
-            self.err(t.line, t.key.clone(), format!("more than {MAX_VIPS} VIPs, the data plane's limit"));
+        if total > MAX_VIPS as u64 {
+            let mut n = 0u64;
+            let t = tables.iter().zip(&vips).find(|(_, v)| {
+                n += v.count as u64;
+                n > MAX_VIPS as u64
+            });
+            if let Some((t, _)) = t {
+                self.err(t.line, t.key.clone(), format!("{total} VIPs in all, more than {MAX_VIPS}, the data plane's limit"));
+            }
         }
-        vips
+        (vips, all)
     }
 
-    fn virtual_servers(&mut self, root: &Tbl, adapters: &[AdapterConfig], vips: &[VipConfig]) -> Vec<VirtualServerConfig> {
+    fn virtual_servers(
+        &mut self,
+        root: &Tbl,
+        adapters: &[AdapterConfig],
+        vips: &[VipConfig],
+        all: &[(u32, IpAddr)],
+    ) -> Vec<VirtualServerConfig> {
+        let untagged: HashMap<IpAddr, usize> =
+            all.iter().enumerate().filter(|(_, (t, _))| vips[*t as usize].vlan.is_none()).map(|(i, (_, a))| (*a, i)).collect();
         let tables = self.optional_tables(root, "virtual_server", VSERVER_KEYS);
         let mut out = Vec::<VirtualServerConfig>::new();
         let mut taken = HashMap::<usize, String>::new();
@@ -726,7 +704,7 @@ impl<'a> Cx<'a> {
             self.each(t, "vips", |v| {
                 let s = string(v)?;
                 let ip: IpAddr = s.parse().map_err(|_| format!("{s:?} is not an IP address (give the [[vip]] address without its prefix)"))?;
-                let Some(i) = vips.iter().position(|x| x.address.addr == ip && x.vlan.is_none()) else {
+                let Some(&i) = untagged.get(&ip) else {
                     return Err(format!("{ip} is not the address of an untagged [[vip]]"));
                 };
                 if ip.is_ipv6() {
@@ -875,6 +853,40 @@ fn check_ifname(name: &str) -> Result<(), String> {
     }
 }
 
+/// `count` consecutive addresses from `net.addr`, all in `net` and none its broadcast
+/// address.
+fn range(net: &Subnet, count: u32) -> Result<Vec<IpAddr>, String> {
+    let last_ok = |last: u128, width: u32| -> bool {
+        let shift = width - net.prefix as u32;
+        let first = match net.addr {
+            IpAddr::V4(a) => u32::from(a) as u128,
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let host_mask = if shift >= 128 { u128::MAX } else { (1u128 << shift) - 1 };
+        // Same network, and (IPv4 up to /30) not the broadcast address.
+        (first & !host_mask) == (last & !host_mask) && !(width == 32 && shift >= 2 && last & host_mask == host_mask)
+    };
+    let out: Vec<IpAddr> = match net.addr {
+        IpAddr::V4(a) => {
+            let first = u32::from(a) as u64;
+            let last = first + count as u64 - 1;
+            if last > u32::MAX as u64 || !last_ok(last as u128, 32) {
+                return Err(format!("{count} addresses from {} run past {net} (or onto its broadcast address)", net.addr));
+            }
+            (first..=last).map(|x| IpAddr::V4((x as u32).into())).collect()
+        }
+        IpAddr::V6(a) => {
+            let first = u128::from(a);
+            let last = first.checked_add(count as u128 - 1);
+            match last {
+                Some(l) if last_ok(l, 128) => (first..=l).map(|x| IpAddr::V6(x.into())).collect(),
+                _ => return Err(format!("{count} addresses from {} run past {net}", net.addr)),
+            }
+        }
+    };
+    Ok(out)
+}
+
 fn vip_address(s: &str) -> Result<Subnet, String> {
     let net: Subnet = s.parse()?;
     let why = match net.addr {
@@ -953,7 +965,7 @@ failover = false
 
         let ad: Vec<_> =
             c.adapters.iter().map(|a| (a.name.as_str(), a.max_vips, a.vlans.clone(), a.line, a.name_line)).collect();
-        assert_eq!(ad, [("eth0", 8, vec![100, 200], 19, 20), ("eth1", 1024, vec![100], 24, 25)]);
+        assert_eq!(ad, [("eth0", Some(8), vec![100, 200], 19, 20), ("eth1", None, vec![100], 24, 25)]);
 
         let v = &c.vips;
         assert_eq!(v.len(), 2);
@@ -975,7 +987,8 @@ failover = false
         assert_eq!(a.pin_path, Path::new("/sys/fs/bpf/vip"));
         assert_eq!((c.announce.count, c.announce.interval_ms, c.announce.max_per_second), (3, 100, 2000));
         assert_eq!((c.probe.enabled, c.probe.count, c.probe.wait_ms), (true, 2, 200));
-        assert_eq!((c.adapters[0].max_vips, c.adapters[0].vlans.len()), (1024, 0));
+        assert_eq!((c.adapters[0].max_vips, c.adapters[0].vlans.len(), c.adapters[0].move_mac), (None, 0, true));
+        assert_eq!((c.vips[0].mode, c.vips[0].count, c.all_vips.len()), (VipMode::Spread, 1, 1));
         assert_eq!((c.vips[0].vlan, c.vips[0].failover), (None, true));
     }
 
@@ -1165,18 +1178,32 @@ failover = false
                 &[(3, "adapter[0].max_vips", "2 VIPs use eth0, more than its max_vips of 1")],
             ),
             (
-                "more VIPs than the default max_vips: on the name line",
-                format!(
-                    "[[adapter]]\n\nname = 'eth0'\n{}",
-                    (0..=DEFAULT_MAX_VIPS)
-                        .map(|i| format!(
-                            "[[vip]]\naddress = '10.0.{}.{}/16'\nadapters = ['eth0']\n",
-                            i / 200,
-                            i % 200 + 1
-                        ))
-                        .collect::<String>()
-                ),
-                &[(3, "adapter[0].max_vips", "1025 VIPs use eth0, more than its max_vips of 1024")],
+                "a range runs past its subnet",
+                "[[adapter]]\nname = 'eth0'\n[[vip]]\naddress = '192.0.2.250/24'\ncount = 10\nadapters = ['eth0']\n".into(),
+                &[(5, "vip[0].count", "10 addresses from 192.0.2.250 run past 192.0.2.250/24")],
+            ),
+            (
+                "a range reaching the broadcast address",
+                "[[adapter]]\nname = 'eth0'\n[[vip]]\naddress = '192.0.2.250/24'\ncount = 6\nadapters = ['eth0']\n".into(),
+                &[(5, "vip[0].count", "broadcast")],
+            ),
+            ("count zero", base("[[vip]]\naddress = '192.0.2.100/24'\ncount = 0\nadapters = ['eth0']\n"), &[(8, "vip[1].count", "must be 1 to 131072, not 0")]),
+            (
+                "a range overlapping another VIP",
+                base("[[vip]]\naddress = '192.0.2.0/24'\ncount = 3\nadapters = ['eth0']\n"),
+                &[(7, "vip[1].address", "192.0.2.1 untagged is already defined at line 4")],
+            ),
+            (
+                "a range over max_vips",
+                "[[adapter]]\nname = 'eth0'\nmax_vips = 10\n[[vip]]\naddress = '10.0.0.1/16'\ncount = 11\nadapters = ['eth0']\n".into(),
+                &[(3, "adapter[0].max_vips", "11 VIPs use eth0, more than its max_vips of 10")],
+            ),
+            (
+                "more VIPs than the data plane holds",
+                "[[adapter]]\nname = 'eth0'\n[[vip]]\naddress = '10.0.0.1/8'\ncount = 70000\nadapters = ['eth0']\n\
+                 [[vip]]\naddress = '10.2.0.1/8'\ncount = 70000\nadapters = ['eth0']\n"
+                    .into(),
+                &[(7, "vip[1]", "140000 VIPs in all, more than 131072")],
             ),
         ]
     }
@@ -1397,15 +1424,17 @@ mod mode_tests {
     fn vip_modes() {
         let base = "[[adapter]]\nname = \"eth0\"\n[[vip]]\naddress = \"192.0.2.10/24\"\nadapters = [\"eth0\"]\n";
         let c = Config::parse(Path::new("m.toml"), base).unwrap();
+        assert_eq!(c.vips[0].mode, VipMode::Spread);
+        let c = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"all\"\n")).unwrap();
         assert_eq!(c.vips[0].mode, VipMode::All);
         let c = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"primary\"\n")).unwrap();
         assert_eq!(c.vips[0].mode, VipMode::Primary);
         let c = Config::parse(Path::new("m.toml"), &format!("{base}mode = \"spread\"\nrebalance = true\n")).unwrap();
         assert_eq!((c.vips[0].mode, c.vips[0].rebalance), (VipMode::Spread, true));
-        assert_eq!((c.adapters[0].weight, c.adapters[0].move_mac), (1, false));
+        assert_eq!((c.adapters[0].weight, c.adapters[0].move_mac), (1, true));
         let bad = [
             ("mode = \"any\"\n", 6, "vip[0].mode", "is not one of all, primary, spread"),
-            ("rebalance = true\n", 6, "vip[0].rebalance", "only applies to mode = \"spread\""),
+            ("mode = \"all\"\nrebalance = true\n", 7, "vip[0].rebalance", "only applies to mode = \"spread\""),
         ];
         for (extra, line, key, want) in bad {
             let e = Config::parse(Path::new("m.toml"), &format!("{base}{extra}")).unwrap_err();

@@ -64,6 +64,17 @@ pub fn conflict_in(frame: &[u8], addr: &IpAddr, ours: &HashSet<Mac>) -> Option<C
     }
 }
 
+/// The addresses an ARP or neighbor discovery frame could be claiming or probing.
+fn named(frame: &[u8]) -> Vec<IpAddr> {
+    if let Some(a) = vip_packet::parse_arp(frame) {
+        return vec![IpAddr::V4(a.spa), IpAddr::V4(a.tpa)];
+    }
+    if let Some(n) = vip_packet::parse_nd(frame) {
+        return vec![IpAddr::V6(n.target)];
+    }
+    vec![]
+}
+
 fn probe_frame(mac: Mac, addr: &IpAddr, vlan: u16) -> Vec<u8> {
     match addr {
         IpAddr::V4(a) => {
@@ -99,6 +110,10 @@ pub fn probe(
             }
         }
     }
+    let mut by_addr: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+    for (i, t) in targets.iter().enumerate() {
+        by_addr.entry(t.addr).or_default().push(i);
+    }
     let gap = Duration::from_millis(20);
     let start = Instant::now();
     let end = start + gap * count.saturating_sub(1) + wait;
@@ -131,12 +146,17 @@ pub fn probe(
                 if n == 0 {
                     continue;
                 }
-                for t in targets {
-                    if found.contains_key(&t.vip) {
-                        continue;
-                    }
-                    if let Some(c) = conflict_in(&buf[..n], &t.addr, ours) {
-                        found.insert(t.vip, c);
+                // Only the targets the frame names: one lookup per frame, not one check per
+                // target (100,000 VIPs are probed at once).
+                for addr in named(&buf[..n]) {
+                    for &i in by_addr.get(&addr).map(|v| &v[..]).unwrap_or(&[]) {
+                        let t = &targets[i];
+                        if found.contains_key(&t.vip) {
+                            continue;
+                        }
+                        if let Some(c) = conflict_in(&buf[..n], &t.addr, ours) {
+                            found.insert(t.vip, c);
+                        }
                     }
                 }
             }

@@ -1,9 +1,8 @@
-//! The control socket (`vip-agent status`) and the Prometheus metrics listener.
+//! The control socket (`vip-agent status`) and the Prometheus metrics listener. Both ask
+//! the event loop for a snapshot (it answers between events, without building anything)
+//! and turn it into a status on a blocking thread of their own.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::{path::Path, sync::Arc};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -11,25 +10,27 @@ use tokio::{
 };
 
 use crate::{
-    agent::{fill_counters, Agent},
     dataplane::Counters,
-    status::Status,
+    runtime::{Inbox, Msg},
+    status::{build, Status},
 };
 
-pub type Shared = Arc<Mutex<Agent>>;
-
-/// The agent's status with counters; the lock is held only for the cheap part.
-fn full_status(agent: &Shared, counters: &Counters) -> Status {
-    let mut s = agent.lock().expect("agent lock").status();
-    fill_counters(&mut s, counters);
-    s
+/// The status with counters, built off the event loop.
+async fn full_status(inbox: &Inbox, counters: &Arc<Counters>) -> Option<Status> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if !inbox.send(Msg::Status(tx)) {
+        return None;
+    }
+    let snap = rx.await.ok()?;
+    let counters = counters.clone();
+    tokio::task::spawn_blocking(move || build(snap, &counters)).await.ok()
 }
 
 /// Serves `status` requests: one line in, one JSON document out.
-pub async fn serve_control(listener: UnixListener, agent: Shared, counters: Arc<Counters>) {
+pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<Counters>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let (agent, counters) = (agent.clone(), counters.clone());
+        let (inbox, counters) = (inbox.clone(), counters.clone());
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -40,20 +41,25 @@ pub async fn serve_control(listener: UnixListener, agent: Shared, counters: Arc<
                 _ => return,
             }
             let reply = match line.trim() {
-                "status" => serde_json::to_string(&full_status(&agent, &counters)).expect("serialisable"),
-                other => format!("{{\"error\":\"unknown command {other:?}\"}}"),
+                "status" => match full_status(&inbox, &counters).await {
+                    Some(s) => tokio::task::spawn_blocking(move || serde_json::to_vec(&s).expect("serialisable"))
+                        .await
+                        .unwrap_or_default(),
+                    None => b"{\"error\":\"the agent is stopping\"}".to_vec(),
+                },
+                other => format!("{{\"error\":\"unknown command {other:?}\"}}").into_bytes(),
             };
-            let _ = w.write_all(reply.as_bytes()).await;
+            let _ = w.write_all(&reply).await;
             let _ = w.shutdown().await;
         });
     }
 }
 
 /// Serves the metrics in Prometheus text format on any path.
-pub async fn serve_metrics(listener: TcpListener, agent: Shared, counters: Arc<Counters>) {
+pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Counters>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let (agent, counters) = (agent.clone(), counters.clone());
+        let (inbox, counters) = (inbox.clone(), counters.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             // The request itself does not matter; read until the end of its headers.
@@ -64,7 +70,8 @@ pub async fn serve_metrics(listener: TcpListener, agent: Shared, counters: Arc<C
                     Ok(n) => seen.extend_from_slice(&buf[..n]),
                 }
             }
-            let body = full_status(&agent, &counters).prometheus();
+            let Some(s) = full_status(&inbox, &counters).await else { return };
+            let body = s.prometheus();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -82,7 +89,7 @@ pub async fn query_status(socket: &Path) -> anyhow::Result<Status> {
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {}: {e} (is the agent running?)", socket.display()))?;
     s.write_all(b"status\n").await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(serde_json::from_str(&out)?)
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(serde_json::from_slice(&out)?)
 }

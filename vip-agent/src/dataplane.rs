@@ -14,8 +14,8 @@ use aya::{
 };
 use bytemuck::Zeroable;
 use vip_common::{
-    answer_index, decision, egress, mac_key, names, AdapterInfo, FlowInfo, FlowKey, MacKey, Traffic, VipInfo, VipKey,
-    BUCKETS_LEN, BUCKET_WORDS, MAX_ADAPTERS, MAX_IFINDEX, SPREAD_BUCKETS,
+    decision, egress, mac_key, names, AdapterInfo, FlowInfo, FlowKey, MacKey, Traffic, VipInfo, VipKey, ANSWERS_LEN,
+    BUCKETS_LEN, BUCKET_WORDS, MAX_ADAPTERS, MAX_IFINDEX, MAX_POLICIES, SPREAD_BUCKETS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,12 @@ pub enum DataplaneError {
     DevMap { map: &'static str, reason: String },
     #[error("pinning at {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
+    #[error("map {0} cannot be memory-mapped (pinned by an older agent? stop it with SIGTERM first)")]
+    NotMappable(&'static str),
+    #[error("map {map}: {source}")]
+    Batch { map: &'static str, source: std::io::Error },
+    #[error("policy {0} is out of range (the data plane holds {MAX_POLICIES})")]
+    PolicyOutOfRange(u32),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -48,8 +54,13 @@ pub struct Dataplane {
     /// Taken out of `ebpf` once: a failover writes them without looking them up by name.
     adapters: AdapterMap,
     vips: VipMap,
-    buckets: BucketMap,
+    /// The VIP map's fd, for batched writes.
+    vips_fd: std::os::fd::OwnedFd,
+    policies: MmapArray,
+    buckets: MmapArray,
+    answers: MmapArray,
     flows: FlowMap,
+    flows_fd: std::os::fd::OwnedFd,
     macs: HashMap<MapData, MacKey, u32>,
     events: Option<aya::maps::RingBuf<MapData>>,
 }
@@ -85,6 +96,14 @@ impl MmapArray {
             return Err(data);
         }
         Ok(MmapArray { _data: data, mem: mem.cast(), bytes })
+    }
+
+    /// Maps an array map that this object declares mmapable; an error names the map.
+    fn require(map: aya::maps::Map, name: &'static str, entries: u32, value_size: usize) -> Result<MmapArray> {
+        let aya::maps::Map::Array(data) = map else {
+            return Err(DataplaneError::MissingMap(name));
+        };
+        MmapArray::open(data, entries, value_size).map_err(|_| DataplaneError::NotMappable(name))
     }
 
     fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
@@ -165,48 +184,32 @@ impl AdapterMap {
     }
 }
 
-/// The spread buckets: 8 owner slots per word, memory-mapped like ADAPTERS.
-enum BucketMap {
-    Mapped(MmapArray),
-    Syscall(aya::maps::Array<MapData, [u8; 8]>),
-}
-
-impl BucketMap {
-    fn new(map: aya::maps::Map) -> Result<BucketMap> {
-        let err = |source| DataplaneError::Map { map: names::BUCKETS, source };
-        let aya::maps::Map::Array(data) = map else {
-            return Err(DataplaneError::MissingMap(names::BUCKETS));
-        };
-        match MmapArray::open(data, BUCKETS_LEN, 8) {
-            Ok(m) => Ok(BucketMap::Mapped(m)),
-            Err(data) => Ok(BucketMap::Syscall(aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(err)?)),
+/// Writes one spread table (`SPREAD_BUCKETS` owner slots) at table `index` of BUCKETS,
+/// storing only the words that change.
+fn write_buckets(m: &MmapArray, index: u32, slots: &[u8]) {
+    assert_eq!(slots.len(), SPREAD_BUCKETS as usize);
+    for (w, chunk) in slots.chunks(8).enumerate() {
+        let i = (index * BUCKET_WORDS) as usize + w;
+        let v = u64::from_ne_bytes(chunk.try_into().expect("8 slots"));
+        if m.load(i) != v {
+            m.store(i, v);
         }
-    }
-
-    /// Writes VIP `id`'s whole table (`SPREAD_BUCKETS` slots), only the words that change.
-    fn set(&mut self, id: u32, slots: &[u8]) -> Result<()> {
-        assert_eq!(slots.len(), SPREAD_BUCKETS as usize);
-        for (w, chunk) in slots.chunks(8).enumerate() {
-            let i = id * BUCKET_WORDS + w as u32;
-            let v: [u8; 8] = chunk.try_into().expect("8 slots");
-            match self {
-                BucketMap::Mapped(m) => {
-                    if m.load(i as usize) != u64::from_ne_bytes(v) {
-                        m.store(i as usize, u64::from_ne_bytes(v));
-                    }
-                }
-                BucketMap::Syscall(a) => {
-                    a.set(i, v, 0).map_err(|source| DataplaneError::Map { map: names::BUCKETS, source })?
-                }
-            }
-        }
-        Ok(())
     }
 }
 
 type VipMap = HashMap<MapData, VipKey, VipInfo>;
 
 type FlowMap = HashMap<MapData, FlowKey, FlowInfo>;
+
+/// A second fd on a map (for the batched syscalls aya does not offer).
+fn map_fd(map: &aya::maps::Map, name: &'static str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    let data = match map {
+        aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
+        _ => return Err(DataplaneError::MissingMap(name)),
+    };
+    data.fd().as_fd().try_clone_to_owned().map_err(|source| DataplaneError::Batch { map: name, source })
+}
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
     ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
@@ -253,12 +256,18 @@ impl Dataplane {
             tc.load().map_err(|source| DataplaneError::Program { name, source })?;
         }
         let adapters = AdapterMap::new(take(&mut ebpf, names::ADAPTERS)?)?;
-        let vips = HashMap::try_from(take(&mut ebpf, names::VIPS)?).map_err(map_err(names::VIPS))?;
-        let buckets = BucketMap::new(take(&mut ebpf, names::BUCKETS)?)?;
-        let flows = HashMap::try_from(take(&mut ebpf, names::FLOWS)?).map_err(map_err(names::FLOWS))?;
+        let vips_map = take(&mut ebpf, names::VIPS)?;
+        let vips_fd = map_fd(&vips_map, names::VIPS)?;
+        let vips = HashMap::try_from(vips_map).map_err(map_err(names::VIPS))?;
+        let policies = MmapArray::require(take(&mut ebpf, names::POLICIES)?, names::POLICIES, MAX_POLICIES, 8)?;
+        let buckets = MmapArray::require(take(&mut ebpf, names::BUCKETS)?, names::BUCKETS, BUCKETS_LEN, 8)?;
+        let answers = MmapArray::require(take(&mut ebpf, names::ANSWERS)?, names::ANSWERS, ANSWERS_LEN, 8)?;
+        let flows_map = take(&mut ebpf, names::FLOWS)?;
+        let flows_fd = map_fd(&flows_map, names::FLOWS)?;
+        let flows = HashMap::try_from(flows_map).map_err(map_err(names::FLOWS))?;
         let macs = HashMap::try_from(take(&mut ebpf, names::MACS)?).map_err(map_err(names::MACS))?;
         let events = Some(aya::maps::RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?);
-        Ok(Dataplane { ebpf, adapters, vips, buckets, flows, macs, events })
+        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, flows, flows_fd, macs, events })
     }
 
     /// Attaches a TC program (`names::EGRESS_PROGRAM` on egress, `names::INGRESS_PROGRAM`
@@ -322,9 +331,30 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
-    /// Writes spread VIP `id`'s bucket table (one owner slot per bucket).
-    pub fn set_buckets(&mut self, id: u32, slots: &[u8]) -> Result<()> {
-        self.buckets.set(id, slots)
+    /// Writes policy `policy`'s spread table (one owner slot per bucket).
+    pub fn set_buckets(&mut self, policy: u32, slots: &[u8]) -> Result<()> {
+        if policy >= MAX_POLICIES {
+            return Err(DataplaneError::PolicyOutOfRange(policy));
+        }
+        write_buckets(&self.buckets, policy, slots);
+        Ok(())
+    }
+
+    /// Sets who may answer the VIPs of `policy`: one store, seen by the next frame.
+    pub fn set_policy(&mut self, policy: u32, allowed: u64) -> Result<()> {
+        if policy >= MAX_POLICIES {
+            return Err(DataplaneError::PolicyOutOfRange(policy));
+        }
+        self.policies.store(policy as usize, allowed);
+        Ok(())
+    }
+
+    /// The allowed mask of `policy`.
+    pub fn policy(&self, policy: u32) -> u64 {
+        if policy >= MAX_POLICIES {
+            return 0;
+        }
+        self.policies.load(policy as usize)
     }
 
     /// Registers an adapter's MAC so frames sent to it after it fails can be recognised.
@@ -339,9 +369,10 @@ impl Dataplane {
         }
     }
 
-    /// Every client-table entry.
+    /// Every client-table entry (batched reads).
     pub fn flows(&self) -> Vec<(FlowKey, FlowInfo)> {
-        self.flows.iter().filter_map(|r| r.ok()).collect()
+        use std::os::fd::AsFd;
+        crate::bpfsys::dump(self.flows_fd.as_fd()).unwrap_or_default()
     }
 
     pub fn flow(&self, k: &FlowKey) -> Option<FlowInfo> {
@@ -399,7 +430,7 @@ impl Dataplane {
 
     /// The VIP keys in the map, for reconciling an adopted map with the config.
     pub fn vip_keys(&self) -> Result<Vec<VipKey>> {
-        Ok(self.vips.keys().filter_map(|k| k.ok()).collect())
+        Ok(self.vip_entries()?.into_iter().map(|e| e.0).collect())
     }
 
     /// Whether adapter entries are written through shared memory (no syscall).
@@ -487,6 +518,26 @@ impl Dataplane {
         self.vips.insert(key, info, 0).map_err(|source| DataplaneError::Map { map: names::VIPS, source })
     }
 
+    /// Adds or replaces many VIPs, thousands per syscall.
+    pub fn set_vips(&mut self, keys: &[VipKey], infos: &[VipInfo]) -> Result<()> {
+        use std::os::fd::AsFd;
+        crate::bpfsys::update(self.vips_fd.as_fd(), keys, infos).map_err(|source| DataplaneError::Batch { map: names::VIPS, source })
+    }
+
+    /// Removes many VIPs.
+    pub fn remove_vips(&mut self, keys: &[VipKey]) -> Result<()> {
+        use std::os::fd::AsFd;
+        crate::bpfsys::delete(self.vips_fd.as_fd(), keys)
+            .map(|_| ())
+            .map_err(|source| DataplaneError::Batch { map: names::VIPS, source })
+    }
+
+    /// Every VIP entry (batched reads), for reconciling an adopted map.
+    pub fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>> {
+        use std::os::fd::AsFd;
+        crate::bpfsys::dump(self.vips_fd.as_fd()).map_err(|source| DataplaneError::Batch { map: names::VIPS, source })
+    }
+
     pub fn remove_vip(&mut self, key: VipKey) -> Result<()> {
         self.vips.remove(&key).map_err(|source| DataplaneError::Map { map: names::VIPS, source })
     }
@@ -503,36 +554,67 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Answers sent for VIP `vip_id` by the adapter in `slot`, summed over CPUs.
-    pub fn answers(&self, vip_id: u32, slot: u8) -> Result<u64> {
-        let map = names::ANSWERS;
-        let arr = self.per_cpu(map)?;
-        let v = arr.get(&answer_index(vip_id, slot), 0).map_err(|source| DataplaneError::Map { map, source })?;
-        Ok(v.iter().sum())
+    /// Answers sent for VIP `vip_id` (by any adapter).
+    pub fn answers(&self, vip_id: u32) -> u64 {
+        if vip_id >= ANSWERS_LEN {
+            return 0;
+        }
+        self.answers.load(vip_id as usize)
+    }
+
+    /// VIP traffic and answers of the adapter in `slot`, summed over CPUs.
+    pub fn traffic(&self, slot: u8) -> Result<Traffic> {
+        let map = names::TRAFFIC;
+        let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
+        let arr: PerCpuArray<&MapData, Traffic> = PerCpuArray::try_from(m).map_err(|source| DataplaneError::Map { map, source })?;
+        let v = arr.get(&(slot as u32), 0).map_err(|source| DataplaneError::Map { map, source })?;
+        Ok(sum_traffic(v.iter()))
     }
 }
 
-/// Independent handles on the pinned counter maps, so status and metrics can read them
-/// without holding the agent's lock (a failover must never wait behind a status query).
+fn sum_traffic<'a>(v: impl Iterator<Item = &'a Traffic>) -> Traffic {
+    let mut t = Traffic::default();
+    for c in v {
+        t.rx_packets += c.rx_packets;
+        t.rx_bytes += c.rx_bytes;
+        t.tx_packets += c.tx_packets;
+        t.tx_bytes += c.tx_bytes;
+        t.answers += c.answers;
+    }
+    t
+}
+
+/// Independent handles on the pinned counter maps and client table, so status, metrics
+/// and housekeeping read them without ever waiting on the agent's event loop.
 pub struct Counters {
     decisions: PerCpuArray<MapData, u64>,
-    answers: PerCpuArray<MapData, u64>,
     egress: PerCpuArray<MapData, u64>,
     traffic: PerCpuArray<MapData, Traffic>,
-    flows: std::sync::Mutex<FlowMap>,
+    answers: MmapArray,
+    vs_macs: aya::maps::Array<MapData, [u8; 8]>,
+    flows_fd: std::os::fd::OwnedFd,
 }
 
 impl Counters {
     pub fn open(pin_dir: &Path) -> Result<Counters> {
-        let open = |name: &'static str| -> Result<PerCpuArray<MapData, u64>> {
-            let data = MapData::from_pin(pin_dir.join(name)).map_err(|source| DataplaneError::Map { map: name, source })?;
-            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|source| DataplaneError::Map { map: name, source })
-        };
+        use std::os::fd::AsFd;
         let data = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_err(name));
+        let per_cpu = |name: &'static str| -> Result<PerCpuArray<MapData, u64>> {
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data(name)?)).map_err(map_err(name))
+        };
         let traffic = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data(names::TRAFFIC)?)).map_err(map_err(names::TRAFFIC))?;
-        let flows = HashMap::try_from(aya::maps::Map::LruHashMap(data(names::FLOWS)?)).map_err(map_err(names::FLOWS))?;
-        let flows = std::sync::Mutex::new(flows);
-        Ok(Counters { decisions: open(names::DECISIONS)?, answers: open(names::ANSWERS)?, egress: open(names::EGRESS)?, traffic, flows })
+        let answers = MmapArray::require(aya::maps::Map::Array(data(names::ANSWERS)?), names::ANSWERS, ANSWERS_LEN, 8)?;
+        let vs_macs = aya::maps::Array::try_from(aya::maps::Map::Array(data(names::VS_MACS)?)).map_err(map_err(names::VS_MACS))?;
+        let flows = data(names::FLOWS)?;
+        let flows_fd = flows.fd().as_fd().try_clone_to_owned().map_err(|source| DataplaneError::Batch { map: names::FLOWS, source })?;
+        Ok(Counters {
+            decisions: per_cpu(names::DECISIONS)?,
+            egress: per_cpu(names::EGRESS)?,
+            traffic,
+            answers,
+            vs_macs,
+            flows_fd,
+        })
     }
 
     pub fn egress(&self) -> [u64; egress::COUNT as usize] {
@@ -543,39 +625,26 @@ impl Counters {
         out
     }
 
-    /// VIP traffic through the adapter in `slot`, summed over CPUs.
+    /// VIP traffic and answers of the adapter in `slot`, summed over CPUs.
     pub fn traffic(&self, slot: u8) -> Traffic {
-        let mut t = Traffic::default();
-        if let Ok(v) = self.traffic.get(&(slot as u32), 0) {
-            for c in v.iter() {
-                t.rx_packets += c.rx_packets;
-                t.rx_bytes += c.rx_bytes;
-                t.tx_packets += c.tx_packets;
-                t.tx_bytes += c.tx_bytes;
-            }
-        }
-        t
+        self.traffic.get(&(slot as u32), 0).map(|v| sum_traffic(v.iter())).unwrap_or_default()
     }
 
-    pub fn traffic_all(&self) -> Vec<Traffic> {
-        (0..MAX_ADAPTERS as u8).map(|s| self.traffic(s)).collect()
+    /// Traffic of slots `0..n`.
+    pub fn traffic_all(&self, n: usize) -> Vec<Traffic> {
+        (0..n.min(MAX_ADAPTERS as usize) as u8).map(|s| self.traffic(s)).collect()
     }
 
-    /// Every client-table entry (read without the agent's lock).
+    /// Every client-table entry (batched reads).
     pub fn flows(&self) -> Vec<(FlowKey, FlowInfo)> {
-        self.flows.lock().expect("flows lock").iter().filter_map(|r| r.ok()).collect()
+        use std::os::fd::AsFd;
+        crate::bpfsys::dump(self.flows_fd.as_fd()).unwrap_or_default()
     }
 
-    /// Removes entries not seen for `timeout_ns` (monotonic `now_ns`); returns how many.
-    pub fn age_flows(&self, now_ns: u64, timeout_ns: u64) -> usize {
-        let mut m = self.flows.lock().expect("flows lock");
-        let old: Vec<FlowKey> = m
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, f)| now_ns.saturating_sub(f.seen_ns) > timeout_ns)
-            .map(|(k, _)| k)
-            .collect();
-        old.iter().filter(|k| m.remove(k).is_ok()).count()
+    /// Removes these client-table entries; returns how many went.
+    pub fn remove_flows(&self, keys: &[FlowKey]) -> usize {
+        use std::os::fd::AsFd;
+        crate::bpfsys::delete(self.flows_fd.as_fd(), keys).unwrap_or(0)
     }
 
     pub fn decisions(&self) -> [u64; decision::COUNT as usize] {
@@ -586,7 +655,17 @@ impl Counters {
         out
     }
 
-    pub fn answers(&self, vip_id: u32, slot: u8) -> u64 {
-        self.answers.get(&answer_index(vip_id, slot), 0).map(|v| v.iter().sum()).unwrap_or(0)
+    /// Answers sent for VIP `vip_id` by any adapter.
+    pub fn answers(&self, vip_id: u32) -> u64 {
+        if vip_id >= ANSWERS_LEN {
+            return 0;
+        }
+        self.answers.load(vip_id as usize)
+    }
+
+    /// Virtual server `idx`'s MAC, once the data plane has learned it.
+    pub fn vserver_mac(&self, idx: u32) -> Option<[u8; 6]> {
+        let v = self.vs_macs.get(&idx, 0).ok()?;
+        (v[6] == 1).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]])
     }
 }

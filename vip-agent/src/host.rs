@@ -1,9 +1,12 @@
-//! Changes the agent makes to the host outside BPF, recorded so they can be undone: VIP
-//! addresses on `lo`, and per-adapter sysctls. The record is also written to a state file
-//! so that an agent restarted after SIGKILL still restores what the host had originally.
+//! Changes the agent makes to the host outside BPF, recorded so they can be undone: a
+//! local route per VIP, sysctls, RX VLAN offload, and MACs added to adapters' unicast
+//! filters (MAC move). The record is also written to a state file so that an agent
+//! restarted after SIGKILL still restores what the host had originally.
 
 use std::{
+    collections::HashSet,
     fs,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -25,6 +28,11 @@ pub const HOST_SYSCTLS: &[(&str, &str)] = &[
     ("ipv4/conf/all/arp_ignore", "1"),
     ("ipv4/conf/all/arp_announce", "2"),
 ];
+
+/// Only with IPv6 VIPs: an IPv6 VIP held by a local route (not an address) can be bound
+/// to, and used as the source of a UDP reply (IPV6_PKTINFO), only with this. IPv4 needs
+/// nothing: the kernel takes the local table as proof of a local address.
+pub const IPV6_SYSCTLS: &[(&str, &str)] = &[("ipv6/ip_nonlocal_bind", "1")];
 
 pub const ADAPTER_SYSCTLS: &[(&str, &str)] = &[
     ("ipv4/conf/{}/arp_ignore", "1"),
@@ -50,10 +58,21 @@ pub struct AddedAddress {
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct HostChanges {
     pub sysctls: Vec<SavedSysctl>,
+    /// VIP addresses on `lo` (what agents before local routes did): removed on restore.
+    #[serde(default)]
     pub addresses: Vec<AddedAddress>,
+    /// The loopback's ifindex, the device of every VIP route.
+    #[serde(default)]
+    pub lo: u32,
+    /// VIPs the agent holds as local routes (table local, dev lo, proto 86).
+    #[serde(default)]
+    pub routes: Vec<IpAddr>,
     /// Adapters whose RX VLAN offload the agent turned off (it was on).
     #[serde(default)]
     pub rxvlan_off: Vec<String>,
+    /// (ifindex, MAC) added to an adapter's unicast filter for a MAC that moved to it.
+    #[serde(default)]
+    pub unicast: Vec<(u32, [u8; 6])>,
 }
 
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
@@ -108,6 +127,8 @@ fn rxvlan(dev: &str, set: Option<bool>) -> std::io::Result<bool> {
 pub struct Host {
     pub changes: HostChanges,
     state_file: PathBuf,
+    /// `changes.routes` as a set.
+    routes: HashSet<IpAddr>,
 }
 
 fn sysctl_path(template: &str, dev: &str) -> PathBuf {
@@ -121,11 +142,15 @@ impl Host {
             .ok()
             .and_then(|b| serde_json::from_slice::<HostChanges>(&b).ok())
             .unwrap_or_default();
-        Host { changes, state_file }
+        let routes = changes.routes.iter().copied().collect();
+        Host { changes, state_file, routes }
     }
 
     pub fn adopted(&self) -> bool {
-        !self.changes.sysctls.is_empty() || !self.changes.addresses.is_empty() || !self.changes.rxvlan_off.is_empty()
+        !self.changes.sysctls.is_empty()
+            || !self.changes.addresses.is_empty()
+            || !self.changes.routes.is_empty()
+            || !self.changes.rxvlan_off.is_empty()
     }
 
     fn save(&self) -> std::io::Result<()> {
@@ -157,9 +182,13 @@ impl Host {
         rxvlan(dev, Some(false)).map(|_| ())
     }
 
-    /// The host-wide sysctls ([`HOST_SYSCTLS`]).
-    pub fn prepare_host(&mut self) -> std::io::Result<()> {
-        self.set_sysctls(HOST_SYSCTLS, "")
+    /// The host-wide sysctls ([`HOST_SYSCTLS`], and [`IPV6_SYSCTLS`] with IPv6 VIPs).
+    pub fn prepare_host(&mut self, ipv6: bool) -> std::io::Result<()> {
+        self.set_sysctls(HOST_SYSCTLS, "")?;
+        if ipv6 {
+            self.set_sysctls(IPV6_SYSCTLS, "")?;
+        }
+        Ok(())
     }
 
     fn set_sysctls(&mut self, list: &[(&str, &str)], dev: &str) -> std::io::Result<()> {
@@ -178,55 +207,104 @@ impl Host {
         Ok(())
     }
 
-    /// Adds a VIP as a host address on `lo` (/32 or /128) so the stack accepts its
-    /// traffic. The record is written first, so a SIGKILL between the two cannot leave an
-    /// address nobody will remove. An address that was already there and is not in the
-    /// record belongs to the operator: it is used, and left in place at the end.
-    pub fn add_vip(&mut self, rtnl: &mut Rtnl, lo: u32, addr: std::net::IpAddr) -> Result<(), NetlinkError> {
-        let prefix = if addr.is_ipv4() { 32 } else { 128 };
-        let rec = AddedAddress { ifindex: lo, addr, prefix };
-        let ours = self.changes.addresses.contains(&rec);
-        if !ours {
-            self.changes.addresses.push(rec.clone());
-            self.save().map_err(NetlinkError::Io)?;
+    /// Makes the host take these VIPs as its own: a local route each (see
+    /// [`Rtnl::add_local_routes`]), in batches. The record is written first, so a SIGKILL
+    /// between the two cannot leave a route nobody will remove. A route that was already
+    /// there and is not in the record belongs to the operator: it is used, and left in
+    /// place at the end.
+    pub fn add_vips(&mut self, rtnl: &mut Rtnl, lo: u32, addrs: &[IpAddr]) -> Result<(), NetlinkError> {
+        let new: Vec<IpAddr> = addrs.iter().copied().filter(|a| !self.routes.contains(a)).collect();
+        if new.is_empty() {
+            return Ok(());
         }
-        match rtnl.add_address(lo, &Subnet { addr, prefix }) {
-            Ok(()) => Ok(()),
-            Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-                if !ours {
-                    tracing::info!(%addr, "VIP already on lo; using it and leaving it there");
-                    self.changes.addresses.retain(|a| *a != rec);
-                    let _ = self.save();
+        self.changes.lo = lo;
+        self.changes.routes.extend(&new);
+        self.routes.extend(&new);
+        self.save().map_err(NetlinkError::Io)?;
+        let results = rtnl.add_local_routes(lo, &new)?;
+        let mut first_err = None;
+        let mut not_ours = HashSet::new();
+        for (a, r) in new.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    tracing::info!(addr = %a, "VIP already a local route; using it and leaving it there");
+                    not_ours.insert(*a);
                 }
-                Ok(())
-            }
-            Err(e) => {
-                if !ours {
-                    self.changes.addresses.retain(|a| *a != rec);
-                    let _ = self.save();
+                Err(e) => {
+                    not_ours.insert(*a);
+                    first_err.get_or_insert(NetlinkError::Refused(e));
                 }
-                Err(e)
             }
         }
-    }
-
-    /// Addresses this agent added that are not in `keep` (VIPs gone from the config).
-    pub fn stale_vips(&self, keep: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
-        self.changes.addresses.iter().map(|a| a.addr).filter(|a| !keep.contains(a)).collect()
-    }
-
-    pub fn remove_vip(&mut self, rtnl: &mut Rtnl, addr: std::net::IpAddr) -> Result<(), NetlinkError> {
-        if let Some(pos) = self.changes.addresses.iter().position(|a| a.addr == addr) {
-            let a = self.changes.addresses.remove(pos);
+        if !not_ours.is_empty() {
+            self.changes.routes.retain(|a| !not_ours.contains(a));
+            self.routes.retain(|a| !not_ours.contains(a));
             let _ = self.save();
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// VIPs this agent holds on the host that are not in `keep` (gone from the config), and
+    /// addresses on `lo` an older agent left.
+    pub fn stale_vips(&self, keep: &HashSet<IpAddr>) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.changes.routes.iter().copied().filter(|a| !keep.contains(a)).collect();
+        v.extend(self.changes.addresses.iter().map(|a| a.addr));
+        v
+    }
+
+    pub fn remove_vips(&mut self, rtnl: &mut Rtnl, addrs: &[IpAddr]) -> Result<(), NetlinkError> {
+        let gone: HashSet<IpAddr> = addrs.iter().copied().collect();
+        let old: Vec<AddedAddress> = self.changes.addresses.iter().filter(|a| gone.contains(&a.addr)).cloned().collect();
+        self.changes.addresses.retain(|a| !gone.contains(&a.addr));
+        let ours: Vec<IpAddr> = addrs.iter().copied().filter(|a| self.routes.contains(a)).collect();
+        self.changes.routes.retain(|a| !gone.contains(a));
+        self.routes.retain(|a| !gone.contains(a));
+        let _ = self.save();
+        for a in old {
             rtnl.del_address(a.ifindex, &Subnet { addr: a.addr, prefix: a.prefix })?;
         }
+        if !ours.is_empty() {
+            rtnl.del_local_routes(self.changes.lo, &ours)?;
+        }
         Ok(())
+    }
+
+    /// Adds `mac` to (or removes it from) `ifindex`'s unicast filter, recorded.
+    pub fn set_unicast(&mut self, rtnl: &mut Rtnl, ifindex: u32, mac: [u8; 6], on: bool) -> Result<(), NetlinkError> {
+        let rec = (ifindex, mac);
+        let had = self.changes.unicast.contains(&rec);
+        if on && !had {
+            self.changes.unicast.push(rec);
+            self.save().map_err(NetlinkError::Io)?;
+        }
+        let r = rtnl.set_unicast_filter(ifindex, mac, on);
+        if !on && had {
+            self.changes.unicast.retain(|x| *x != rec);
+            let _ = self.save();
+        }
+        r
     }
 
     /// Undoes everything, newest first, and removes the state file. Errors are logged and
     /// the rest is still undone: a half-restored host is worse than a logged warning.
     pub fn restore(&mut self, rtnl: &mut Rtnl) {
+        for (ifindex, mac) in self.changes.unicast.drain(..).rev() {
+            if let Err(e) = rtnl.set_unicast_filter(ifindex, mac, false) {
+                tracing::debug!(ifindex, error = %e, "unicast filter entry not removed");
+            }
+        }
+        let routes: Vec<IpAddr> = self.changes.routes.drain(..).collect();
+        self.routes.clear();
+        match rtnl.del_local_routes(self.changes.lo, &routes) {
+            Ok(results) => {
+                let failed = results.iter().filter(|r| r.as_ref().is_err_and(|e| e.raw_os_error() != Some(libc::ESRCH))).count();
+                if failed > 0 {
+                    tracing::warn!(failed, "some VIP routes could not be removed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not remove the VIP routes"),
+        }
         for a in self.changes.addresses.drain(..).rev() {
             if let Err(e) = rtnl.del_address(a.ifindex, &Subnet { addr: a.addr, prefix: a.prefix }) {
                 tracing::warn!(addr = %a.addr, error = %e, "could not remove VIP address");

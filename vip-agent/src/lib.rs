@@ -2,6 +2,8 @@
 //! virtual IPs.
 pub mod agent;
 pub mod announce;
+pub mod apply;
+pub mod bpfsys;
 pub mod config;
 pub mod conflict;
 pub mod control;
@@ -9,6 +11,7 @@ pub mod dataplane;
 pub mod host;
 pub mod netlink;
 pub mod packet;
+pub mod runtime;
 pub mod status;
 
 /// The config does not fit the host (exit code 2, like a config that does not parse).

@@ -1,20 +1,16 @@
 //! `vip-agent`: run the agent, check a config, or ask a running agent for its status.
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio::sync::Notify;
 use vip_agent::{
-    agent::{Agent, NetlinkHost, Timer},
+    agent::{Agent, NetlinkHost},
+    announce::Announcer,
     config::Config,
-    control::{self, Shared},
-    netlink::{LinkEvent, LinkEvents, NetlinkError, Rtnl},
+    control,
+    netlink::{HostEvents, LinkEvents, Rtnl},
+    runtime::{self, Exit, Msg},
     ConfigInvalid,
 };
 
@@ -173,59 +169,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the calling thread (the link watcher) under SCHED_FIFO, so a busy CPU cannot
-/// delay a failover behind ordinary work; the thread sleeps in recv otherwise.
-fn realtime_priority() {
-    let param = libc::sched_param { sched_priority: 10 };
-    if unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) } != 0 {
-        tracing::warn!("link watcher runs without real-time priority (SCHED_FIFO refused)");
-    }
-}
-
-fn spawn_timers(rt: &tokio::runtime::Handle, agent: &Shared, notify: &Arc<Notify>, timers: Vec<Timer>) {
-    for t in timers {
-        let (agent, notify) = (agent.clone(), notify.clone());
-        rt.spawn(async move {
-            tokio::time::sleep(t.after).await;
-            agent.lock().expect("agent lock").on_timer(&t);
-            notify.notify_one();
-        });
-    }
-}
-
-/// Reads straggler events from the data plane's ring buffer and has the agent correct
-/// each client.
-async fn serve_stragglers(ring: aya::maps::RingBuf<aya::maps::MapData>, agent: Shared, notify: Arc<Notify>) {
-    // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which keeps it
-    // open for as long as it is registered.
-    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::error!(error = %e, "straggler events cannot be polled; no corrections will be sent");
-            return;
-        }
-    };
-    let size = std::mem::size_of::<vip_common::Straggler>();
-    loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
-        let ring = guard.get_inner_mut();
-        let mut evs = vec![];
-        while let Some(item) = ring.next() {
-            if item.len() >= size {
-                evs.push(bytemuck::pod_read_unaligned::<vip_common::Straggler>(&item[..size]));
-            }
-        }
-        guard.clear_ready();
-        if !evs.is_empty() {
-            let mut a = agent.lock().expect("agent lock");
-            for e in &evs {
-                a.on_straggler(e);
-            }
-        }
-        notify.notify_one();
-    }
-}
-
 /// One agent per control socket: a second one would take over the first one's socket and
 /// state file. The lock is released when the process exits, however it exits.
 fn lock_instance(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
@@ -254,8 +197,8 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     let _guard = rt.enter();
     // Everything that can fail without touching the host comes first: the instance lock,
     // the signal handlers (a SIGTERM during start-up must still restore the host), the
-    // control socket and the metrics listener, and the link event subscription (before
-    // the first dump, so no change between the two is missed).
+    // control socket and the metrics listener, and the event subscriptions (before the
+    // first dump, so no change between the two is missed).
     let _lock = lock_instance(&socket_path)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -266,10 +209,25 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
         Some(addr) => Some(rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("metrics_listen {addr}"))?),
         None => None,
     };
-    let mut events = LinkEvents::open()?;
+    let links = LinkEvents::open()?;
+    let host_events = HostEvents::open()?;
+    let (inbox, inbox_rx) = runtime::inbox()?;
     let pin_path = cfg.agent.pin_path.clone();
     let steering = cfg.steering.clone();
-    let agent = match Agent::start(cfg, &object, reload) {
+    let addrs = Arc::new(cfg.all_vips.iter().map(|&(t, a)| (a, cfg.vips[t as usize].vlan.unwrap_or(0))).collect());
+    let a = &cfg.announce;
+    let sent_to = inbox.clone();
+    let (ann, announcer) = Announcer::new(
+        a.count,
+        Duration::from_millis(a.interval_ms),
+        a.max_per_second,
+        addrs,
+        Box::new(move |tag, ifindex, at| {
+            sent_to.send(Msg::Sent { tag, ifindex, at });
+        }),
+    );
+    runtime::supervised("announcer", inbox.clone(), announcer)?;
+    let mut agent = match Agent::start(cfg, &object, reload, links, ann) {
         Ok(a) => a,
         Err(e) => {
             let _ = std::fs::remove_file(&socket_path);
@@ -279,122 +237,58 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     let counters = match vip_agent::dataplane::Counters::open(&pin_path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            let mut a = agent;
-            if !a.was_adopted() {
-                a.shutdown();
+            if !agent.was_adopted() {
+                agent.shutdown();
             }
             return Err(e.into());
         }
     };
-    let mut agent = agent;
-    let stragglers = agent.take_events();
-    let agent: Shared = Arc::new(Mutex::new(agent));
-    let notify = Arc::new(Notify::new());
-
-    // The link watcher: a thread of its own, so an event is acted on as soon as recv returns.
+    let ring = agent.take_events();
     {
-        let (agent, notify, handle) = (agent.clone(), notify.clone(), rt.handle().clone());
-        let mut rtnl = Rtnl::open().ok();
-        std::thread::Builder::new().name("link-watcher".into()).spawn(move || {
-            realtime_priority();
-            loop {
-            let timers = match events.recv() {
-                Ok((at, evs)) => {
-                    let timers = {
-                        let mut a = agent.lock().expect("agent lock");
-                        evs.iter().flat_map(|e| a.on_event(e, at)).collect::<Vec<_>>()
-                    };
-                    if evs.iter().any(|e| matches!(e, LinkEvent::Addresses)) {
-                        // Dumped without the lock: failovers never wait for it.
-                        match rtnl.as_mut().map(NetlinkHost::read) {
-                            Some(Ok(nh)) => agent.lock().expect("agent lock").update_subnets(&nh),
-                            Some(Err(e)) => tracing::warn!(error = %e, "could not re-read addresses"),
-                            None => {}
-                        }
-                    }
-                    timers
-                }
-                Err(NetlinkError::Io(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    tracing::warn!("link events were lost; re-reading all links");
-                    agent.lock().expect("agent lock").resync()
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "link watcher");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    vec![]
-                }
-            };
-            spawn_timers(&handle, &agent, &notify, timers);
-            notify.notify_one();
-            }
+        let names: Vec<String> = agent.cfg().adapters.iter().map(|a| a.name.clone()).collect();
+        let (padapters, pvips, active) = agent.placement_inputs();
+        let subnets = padapters.iter().map(|a| a.subnets.clone()).collect();
+        let inbox2 = inbox.clone();
+        runtime::supervised("host-watcher", inbox.clone(), move || {
+            runtime::host_watcher(host_events, inbox2, names, subnets, padapters, pvips, active)
+        })?;
+        let (counters, inbox2) = (counters.clone(), inbox.clone());
+        let slots = agent.cfg().adapters.len();
+        let every = Duration::from_millis(steering.load_interval_ms);
+        let timeout_ns = steering.client_timeout_s * 1_000_000_000;
+        runtime::supervised("housekeeping", inbox.clone(), move || {
+            runtime::housekeeping(counters, inbox2, slots, every, timeout_ns)
         })?;
     }
+    let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("event-loop".into()).spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime::event_loop(agent, inbox_rx, ring)));
+        let _ = exit_tx.send(r.unwrap_or_else(|_| Exit::Fatal("the event loop panicked".into())));
+    })?;
 
-    let handover = rt.block_on(async {
-        // Announcement rounds after the first, paced per adapter.
-        {
-            let (agent, notify) = (agent.clone(), notify.clone());
-            tokio::spawn(async move {
-                loop {
-                    let next = agent.lock().expect("agent lock").pump();
-                    match next {
-                        Some(t) => {
-                            tokio::select! {
-                                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(t.max(Instant::now()))) => {}
-                                _ = notify.notified() => {}
-                            }
-                        }
-                        None => notify.notified().await,
-                    }
-                }
-            });
-        }
-        // Load sampling (seed 004) and client-table ageing; the table is read without the
-        // agent's lock.
-        {
-            let (agent, counters) = (agent.clone(), counters.clone());
-            let every = std::time::Duration::from_millis(steering.load_interval_ms);
-            let timeout_ns = steering.client_timeout_s * 1_000_000_000;
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    let t = counters.traffic_all();
-                    agent.lock().expect("agent lock").update_load(&t, Instant::now());
-                    let aged = counters.age_flows(vip_agent::agent::monotonic_ns(), timeout_ns);
-                    if aged > 0 {
-                        tracing::debug!(aged, "clients aged out of the table");
-                    }
-                }
-            });
-        }
-        if let Some(ring) = stragglers {
-            tokio::spawn(serve_stragglers(ring, agent.clone(), notify.clone()));
-        }
-        tokio::spawn(control::serve_control(listener, agent.clone(), counters.clone()));
+    let exit = rt.block_on(async {
+        tokio::spawn(control::serve_control(listener, inbox.clone(), counters.clone()));
         if let (Some(l), Some(addr)) = (metrics_listener, metrics) {
             tracing::info!(%addr, "metrics listening");
-            tokio::spawn(control::serve_metrics(l, agent.clone(), counters.clone()));
+            tokio::spawn(control::serve_metrics(l, inbox.clone(), counters.clone()));
         }
-        tokio::select! {
+        let hand_over = tokio::select! {
             _ = int.recv() => false,
             _ = term.recv() => false,
             _ = usr1.recv() => true,
-        }
+            exit = &mut exit_rx => return exit.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into())),
+        };
+        inbox.send(Msg::Stop { hand_over });
+        exit_rx.await.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into()))
     });
-    if handover {
-        // For a successor (an upgrade): the pinned program and maps keep answering and the
-        // host keeps its changes; the next agent adopts them.
-        let mut a = agent.lock().expect("agent lock");
-        a.stopping = true;
-        tracing::info!("exiting on SIGUSR1; the data plane stays in place for the next agent");
-    } else {
-        tracing::info!("stopping");
-        agent.lock().expect("agent lock").shutdown();
-    }
     let _ = std::fs::remove_file(&socket_path);
     let mut lock = socket_path.into_os_string();
     lock.push(".lock");
     let _ = std::fs::remove_file(lock);
-    Ok(())
+    match exit {
+        Exit::Stopped | Exit::HandedOver => Ok(()),
+        Exit::Fatal(what) => {
+            anyhow::bail!("{what}: exiting; the data plane keeps answering as pinned and the next start adopts it")
+        }
+    }
 }

@@ -15,7 +15,8 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkFlags, LinkMessage},
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
+    neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -249,9 +250,127 @@ impl Rtnl {
         let m = Self::address_msg(ifindex, s);
         self.request(RouteNetlinkMessage::DelAddress(m), NLM_F_ACK).map(|_| ())
     }
+
+    /// A route of type `local` for one VIP in the local table, through `lo`: the host takes
+    /// the address as its own (traffic to it is delivered, sockets bind to it, replies
+    /// leave from it) without holding it on an interface. Adding addresses is O(n) each in
+    /// the kernel; these routes are a trie insert. Tagged with [`VIP_ROUTE_PROTOCOL`].
+    fn local_route_msg(lo: u32, addr: IpAddr) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        let (family, prefix, dst) = match addr {
+            IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+        };
+        m.header.address_family = family;
+        m.header.destination_prefix_length = prefix;
+        m.header.table = RT_TABLE_LOCAL;
+        m.header.protocol = RouteProtocol::Other(VIP_ROUTE_PROTOCOL);
+        m.header.scope = RouteScope::Host;
+        m.header.kind = RouteType::Local;
+        m.attributes.push(RouteAttribute::Destination(dst));
+        m.attributes.push(RouteAttribute::Oif(lo));
+        m
+    }
+
+    /// Adds a local route for each VIP (batched: thousands of messages per send). One
+    /// result per address; EEXIST comes back as an error for the caller to judge.
+    pub fn add_local_routes(&mut self, lo: u32, addrs: &[IpAddr]) -> Result<Vec<std::result::Result<(), io::Error>>> {
+        let msgs = addrs.iter().map(|a| RouteNetlinkMessage::NewRoute(Self::local_route_msg(lo, *a))).collect();
+        self.batch(msgs, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    /// Removes the local routes of these VIPs (batched). One result per address.
+    pub fn del_local_routes(&mut self, lo: u32, addrs: &[IpAddr]) -> Result<Vec<std::result::Result<(), io::Error>>> {
+        let msgs = addrs.iter().map(|a| RouteNetlinkMessage::DelRoute(Self::local_route_msg(lo, *a))).collect();
+        self.batch(msgs, NLM_F_ACK)
+    }
+
+    /// Adds (or removes) `mac` to the unicast address filter of `ifindex` (what `bridge fdb
+    /// add MAC dev DEV self permanent` does): a NIC then receives frames sent to a MAC that
+    /// moved to it. Devices without a filter go promiscuous instead (the kernel's choice).
+    pub fn set_unicast_filter(&mut self, ifindex: u32, mac: [u8; 6], add: bool) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = ifindex;
+        m.header.state = NeighbourState::Permanent;
+        m.header.flags = NeighbourFlags::Own;
+        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        if add {
+            match self.request(RouteNetlinkMessage::NewNeighbour(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL) {
+                Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+                r => r.map(|_| ()),
+            }
+        } else {
+            match self.request(RouteNetlinkMessage::DelNeighbour(m), NLM_F_ACK) {
+                Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                r => r.map(|_| ()),
+            }
+        }
+    }
+
+    /// Sends many requests, each acked, a chunk at a time; returns each one's result in
+    /// order. Only a socket failure fails the whole batch.
+    fn batch(&mut self, msgs: Vec<RouteNetlinkMessage>, flags: u16) -> Result<Vec<std::result::Result<(), io::Error>>> {
+        const CHUNK_BYTES: usize = 60 * 1024;
+        let mut results: Vec<Option<std::result::Result<(), io::Error>>> = (0..msgs.len()).map(|_| None).collect();
+        let base = self.seq.wrapping_add(1);
+        self.seq = self.seq.wrapping_add(msgs.len() as u32 + 1);
+        let mut rbuf = vec![0u8; 1 << 16];
+        let mut i = 0;
+        while i < msgs.len() {
+            let mut buf = Vec::with_capacity(CHUNK_BYTES);
+            let first = i;
+            while i < msgs.len() {
+                let mut header = NetlinkHeader::default();
+                header.flags = NLM_F_REQUEST | flags;
+                header.sequence_number = base.wrapping_add(i as u32);
+                let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msgs[i].clone()));
+                req.finalize();
+                let n = req.buffer_len();
+                if !buf.is_empty() && buf.len() + n > CHUNK_BYTES {
+                    break;
+                }
+                let at = buf.len();
+                buf.resize(at + n, 0);
+                req.serialize(&mut buf[at..]);
+                i += 1;
+            }
+            self.sock.send(&buf, 0)?;
+            let mut pending = i - first;
+            while pending > 0 {
+                let n = self.sock.recv(&mut &mut rbuf[..], 0)?;
+                let mut off = 0;
+                while off + 16 <= n {
+                    let len = u32::from_ne_bytes(rbuf[off..off + 4].try_into().expect("4 bytes")) as usize;
+                    let kind = u16::from_ne_bytes(rbuf[off + 4..off + 6].try_into().expect("2 bytes"));
+                    let seq = u32::from_ne_bytes(rbuf[off + 8..off + 12].try_into().expect("4 bytes"));
+                    if len < 16 || off + len > n {
+                        return Err(NetlinkError::Decode("truncated ack".into()));
+                    }
+                    let k = seq.wrapping_sub(base) as usize;
+                    // NLMSG_ERROR: an i32 error code (0 for an ack) after the header.
+                    if kind == 2 && len >= 20 && (first..i).contains(&k) && results[k].is_none() {
+                        let code = i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().expect("4 bytes"));
+                        results[k] = Some(if code == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-code)) });
+                        pending -= 1;
+                    }
+                    off += (len + 3) & !3;
+                }
+            }
+        }
+        Ok(results.into_iter().map(|r| r.unwrap_or_else(|| Err(io::Error::other("no answer")))).collect())
+    }
 }
 
-/// A socket subscribed to RTNLGRP_LINK.
+/// The local routing table (`RT_TABLE_LOCAL`).
+pub const RT_TABLE_LOCAL: u8 = 255;
+/// The routing protocol number the agent's VIP routes carry (`ip route show table local
+/// proto 86`), so an operator can tell them from the kernel's own.
+pub const VIP_ROUTE_PROTOCOL: u8 = 86;
+
+/// A socket subscribed to link events only (RTNLGRP_LINK): carrier changes never queue
+/// behind address or route notifications, which have a socket of their own
+/// ([`HostEvents`]).
 pub struct LinkEvents {
     sock: Socket,
     buf: Vec<u8>,
@@ -259,15 +378,15 @@ pub struct LinkEvents {
 
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
 
 impl LinkEvents {
     pub fn open() -> Result<LinkEvents> {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
         sock.bind(&SocketAddr::new(0, 0))?;
         sock.add_membership(RTNLGRP_LINK)?;
-        sock.add_membership(RTNLGRP_IPV4_IFADDR)?;
-        sock.add_membership(RTNLGRP_IPV6_IFADDR)?;
         // A burst of link changes must not overflow the queue while a failover is handled.
         let _ = sock.set_rx_buf_sz(4 << 20);
         Ok(LinkEvents { sock, buf: vec![0u8; 1 << 16] })
@@ -281,6 +400,113 @@ impl LinkEvents {
         let at = Instant::now();
         Ok((at, parse_link_events(&self.buf[..n])))
     }
+
+    /// The next datagram if one is queued, without waiting.
+    pub fn try_recv(&mut self) -> Result<Option<(Instant, Vec<LinkEvent>)>> {
+        match self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+            Ok(n) => Ok(Some((Instant::now(), parse_link_events(&self.buf[..n])))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.sock.as_raw_fd()
+    }
+}
+
+/// A socket subscribed to address and route notifications (where VIPs may be taken
+/// over), read apart from link events. A socket filter drops notifications about the
+/// local table before they are queued: the agent's own VIP routes (100,000 at start)
+/// never reach it.
+pub struct HostEvents {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl HostEvents {
+    pub fn open() -> Result<HostEvents> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind(&SocketAddr::new(0, 0))?;
+        attach_local_route_filter(&sock)?;
+        for g in [RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE] {
+            sock.add_membership(g)?;
+        }
+        let _ = sock.set_rx_buf_sz(1 << 20);
+        Ok(HostEvents { sock, buf: vec![0u8; 1 << 16] })
+    }
+
+    /// Reads whatever is queued, without waiting; returns how many datagrams.
+    pub fn drain(&mut self) -> usize {
+        let mut n = 0;
+        loop {
+            match self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+                Ok(_) => n += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n += 1,
+                Err(_) => return n,
+            }
+        }
+    }
+
+    /// Waits for a notification, then drains whatever else is queued (a burst of changes
+    /// is one wake-up). Returns how many datagrams were read; a lost burst (ENOBUFS) also
+    /// counts as a change.
+    pub fn wait_and_drain(&mut self) -> Result<usize> {
+        let mut n = match self.sock.recv(&mut &mut self.buf[..], 0) {
+            Ok(_) => 1,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => 1,
+            Err(e) => return Err(e.into()),
+        };
+        loop {
+            match self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+                Ok(_) => n += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+
+/// A classic BPF socket filter: drop RTM_NEWROUTE / RTM_DELROUTE of the local table (each
+/// notification is a datagram of its own), accept the rest.
+fn attach_local_route_filter(sock: &Socket) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // `ld h` loads big-endian; the netlink header is in host order.
+    let as_loaded = |t: u16| u16::from_be_bytes(t.to_ne_bytes()) as u32;
+    let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    const LD_H_ABS: u16 = 0x28;
+    const LD_B_ABS: u16 = 0x30;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let prog = [
+        f(LD_H_ABS, 0, 0, 4),                                // nlmsg_type
+        f(JEQ_K, 2, 0, as_loaded(RTM_NEWROUTE)),             // -> 4
+        f(JEQ_K, 1, 0, as_loaded(RTM_DELROUTE)),             // -> 4
+        f(RET_K, 0, 0, u32::MAX),                            // anything else: keep
+        f(LD_B_ABS, 0, 0, 16 + 4),                           // rtm_table
+        f(JEQ_K, 0, 1, RT_TABLE_LOCAL as u32),               // local -> 6, else -> 7
+        f(RET_K, 0, 0, 0),
+        f(RET_K, 0, 0, u32::MAX),
+    ];
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &fprog as *const _ as *const libc::c_void,
+            size_of::<libc::sock_fprog>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 const RTM_NEWLINK: u16 = 16;

@@ -1,6 +1,14 @@
 //! What `vip-agent status` shows and the metrics endpoint exports, as plain data.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+use vip_placement::{slots, Assignment, Classes, Run, BUCKETS, NO_SLOT};
+
+use crate::{
+    agent::{flow_client, flow_vip, monotonic_ns, Agent, ClientIndex, VipSpec},
+    dataplane::Counters,
+};
 
 /// Fixed log-spaced buckets in nanoseconds (1 µs .. 10 s), Prometheus-style cumulative.
 pub const BUCKETS_NS: &[u64] = &[
@@ -54,7 +62,11 @@ pub struct AdapterStatus {
     pub since: f64,
     /// VIPs it answers right now.
     pub vips: usize,
-    pub max_vips: u32,
+    /// None: no limit.
+    pub max_vips: Option<u32>,
+    /// ARP replies and NAs it sent (for any VIP), counted by the data plane.
+    #[serde(default)]
+    pub answers: u64,
     /// Share of spread-mode clients.
     #[serde(default)]
     pub weight: u32,
@@ -109,12 +121,31 @@ pub struct VipStatus {
     pub answering: Vec<String>,
     /// Adapters it was moved to because all of its own are down.
     pub taken_over_by: Vec<String>,
-    /// ARP replies / NAs sent by the data plane, per adapter name.
-    pub answers: Vec<(String, u64)>,
+    /// ARP replies / NAs sent for it by the data plane (all adapters).
+    pub answers: u64,
     /// all, primary or spread
     #[serde(default)]
     pub mode: String,
     /// Spread mode: buckets (shares of the client hash) per adapter.
+    #[serde(default)]
+    pub buckets: Vec<(String, u32)>,
+}
+
+/// VIPs placed alike (a run of one placement class): how placement sees them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub first: String,
+    pub last: String,
+    pub count: u32,
+    pub vlan: u16,
+    pub mode: String,
+    /// Its own adapters, in order.
+    pub adapters: Vec<String>,
+    pub answering: Vec<String>,
+    /// Taken over by adapters that are not its own.
+    pub away: bool,
+    /// Nobody may answer it.
+    pub stranded: bool,
     #[serde(default)]
     pub buckets: Vec<(String, u32)>,
 }
@@ -129,17 +160,31 @@ pub struct FailoverStatus {
     pub vips: usize,
     /// Netlink event received to maps written.
     pub maps_written_ns: u64,
+    /// Netlink event received to the adapter's entry written (it stops answering).
+    #[serde(default)]
+    pub dataplane_ns: u64,
     /// Netlink event received to the first announcement sent; none if nothing to announce.
     pub first_announcement_ns: Option<u64>,
     pub announced_from: Vec<String>,
+    /// Matches the announcer's reports to this record (internal).
+    #[serde(skip)]
+    pub tag: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Refusal {
     pub at: f64,
+    /// The (first) VIP refused.
     pub vip: String,
+    /// VIPs refused alike with it (a range of one placement group).
+    #[serde(default = "one")]
+    pub count: u32,
     pub adapter: Option<String>,
     pub reason: String,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,11 +196,17 @@ pub struct Status {
     pub adopted: bool,
     pub adapters: Vec<AdapterStatus>,
     pub vips: Vec<VipStatus>,
+    /// The VIPs by placement group (what `status` shows when there are many).
+    #[serde(default)]
+    pub groups: Vec<GroupStatus>,
     pub failovers: Vec<FailoverStatus>,
     pub refusals: Vec<Refusal>,
     pub decisions: Vec<(String, u64)>,
     pub announcements_sent: u64,
-    pub announcements_queued: usize,
+    pub announcements_queued: u64,
+    /// Corrections not queued: the announcer's queue was full.
+    #[serde(default)]
+    pub announcements_dropped: u64,
     pub maps_written: Histogram,
     pub first_announcement: Histogram,
     /// The client table (at most `CLIENTS_SHOWN`, most recently seen first).
@@ -178,6 +229,9 @@ pub struct Status {
 
 /// Clients listed in a status (the total is always given).
 pub const CLIENTS_SHOWN: usize = 1000;
+/// With more VIPs than this the metrics have a series per group, not per VIP (a series
+/// per VIP would swamp a Prometheus server), and `status` lists groups.
+pub const PER_VIP_MAX: usize = 1024;
 
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -193,15 +247,28 @@ impl Status {
             let up = matches!(a.state.as_str(), "up" | "hold-down") as u8;
             let _ = writeln!(o, "vip_adapter_up{{adapter=\"{}\",state=\"{}\"}} {up}", a.name, a.state);
         }
-        let _ = writeln!(o, "# HELP vip_vip_answering Adapters answering for the VIP right now.\n# TYPE vip_vip_answering gauge");
-        for v in &self.vips {
-            let _ = writeln!(o, "vip_vip_answering{{vip=\"{}\",vlan=\"{}\",state=\"{}\"}} {}", v.address, v.vlan, v.state, v.answering.len());
-        }
-        let _ = writeln!(o, "# HELP vip_answers_total ARP replies and NAs sent by the data plane.\n# TYPE vip_answers_total counter");
-        for v in &self.vips {
-            for (a, n) in &v.answers {
-                let _ = writeln!(o, "vip_answers_total{{vip=\"{}\",vlan=\"{}\",adapter=\"{a}\"}} {n}", v.address, v.vlan);
+        let per_vip = self.vips.len() <= PER_VIP_MAX;
+        if per_vip {
+            let _ = writeln!(o, "# HELP vip_vip_answering Adapters answering for the VIP right now.\n# TYPE vip_vip_answering gauge");
+            for v in &self.vips {
+                let _ = writeln!(o, "vip_vip_answering{{vip=\"{}\",vlan=\"{}\",state=\"{}\"}} {}", v.address, v.vlan, v.state, v.answering.len());
             }
+            let _ = writeln!(o, "# HELP vip_answers_total ARP replies and NAs sent for the VIP by the data plane.\n# TYPE vip_answers_total counter");
+            for v in &self.vips {
+                let _ = writeln!(o, "vip_answers_total{{vip=\"{}\",vlan=\"{}\"}} {}", v.address, v.vlan, v.answers);
+            }
+        }
+        let _ = writeln!(o, "# HELP vip_group_answering Adapters answering for a group of VIPs placed alike.\n# TYPE vip_group_answering gauge");
+        for g in &self.groups {
+            let _ = writeln!(o, "vip_group_answering{{first=\"{}\",last=\"{}\",vlan=\"{}\"}} {}", g.first, g.last, g.vlan, g.answering.len());
+        }
+        let _ = writeln!(o, "# HELP vip_vips VIPs configured, by state.\n# TYPE vip_vips gauge");
+        for st in ["active", "refused"] {
+            let _ = writeln!(o, "vip_vips{{state=\"{st}\"}} {}", self.vips.iter().filter(|v| v.state == st).count());
+        }
+        let _ = writeln!(o, "# HELP vip_adapter_answers_total ARP replies and NAs sent by the adapter.\n# TYPE vip_adapter_answers_total counter");
+        for a in &self.adapters {
+            let _ = writeln!(o, "vip_adapter_answers_total{{adapter=\"{}\"}} {}", a.name, a.answers);
         }
         let _ = writeln!(o, "# HELP vip_decisions_total Frames seen by the data plane, by decision.\n# TYPE vip_decisions_total counter");
         for (d, n) in &self.decisions {
@@ -248,7 +315,7 @@ impl Status {
                 a.state,
                 (now - a.since).max(0.0) as u64,
                 a.mac.as_deref().unwrap_or("-"),
-                format!("{}/{}", a.vips, a.max_vips),
+                format!("{}/{}", a.vips, a.max_vips.map_or("-".to_string(), |m| m.to_string())),
                 a.weight,
                 a.load_bytes_per_s,
                 match &a.heir {
@@ -258,15 +325,29 @@ impl Status {
                 }
             );
         }
-        let _ = writeln!(o, "\nVIP                        STATE     ANSWERING ON             ANSWERS");
-        for v in &self.vips {
-            let addr = if v.vlan != 0 { format!("{} vlan {}", v.address, v.vlan) } else { v.address.clone() };
-            let answering = if v.answering.is_empty() { "-".to_string() } else { v.answering.join(",") };
-            let answers: Vec<String> = v.answers.iter().filter(|(_, n)| *n > 0).map(|(a, n)| format!("{a}:{n}")).collect();
-            let _ = writeln!(o, "{addr:<26} {:<9} {answering:<24} {}", v.state, answers.join(" "));
-            if !v.buckets.is_empty() {
-                let b: Vec<String> = v.buckets.iter().map(|(a, n)| format!("{a}:{n}")).collect();
-                let _ = writeln!(o, "{:<26} spread buckets {}", "", b.join(" "));
+        if self.vips.len() <= 50 {
+            let _ = writeln!(o, "\nVIP                        STATE     MODE     ANSWERING ON             ANSWERS");
+            for v in &self.vips {
+                let addr = if v.vlan != 0 { format!("{} vlan {}", v.address, v.vlan) } else { v.address.clone() };
+                let answering = if v.answering.is_empty() { "-".to_string() } else { v.answering.join(",") };
+                let _ = writeln!(o, "{addr:<26} {:<9} {:<8} {answering:<24} {}", v.state, v.mode, v.answers);
+                if !v.buckets.is_empty() {
+                    let b: Vec<String> = v.buckets.iter().map(|(a, n)| format!("{a}:{n}")).collect();
+                    let _ = writeln!(o, "{:<26} spread buckets {}", "", b.join(" "));
+                }
+            }
+        } else {
+            let refused = self.vips.iter().filter(|v| v.state != "active").count();
+            let _ = writeln!(o, "\n{} VIPs ({refused} refused) in {} groups placed alike (--json lists every VIP)", self.vips.len(), self.groups.len());
+            let _ = writeln!(o, "FIRST .. LAST                                   COUNT  MODE     ANSWERING ON");
+            for g in self.groups.iter().take(50) {
+                let range = format!("{} .. {}{}", g.first, g.last, if g.vlan != 0 { format!(" vlan {}", g.vlan) } else { String::new() });
+                let answering = if g.answering.is_empty() { "-".to_string() } else { g.answering.join(",") };
+                let flag = if g.away { " (taken over)" } else if g.stranded { " (stranded)" } else { "" };
+                let _ = writeln!(o, "{range:<47} {:>6}  {:<8} {answering}{flag}", g.count, g.mode);
+            }
+            if self.groups.len() > 50 {
+                let _ = writeln!(o, "... {} more groups", self.groups.len() - 50);
             }
         }
         for v in &self.virtual_servers {
@@ -298,9 +379,230 @@ impl Status {
         if !self.refusals.is_empty() {
             let _ = writeln!(o, "\nREFUSALS");
             for r in self.refusals.iter().rev().take(10) {
-                let _ = writeln!(o, "{} {}: {}", r.vip, r.adapter.as_deref().unwrap_or(""), r.reason);
+                let more = if r.count > 1 { format!(" (and {} more)", r.count - 1) } else { String::new() };
+                let _ = writeln!(o, "{}{more} {}: {}", r.vip, r.adapter.as_deref().unwrap_or(""), r.reason);
             }
         }
         o
+    }
+}
+
+/// What the event loop hands a status reader: small copies and shared, immutable parts.
+/// Turning it into a [`Status`] (per VIP, with counters) happens on the reader's side.
+pub struct Snapshot {
+    pub config: String,
+    pub pin_path: String,
+    pub started: f64,
+    pub adopted: bool,
+    pub adapters: Vec<AdapterStatus>,
+    pub vips: Arc<Vec<VipSpec>>,
+    pub pvips: Arc<Vec<vip_placement::Vip>>,
+    pub active: Arc<Vec<bool>>,
+    pub classes: Arc<Classes>,
+    pub assignment: Arc<Assignment>,
+    pub failovers: Vec<FailoverStatus>,
+    pub refusals: Vec<Refusal>,
+    pub maps_written: Histogram,
+    pub first_announcement: Histogram,
+    pub announcements_sent: u64,
+    pub announcements_queued: u64,
+    pub announcements_dropped: u64,
+    pub clients: Arc<ClientIndex>,
+    pub clients_moved: u64,
+    pub corrections_sent: u64,
+    /// (name, interface, VIP indexes).
+    pub vservers: Vec<(String, String, Vec<usize>)>,
+}
+
+impl Agent {
+    pub fn snapshot(&self) -> Snapshot {
+        let up = self.assignment.up;
+        let mut answered = vec![0usize; self.adapters.len()];
+        for r in self.assignment.classes.iter().flat_map(|p| &p.runs) {
+            for s in slots(r.allowed & up) {
+                if let Some(n) = answered.get_mut(s as usize) {
+                    *n += r.len as usize;
+                }
+            }
+        }
+        let adapters = self
+            .adapters
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let heir = if a.health.answers() { None } else { self.assignment.heirs.get(i).copied().flatten() };
+                AdapterStatus {
+                    name: a.name.clone(),
+                    ifindex: a.ifindex,
+                    mac: a.mac.map(|m| vip_packet::mac_str(&m)),
+                    slot: a.slot,
+                    state: a.health.name().into(),
+                    since: a.since,
+                    vips: answered[i],
+                    max_vips: self.padapters[i].max_vips,
+                    answers: 0,
+                    weight: self.padapters[i].weight,
+                    load_bytes_per_s: self.padapters[i].load,
+                    heir: heir.map(|h| self.adapters[h as usize].name.clone()),
+                    mac_moved: heir.is_some() && a.move_mac,
+                    rx_packets: 0,
+                    tx_packets: 0,
+                }
+            })
+            .collect();
+        Snapshot {
+            config: self.cfg.path.display().to_string(),
+            pin_path: self.cfg.agent.pin_path.display().to_string(),
+            started: self.started,
+            adopted: self.adopted,
+            adapters,
+            vips: self.vips.clone(),
+            pvips: self.pvips.clone(),
+            active: self.active.clone(),
+            classes: self.classes.clone(),
+            assignment: self.assignment.clone(),
+            failovers: self.failovers.iter().cloned().collect(),
+            refusals: self.refusals.iter().cloned().collect(),
+            maps_written: self.hist_maps.clone(),
+            first_announcement: self.hist_announce.clone(),
+            announcements_sent: self.ann.sent(),
+            announcements_queued: self.ann.queued(),
+            announcements_dropped: self.ann.stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            clients: self.clients.clone(),
+            clients_moved: self.clients_moved,
+            corrections_sent: self.corrections_sent,
+            vservers: self.vservers.iter().map(|v| (v.name.clone(), v.interface.clone(), v.vips.clone())).collect(),
+        }
+    }
+}
+
+fn bucket_counts(r: &Run, names: &[String]) -> Vec<(String, u32)> {
+    let Some(b) = &r.buckets else { return vec![] };
+    let mut n = vec![0u32; names.len()];
+    for &s in b.iter().take(BUCKETS).filter(|&&s| s != NO_SLOT) {
+        if let Some(c) = n.get_mut(s as usize) {
+            *c += 1;
+        }
+    }
+    names.iter().zip(n).filter(|(_, c)| *c > 0).map(|(a, c)| (a.clone(), c)).collect()
+}
+
+/// The status a reader shows: the snapshot, per VIP and per group, with the data plane's
+/// counters read through `counters` (never through the event loop).
+pub fn build(s: Snapshot, counters: &Counters) -> Status {
+    let names: Vec<String> = s.adapters.iter().map(|a| a.name.clone()).collect();
+    let names_of = |m: u64| -> Vec<String> { slots(m).filter_map(|x| names.get(x as usize).cloned()).collect() };
+    let up = s.assignment.up;
+    // Per run: what its VIPs share.
+    let mut groups = vec![];
+    // Per run: (answering, taken over by, bucket counts).
+    type RunView = (Vec<String>, Vec<String>, Vec<(String, u32)>);
+    let mut per_run: Vec<Vec<RunView>> = vec![];
+    for (c, class) in s.classes.list.iter().enumerate() {
+        let mut runs = vec![];
+        for r in s.assignment.classes.get(c).map(|p| &p.runs[..]).unwrap_or(&[]) {
+            let answering = names_of(r.allowed & up);
+            let away = if r.away { names_of(r.allowed) } else { vec![] };
+            let buckets = bucket_counts(r, &names);
+            if r.len > 0 {
+                let first = s.vips[class.members[r.start as usize] as usize].addr.to_string();
+                let last = s.vips[class.members[r.end() as usize - 1] as usize].addr.to_string();
+                groups.push(GroupStatus {
+                    first,
+                    last,
+                    count: r.len,
+                    vlan: class.key.vlan,
+                    mode: class.key.mode.name().into(),
+                    adapters: class.key.homes.iter().filter_map(|&h| names.get(h as usize).cloned()).collect(),
+                    answering: answering.clone(),
+                    away: r.away,
+                    stranded: r.stranded,
+                    buckets: buckets.clone(),
+                });
+            }
+            runs.push((answering, away, buckets));
+        }
+        per_run.push(runs);
+    }
+    let vips = s
+        .vips
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let p = &s.pvips[i];
+            let placed = s.classes.of_vip.get(i).filter(|(c, _)| *c != u32::MAX).and_then(|&(c, pos)| {
+                let run = s.assignment.classes.get(c as usize)?.runs.iter().position(|r| r.start <= pos && pos < r.end())?;
+                per_run.get(c as usize)?.get(run)
+            });
+            let active = s.active.get(i).copied().unwrap_or(false);
+            VipStatus {
+                address: v.addr.to_string(),
+                vlan: v.vlan,
+                id: i as u32,
+                state: if active { "active" } else { "refused" }.into(),
+                failover: p.failover,
+                answering: placed.map(|x| x.0.clone()).unwrap_or_default(),
+                taken_over_by: placed.map(|x| x.1.clone()).unwrap_or_default(),
+                answers: counters.answers(i as u32),
+                mode: p.mode.name().into(),
+                buckets: placed.map(|x| x.2.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let mut adapters = s.adapters;
+    for a in &mut adapters {
+        let t = counters.traffic(a.slot);
+        (a.rx_packets, a.tx_packets, a.answers) = (t.rx_packets, t.tx_packets, t.answers);
+    }
+    let by_ifindex: std::collections::HashMap<u32, String> =
+        adapters.iter().filter_map(|a| Some((a.ifindex?, a.name.clone()))).collect();
+    let now = monotonic_ns();
+    let clients = s
+        .clients
+        .recent
+        .iter()
+        .map(|(k, f)| ClientStatus {
+            vip: flow_vip(k).to_string(),
+            vlan: k.vlan,
+            client: flow_client(k).to_string(),
+            mac: vip_packet::mac_str(&f.mac),
+            adapter: by_ifindex.get(&f.ifindex).cloned().unwrap_or_else(|| format!("ifindex {}", f.ifindex)),
+            idle_s: now.saturating_sub(f.seen_ns) as f64 / 1e9,
+            packets: f.packets,
+            bytes: f.bytes,
+        })
+        .collect();
+    Status {
+        config: s.config,
+        pin_path: s.pin_path,
+        started: s.started,
+        adopted: s.adopted,
+        adapters,
+        vips,
+        groups,
+        failovers: s.failovers,
+        refusals: s.refusals,
+        decisions: vip_common::decision::NAMES.iter().zip(counters.decisions()).map(|(n, v)| (n.to_string(), v)).collect(),
+        announcements_sent: s.announcements_sent,
+        announcements_queued: s.announcements_queued,
+        announcements_dropped: s.announcements_dropped,
+        maps_written: s.maps_written,
+        first_announcement: s.first_announcement,
+        clients,
+        clients_total: s.clients.total,
+        egress: vip_common::egress::NAMES.iter().zip(counters.egress()).map(|(n, v)| (n.to_string(), v)).collect(),
+        clients_moved: s.clients_moved,
+        corrections_sent: s.corrections_sent,
+        virtual_servers: s
+            .vservers
+            .iter()
+            .enumerate()
+            .map(|(i, (name, interface, vips))| VserverStatus {
+                name: name.clone(),
+                interface: interface.clone(),
+                mac: counters.vserver_mac(i as u32).map(|m| vip_packet::mac_str(&m)),
+                vips: vips.iter().map(|&x| s.vips[x].addr.to_string()).collect(),
+            })
+            .collect(),
     }
 }

@@ -11,7 +11,10 @@ use bytemuck::{Pod, Zeroable};
 /// Adapter slots are bit positions in [`VipInfo::allowed`], so at most 64 adapters.
 pub const MAX_ADAPTERS: u32 = 64;
 /// Capacity of the VIP map; also bounds `VipInfo::id`.
-pub const MAX_VIPS: u32 = 4096;
+pub const MAX_VIPS: u32 = 131_072;
+/// Placements the data plane holds (`POLICIES`): VIPs placed alike share one, so a
+/// failure rewrites one entry per group of VIPs, not one per VIP.
+pub const MAX_POLICIES: u32 = 16_384;
 /// The `ADAPTERS` array is indexed by ifindex (an array lookup is inlined by the verifier,
 /// a hash lookup is not): adapters with a larger ifindex cannot be served.
 pub const MAX_IFINDEX: u32 = 65536;
@@ -42,9 +45,10 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const VSERVERS: &str = "VSERVERS";
     pub const VS_MACS: &str = "VS_MACS";
+    pub const POLICIES: &str = "POLICIES";
     /// Every map the agent pins (and removes on a full stop).
-    pub const PINNED_MAPS: [&str; 12] =
-        [VIPS, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS];
+    pub const PINNED_MAPS: [&str; 13] =
+        [VIPS, POLICIES, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS];
 }
 
 /// Address families as stored in [`VipKey::family`].
@@ -98,12 +102,23 @@ impl VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct VipInfo {
-    /// Bit `n` set: the adapter in slot `n` may answer for this VIP.
-    pub allowed: u64,
+    /// Its placement: the index into `POLICIES` (and of its spread table in `BUCKETS`),
+    /// `< MAX_POLICIES`, shared by every VIP placed alike.
+    pub policy: u32,
     /// Index of this VIP in the `ANSWERS` counters, `< MAX_VIPS`; unique per VIP.
     pub id: u32,
     /// `VIP_*` flags.
     pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `POLICIES` array (memory-mapped): a placement shared by VIPs. One 8-byte
+/// word, written by the agent with one atomic store.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Policy {
+    /// Bit `n` set: the adapter in slot `n` may answer (while it is up).
+    pub allowed: u64,
 }
 
 /// [`VipInfo::flags`]: `spread` mode, one adapter answers each client (see [`client_bucket`]).
@@ -130,9 +145,10 @@ pub const fn vserver_flags(index: u32) -> u32 {
 /// round-robin fill over that many adapters (or total weight) repeats exactly around the
 /// table and any run of consecutive buckets is shared within one of even.
 pub const SPREAD_BUCKETS: u32 = 240;
-/// Buckets are bytes (the owner's slot) packed eight to a `BUCKETS` element.
+/// Buckets are bytes (the owner's slot) packed eight to a `BUCKETS` element; one table
+/// per policy.
 pub const BUCKET_WORDS: u32 = SPREAD_BUCKETS / 8;
-pub const BUCKETS_LEN: u32 = MAX_VIPS * BUCKET_WORDS;
+pub const BUCKETS_LEN: u32 = MAX_POLICIES * BUCKET_WORDS;
 /// A bucket no adapter owns: nobody answers its clients.
 pub const NO_SLOT: u8 = 0xff;
 
@@ -198,6 +214,8 @@ pub struct Traffic {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    /// ARP replies and NAs this adapter sent (for any VIP).
+    pub answers: u64,
 }
 
 /// Sent to the agent (`EVENTS` ring buffer) when a frame for a VIP reached a healthy
@@ -244,12 +262,10 @@ pub struct AdapterInfo {
 /// MAC move): frames to it are accepted there and replies leave there from it.
 pub const ADAPTER_MAC_MOVED: u32 = 1;
 
-/// Index into the per-CPU `ANSWERS` array: one counter per (VIP, adapter slot).
-#[inline(always)]
-pub const fn answer_index(vip_id: u32, slot: u8) -> u32 {
-    vip_id * MAX_ADAPTERS + slot as u32
-}
-pub const ANSWERS_LEN: u32 = MAX_VIPS * MAX_ADAPTERS;
+/// `ANSWERS` is one shared counter per VIP id (added to atomically: answers are rare, and
+/// a per-CPU array of 131,072 entries would cost that much memory per CPU); the answers
+/// per adapter are in [`Traffic::answers`].
+pub const ANSWERS_LEN: u32 = MAX_VIPS;
 
 /// What the program decided for a frame: the index into the per-CPU `DECISIONS` array.
 /// Every frame increments exactly one of these, so they are the program's log.
@@ -377,20 +393,22 @@ pub mod egress {
 // The kernel and userspace must agree on every size: a change here is a deliberate ABI break.
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<Policy>() == 8);
 const _: () = assert!(core::mem::size_of::<AdapterInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
 const _: () = assert!(core::mem::size_of::<FlowInfo>() == 48);
-const _: () = assert!(core::mem::size_of::<Traffic>() == 32);
+const _: () = assert!(core::mem::size_of::<Traffic>() == 40);
 const _: () = assert!(core::mem::size_of::<Straggler>() == 52);
 const _: () = assert!(SPREAD_BUCKETS.is_multiple_of(8));
 const _: () = assert!(MAX_ADAPTERS <= 64); // slots are bits of a u64
-const _: () = assert!((MAX_VIPS as u64) * (MAX_ADAPTERS as u64) <= u32::MAX as u64);
+const _: () = assert!((MAX_POLICIES as u64) * (BUCKET_WORDS as u64) <= u32::MAX as u64);
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::AdapterInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowInfo {}

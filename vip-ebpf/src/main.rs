@@ -6,6 +6,9 @@
 //! client's replies out of the adapter that client uses.
 #![no_std]
 #![no_main]
+// BPF_ATOMIC add for the shared answer counters (`maps::count_answer`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod arp;
 mod csum;

@@ -5,12 +5,17 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use vip_common::{
-    answer_index, AdapterInfo, FlowInfo, FlowKey, MacKey, Traffic, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_MAC_MOVED,
-    ANSWERS_LEN, BUCKETS_LEN, EVENTS_BYTES, MAX_ADAPTERS, MAX_IFINDEX, MAX_VIPS,
+    AdapterInfo, FlowInfo, FlowKey, MacKey, Policy, Traffic, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_MAC_MOVED,
+    ANSWERS_LEN, BUCKETS_LEN, EVENTS_BYTES, MAX_ADAPTERS, MAX_IFINDEX, MAX_POLICIES, MAX_VIPS,
 };
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Placements shared by VIPs placed alike (`VipInfo::policy`). Memory-mapped: the agent
+/// changes who may answer a whole group of VIPs with one store.
+#[map(name = "POLICIES")]
+pub static POLICIES: Array<Policy> = Array::with_max_entries(MAX_POLICIES, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
 /// Memory-mapped (BPF_F_MMAPABLE): the agent marks an adapter down with one store to
 /// shared memory, no syscall, the moment it learns of a failure.
@@ -18,7 +23,7 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 
 pub static ADAPTERS: Array<AdapterInfo> =
     Array::with_max_entries(MAX_IFINDEX, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
-/// Spread mode: per VIP, [`vip_common::SPREAD_BUCKETS`] owner slots packed 8 per element.
+/// Spread mode: per policy, [`vip_common::SPREAD_BUCKETS`] owner slots packed 8 per element.
 /// Memory-mapped, so the agent moves a failed adapter's buckets with plain stores.
 #[map(name = "BUCKETS")]
 pub static BUCKETS: Array<[u8; 8]> = Array::with_max_entries(BUCKETS_LEN, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
@@ -55,8 +60,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 pub static DECISIONS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(vip_common::decision::COUNT, 0);
 
+/// Answers per VIP id: shared, added to atomically (see `vip_common::ANSWERS_LEN`).
+/// Memory-mapped: status reads 100,000 counters without a syscall each.
 #[map(name = "ANSWERS")]
-pub static ANSWERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ANSWERS_LEN, 0);
+pub static ANSWERS: Array<u64> = Array::with_max_entries(ANSWERS_LEN, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
 #[inline(always)]
 pub fn count(decision: u32) {
@@ -67,8 +74,12 @@ pub fn count(decision: u32) {
 
 #[inline(always)]
 pub fn count_answer(vip_id: u32, slot: u8) {
-    if let Some(c) = ANSWERS.get_ptr_mut(answer_index(vip_id, slot)) {
-        unsafe { *c += 1 };
+    if let Some(c) = ANSWERS.get_ptr_mut(vip_id) {
+        // BPF_ATOMIC add: core's AtomicU64 has no fetch_add on this target.
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(c, 1) };
+    }
+    if let Some(t) = TRAFFIC.get_ptr_mut(slot as u32) {
+        unsafe { (*t).answers += 1 };
     }
 }
 
@@ -77,6 +88,8 @@ pub struct Hit {
     /// The adapter it arrived on, with `mac` set to the MAC to answer from.
     pub adapter: AdapterInfo,
     pub vip: VipInfo,
+    /// Its policy's allowed adapters.
+    pub allowed: u64,
     /// The adapter whose MAC was asked (a failed one whose MAC moved here, or this one)
     /// and its slot: what the client table records.
     pub via: u32,
@@ -116,10 +129,17 @@ pub fn lookup(ifindex: u32, dst: &[u8; 6], key: &VipKey) -> Result<Hit, u32> {
     if adapter.state != vip_common::ADAPTER_UP {
         return Err(PASSED_ADAPTER_DOWN);
     }
-    if (adapter.slot as u32) >= MAX_ADAPTERS || vip.allowed & (1u64 << adapter.slot) == 0 {
+    let allowed = allowed(&vip);
+    if (adapter.slot as u32) >= MAX_ADAPTERS || allowed & (1u64 << adapter.slot) == 0 {
         return Err(PASSED_ADAPTER_NOT_ALLOWED);
     }
-    Ok(Hit { adapter, vip, via, via_slot, moved })
+    Ok(Hit { adapter, vip, allowed, via, via_slot, moved })
+}
+
+/// The adapters a VIP's policy allows (none for a policy out of range).
+#[inline(always)]
+pub fn allowed(vip: &VipInfo) -> u64 {
+    POLICIES.get(vip.policy).map_or(0, |p| p.allowed)
 }
 
 #[inline(always)]

@@ -25,20 +25,20 @@ pub fn flow_key(vip: &VipKey, client: [u32; 4]) -> FlowKey {
 /// table stays where it is while that adapter is up and allowed; a new one goes by its
 /// bucket, which the agent fills by weight and moves by load.
 #[inline(never)]
-pub fn spread_owner(vip: &VipInfo, fk: &FlowKey) -> u8 {
+pub fn spread_owner(vip: &VipInfo, allowed: u64, fk: &FlowKey) -> u8 {
     if let Some(f) = unsafe { FLOWS.get(fk) } {
         if let Some(a) = maps::adapter(f.ifindex) {
             if a.state == ADAPTER_UP
                 && a.slot == f.slot
                 && (a.slot as u32) < MAX_ADAPTERS
-                && vip.allowed & (1u64 << a.slot) != 0
+                && allowed & (1u64 << a.slot) != 0
             {
                 return a.slot;
             }
         }
     }
     let b = client_bucket(&fk.client);
-    match BUCKETS.get(vip.id * BUCKET_WORDS + b / 8) {
+    match BUCKETS.get(vip.policy * BUCKET_WORDS + b / 8) {
         Some(w) => w[(b & 7) as usize],
         None => NO_SLOT,
     }
@@ -71,7 +71,7 @@ pub fn answerer(q: &Question) -> Result<Answerer, u32> {
     let hit = maps::lookup(q.ifindex, &q.dst, &q.key)?;
     let fk = flow_key(&q.key, q.client);
     if hit.vip.flags & VIP_SPREAD != 0 {
-        if !hit.moved && spread_owner(&hit.vip, &fk) != hit.adapter.slot {
+        if !hit.moved && spread_owner(&hit.vip, hit.allowed, &fk) != hit.adapter.slot {
             return Err(decision::PASSED_SPREAD_OTHER);
         }
         // The one adapter that answers a spread client is the one it will use.

@@ -31,7 +31,7 @@ use std::{net::IpAddr, sync::Arc};
 
 pub use classify::{classify, Class, ClassKey, Classes};
 pub use diff::{diff, Diff, Segment};
-pub use place::{place, Decision, Input};
+pub use place::{heir, place, up_mask, Decision, Input};
 pub use spread::weighted_table;
 pub use subnet::Subnet;
 

@@ -238,7 +238,9 @@ fn take_over(c: &Class, ci: u32, adapters: &[Adapter], up: u64, held: u64, used:
     (runs, why)
 }
 
-fn heir(a: usize, adapters: &[Adapter], up: u64, previous: &Assignment) -> Option<Slot> {
+/// The heir of adapter `a` when it is down (rule 5 of [`place`]): the one it had if still
+/// up, else the least loaded adapter up on its node. None while it is up.
+pub fn heir(a: usize, adapters: &[Adapter], up: u64, previous: &Assignment) -> Option<Slot> {
     if up & bit(a as Slot) != 0 {
         return None;
     }

@@ -1,0 +1,286 @@
+//! The agent's threads and how they talk.
+//!
+//! - The **event loop** owns the [`Agent`]. It runs at real-time priority (SCHED_FIFO 10,
+//!   sleeping in `poll` otherwise) and waits on the link-event socket, its inbox and the
+//!   straggler ring. Carrier changes come first: every turn drains the link socket before
+//!   anything else, and long operations look at it between batches. No lock is shared:
+//!   everything else sends it a message.
+//! - The **host watcher** follows address and route changes on a socket of its own:
+//!   drain, wait a moment for the rest of the burst, read the host once, classify the
+//!   VIPs again off the event loop, and send the result only if the adapters' subnets
+//!   changed. The agent's own VIP routes never reach it (a socket filter drops them).
+//! - **Housekeeping** samples the traffic counters, reads the client table in batches,
+//!   ages it, and sends the event loop a fresh client index.
+//! - The **announcer** sends frames ([`crate::announce`]); the control socket and the
+//!   metrics listener run on the main thread's runtime and ask the loop for a snapshot.
+//!
+//! A helper thread that ends or panics is fatal: the process logs it and exits with an
+//! error, leaving the data plane answering (pinned), for systemd or an operator to start
+//! it again, which adopts everything.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{mpsc, Arc},
+    time::{Duration, Instant},
+};
+
+use vip_placement::Classes;
+
+use crate::{
+    agent::{Agent, ClientIndex, NetlinkHost},
+    config::Subnet,
+    dataplane::Counters,
+    netlink::{HostEvents, NetlinkError, Rtnl},
+    status::Snapshot,
+};
+
+/// What the event loop is asked to do.
+pub enum Msg {
+    /// A status snapshot, for the control socket or the metrics listener.
+    Status(tokio::sync::oneshot::Sender<Snapshot>),
+    /// The adapters' takeover subnets changed; the VIPs classified anew against them.
+    Reclassified { subnets: Vec<Vec<Subnet>>, classes: Arc<Classes> },
+    /// Traffic per slot and the client table, as just read.
+    Housekeeping { traffic: Vec<vip_common::Traffic>, clients: Arc<ClientIndex>, at: Instant },
+    /// The announcer sent the first frame of a tagged job.
+    Sent { tag: u64, ifindex: u32, at: Instant },
+    /// Stop: restore the host, or (`hand_over`) leave everything for a successor.
+    Stop { hand_over: bool },
+    /// A helper thread died.
+    Fatal(String),
+}
+
+/// The event loop's inbox: a channel and an eventfd that wakes its `poll`.
+#[derive(Clone)]
+pub struct Inbox {
+    tx: mpsc::Sender<Msg>,
+    efd: Arc<OwnedFd>,
+}
+
+pub struct InboxRx {
+    rx: mpsc::Receiver<Msg>,
+    efd: Arc<OwnedFd>,
+}
+
+pub fn inbox() -> std::io::Result<(Inbox, InboxRx)> {
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (tx, rx) = mpsc::channel();
+    Ok((Inbox { tx, efd: efd.clone() }, InboxRx { rx, efd }))
+}
+
+impl Inbox {
+    pub fn send(&self, m: Msg) -> bool {
+        if self.tx.send(m).is_err() {
+            return false;
+        }
+        let one: u64 = 1;
+        unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        true
+    }
+}
+
+/// Runs the calling thread under SCHED_FIFO, so a busy CPU cannot delay a failover
+/// behind ordinary work; the thread sleeps in `poll` otherwise.
+fn realtime_priority() {
+    let param = libc::sched_param { sched_priority: 10 };
+    if unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) } != 0 {
+        tracing::warn!("event loop runs without real-time priority (SCHED_FIFO refused)");
+    }
+}
+
+/// How the event loop ended.
+pub enum Exit {
+    Stopped,
+    HandedOver,
+    Fatal(String),
+}
+
+/// The event loop. Returns when asked to stop (having restored the host or not), or when
+/// a helper died.
+pub fn event_loop(mut agent: Agent, inbox: InboxRx, mut ring: Option<aya::maps::RingBuf<aya::maps::MapData>>) -> Exit {
+    realtime_priority();
+    let link_fd = agent.links.as_raw_fd();
+    let ring_fd = ring.as_ref().map(|r| r.as_raw_fd());
+    let size = std::mem::size_of::<vip_common::Straggler>();
+    loop {
+        // 1. Carrier first: everything queued on the link socket, and what a long
+        //    operation deferred.
+        loop {
+            while let Some((at, ev)) = agent.deferred.pop_front() {
+                agent.on_event(&ev, at);
+            }
+            match agent.links.try_recv() {
+                Ok(Some((at, evs))) => {
+                    for ev in &evs {
+                        agent.on_event(ev, at);
+                    }
+                }
+                Ok(None) => break,
+                Err(NetlinkError::Io(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    tracing::warn!("link events were lost; re-reading all links");
+                    agent.resync();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "link socket");
+                    break;
+                }
+            }
+        }
+        // 2. Timers.
+        agent.run_timers(Instant::now());
+        // 3. Messages.
+        while let Ok(m) = inbox.rx.try_recv() {
+            match m {
+                Msg::Status(reply) => {
+                    let _ = reply.send(agent.snapshot());
+                }
+                Msg::Reclassified { subnets, classes } => agent.on_reclassified(subnets, classes),
+                Msg::Housekeeping { traffic, clients, at } => agent.on_housekeeping(&traffic, clients, at),
+                Msg::Sent { tag, ifindex, at } => agent.on_sent(tag, ifindex, at),
+                Msg::Stop { hand_over } => {
+                    return if hand_over {
+                        agent.stopping = true;
+                        tracing::info!("exiting on SIGUSR1; the data plane stays in place for the next agent");
+                        Exit::HandedOver
+                    } else {
+                        tracing::info!("stopping");
+                        agent.shutdown();
+                        Exit::Stopped
+                    };
+                }
+                Msg::Fatal(what) => return Exit::Fatal(what),
+            }
+        }
+        // 4. Stragglers.
+        if let Some(r) = ring.as_mut() {
+            let mut evs = vec![];
+            while let Some(item) = r.next() {
+                if item.len() >= size {
+                    evs.push(bytemuck::pod_read_unaligned::<vip_common::Straggler>(&item[..size]));
+                }
+            }
+            for e in &evs {
+                agent.on_straggler(e);
+            }
+        }
+        // 5. Sleep until something happens.
+        let mut fds = vec![
+            libc::pollfd { fd: link_fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: inbox.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        if let Some(fd) = ring_fd {
+            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+        }
+        let timeout = agent.next_timer().map_or(-1, |t| {
+            let d = t.saturating_duration_since(Instant::now());
+            d.as_millis().min(i32::MAX as u128) as i32 + if d.subsec_micros() % 1000 > 0 { 1 } else { 0 }
+        });
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if fds[1].revents != 0 {
+            let mut buf = 0u64;
+            unsafe { libc::read(inbox.efd.as_raw_fd(), &mut buf as *mut u64 as *mut libc::c_void, 8) };
+        }
+    }
+}
+
+/// Runs `f` on a named thread; its end (or panic) is reported to the event loop as fatal.
+pub fn supervised<F>(name: &str, inbox: Inbox, f: F) -> std::io::Result<()>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let n = name.to_string();
+    std::thread::Builder::new().name(n.clone()).spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let what = match r {
+            Ok(()) => format!("the {n} thread ended"),
+            Err(_) => format!("the {n} thread panicked"),
+        };
+        inbox.send(Msg::Fatal(what));
+    })?;
+    Ok(())
+}
+
+/// The host watcher (see the module doc). `names`: the adapters' names; `last`: their
+/// takeover subnets as the agent started with.
+pub fn host_watcher(
+    mut events: HostEvents,
+    inbox: Inbox,
+    names: Vec<String>,
+    mut last: Vec<Vec<Subnet>>,
+    mut adapters: Vec<vip_placement::Adapter>,
+    vips: Arc<Vec<vip_placement::Vip>>,
+    active: Arc<Vec<bool>>,
+) {
+    let mut rtnl = match Rtnl::open() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "host watcher: no netlink socket");
+            return;
+        }
+    };
+    loop {
+        match events.wait_and_drain() {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "host watcher");
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        }
+        // The rest of a burst (an address and its routes) comes within a few ms.
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = events.drain();
+        let nh = match NetlinkHost::read(&mut rtnl) {
+            Ok(nh) => nh,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not re-read addresses");
+                continue;
+            }
+        };
+        let now = nh.subnets_of(&names);
+        if now == last {
+            continue;
+        }
+        for (a, (old, new)) in names.iter().zip(last.iter().zip(&now)) {
+            if old != new {
+                let shown: Vec<String> = new.iter().map(|s| s.to_string()).collect();
+                tracing::info!(adapter = %a, subnets = ?shown, "adapter addresses changed");
+            }
+        }
+        for (a, s) in adapters.iter_mut().zip(&now) {
+            a.subnets = s.clone();
+        }
+        let ids = active.iter().enumerate().filter(|(_, a)| **a).map(|(i, _)| i as u32);
+        let classes = Arc::new(vip_placement::classify(&vips, ids, &adapters));
+        last = now.clone();
+        if !inbox.send(Msg::Reclassified { subnets: now, classes }) {
+            return;
+        }
+    }
+}
+
+/// Housekeeping (see the module doc), every `every`.
+pub fn housekeeping(counters: Arc<Counters>, inbox: Inbox, slots: usize, every: Duration, timeout_ns: u64) {
+    loop {
+        std::thread::sleep(every);
+        let traffic = counters.traffic_all(slots);
+        let now = crate::agent::monotonic_ns();
+        let mut flows = counters.flows();
+        let old: Vec<vip_common::FlowKey> =
+            flows.iter().filter(|(_, f)| now.saturating_sub(f.seen_ns) > timeout_ns).map(|(k, _)| *k).collect();
+        if !old.is_empty() {
+            let aged = counters.remove_flows(&old);
+            tracing::debug!(aged, "clients aged out of the table");
+            let gone: std::collections::HashSet<vip_common::FlowKey> = old.into_iter().collect();
+            flows.retain(|(k, _)| !gone.contains(k));
+        }
+        let clients = Arc::new(ClientIndex::build(flows, crate::status::CLIENTS_SHOWN));
+        if !inbox.send(Msg::Housekeeping { traffic, clients, at: Instant::now() }) {
+            return;
+        }
+    }
+}
