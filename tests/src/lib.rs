@@ -10,6 +10,7 @@ pub mod steering;
 pub mod topo;
 pub mod keepalived;
 pub mod probe;
+pub mod scale;
 
 use std::path::PathBuf;
 

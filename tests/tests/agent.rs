@@ -880,3 +880,142 @@ fn existing_takeovers_keep_their_place() {
     assert!(s.refusals.iter().any(|r| r.vip == "192.0.2.31" && r.reason.contains("max_vips")), "{:?}", s.refusals);
     assert!(agent.stop().success());
 }
+
+/// The host takes each VIP as its own through a local route (not an address on `lo`):
+/// UDP replies leave from the VIP, both from a wildcard socket that answers with the
+/// address it was asked at (IP_PKTINFO) and from a socket bound to the VIP itself (IPv6
+/// too), and TCP connections have the VIP as their local address.
+#[test]
+fn vips_are_local_routes_and_replies_leave_from_them() {
+    if !root_or_skip("vips_are_local_routes_and_replies_leave_from_them") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("local");
+    files.write("", &default_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let lo = lab.node.ip(&["addr", "show", "lo"]);
+    assert!(!lo.contains(&VIP4.to_string()) && !lo.contains(&VIP6.to_string()), "VIPs are not addresses: {lo}");
+    let local4 = lab.node.ip(&["route", "show", "table", "local"]);
+    let local6 = lab.node.ip(&["-6", "route", "show", "table", "local"]);
+    assert!(local4.contains(&format!("local {VIP4} dev lo proto 86")), "{local4}");
+    assert!(local6.contains(&format!("local {VIP6} dev lo proto 86")), "{local6}");
+    let c = &lab.clients[0];
+    let ask = |target: std::net::SocketAddr| -> std::net::SocketAddr {
+        c.ns.run(|| {
+            let any: std::net::SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            let s = std::net::UdpSocket::bind(any).unwrap();
+            s.set_read_timeout(Some(SECOND)).unwrap();
+            let mut buf = [0u8; 16];
+            for _ in 0..5 {
+                s.send_to(b"hello", target).unwrap();
+                if let Ok((_, from)) = s.recv_from(&mut buf) {
+                    return from;
+                }
+            }
+            panic!("no UDP reply from {target}");
+        })
+    };
+    // A wildcard server answering from the address it was asked at.
+    let _echo = EchoServer::start(&lab.node, 7007).unwrap();
+    // Servers bound to the VIPs themselves: binding works because the host owns them.
+    let bound: Vec<std::net::UdpSocket> = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
+        .iter()
+        .map(|ip| lab.node.run(|| std::net::UdpSocket::bind((*ip, 7011))).unwrap_or_else(|e| panic!("binding {ip}: {e}")))
+        .collect();
+    let servers: Vec<_> = bound
+        .into_iter()
+        .map(|s| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(5 * SECOND)).unwrap();
+                let mut buf = [0u8; 16];
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    s.send_to(&buf[..n], from).unwrap();
+                }
+            })
+        })
+        .collect();
+    for ip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        for port in [7007, 7011] {
+            let from = ask((ip, port).into());
+            assert_eq!(from, (ip, port).into(), "the UDP reply to {ip}:{port} came from {from}");
+        }
+    }
+    for s in servers {
+        s.join().unwrap();
+    }
+    // TCP: the accepted connection's own address is the VIP.
+    let l = lab.node.run(|| TcpListener::bind(("::", 7012))).unwrap();
+    for ip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let conn = c.ns.run(|| TcpStream::connect((ip, 7012))).unwrap_or_else(|e| panic!("tcp to {ip}: {e}"));
+        let (accepted, _) = l.accept().unwrap();
+        let local = accepted.local_addr().unwrap().ip();
+        let local = match local {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        assert_eq!(local, ip, "accepted on {local}");
+        assert_eq!(conn.peer_addr().unwrap().ip(), ip);
+    }
+    assert!(agent.stop().success());
+    let local4 = lab.node.ip(&["route", "show", "table", "local"]);
+    assert!(!local4.contains("proto 86"), "routes left after stop: {local4}");
+}
+
+/// Spread is the default and stays spread: six clients resolve the VIP to more than one
+/// adapter; a restart (SIGKILL, then a new agent) and an adapter's failure and return
+/// change nobody's entry (nothing is broadcast that would herd them onto one adapter),
+/// and every client reaches the VIP throughout.
+#[test]
+fn restart_and_return_do_not_herd_clients() {
+    if !root_or_skip("restart_and_return_do_not_herd_clients") {
+        return;
+    }
+    let (lab, _peers) = lab(6);
+    let files = AgentFiles::new("herd");
+    files.write("", &default_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let _echo = EchoServer::start(&lab.node, 7007).unwrap();
+    let placement = |what: &str| -> Vec<usize> {
+        lab.clients
+            .iter()
+            .map(|c| {
+                let m = wait_neigh(c, VIP4.into(), what, 2 * SECOND, |m| lab.adapters.iter().any(|a| a.mac == m));
+                adapter_of(&lab, m)
+            })
+            .collect()
+    };
+    for c in &lab.clients {
+        poke(c, VIP4.into());
+    }
+    let before = placement("first resolution");
+    let used: std::collections::HashSet<usize> = before.iter().copied().collect();
+    assert!(used.len() >= 2, "six clients all on one adapter: {before:?}");
+    let reach = |what: &str| {
+        for c in &lab.clients {
+            let ok = c.ns.run(|| {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                let mut b = [0u8; 8];
+                (0..5).any(|_| s.send_to(b"x", (VIP4, 7007)).is_ok() && s.recv_from(&mut b).is_ok())
+            });
+            assert!(ok, "{} cannot reach the VIP {what}", c.ip4);
+        }
+    };
+    reach("at first");
+    agent.kill();
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(placement("after the restart"), before, "a restart moved clients");
+    reach("after the restart");
+    let j = before[0];
+    lab.pull(j);
+    agent.wait_for("failover", 2 * SECOND, |s| adapter_state(s, &lab.adapters[j].name) == "down");
+    reach("with an adapter down");
+    lab.plug(j);
+    agent.wait_for("back", 2 * SECOND, |s| adapter_state(s, &lab.adapters[j].name) == "up");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(placement("after the return"), before, "a failure and return moved clients (MAC move keeps them)");
+    reach("after the return");
+    assert!(agent.stop().success());
+}

@@ -214,7 +214,8 @@ fn spread_shares_clients_steers_replies_and_moves_only_the_failed_adapters() {
     // A new client's bucket may be vip1's again.
     let st = agent.status();
     let v4s = st.vips.iter().find(|v| v.address == v4.to_string()).unwrap();
-    assert_eq!(v4s.buckets.len(), 3, "{:?}", v4s.buckets);
+    let group = &st.groups[v4s.group.expect("placed") as usize];
+    assert_eq!(group.buckets.len(), 3, "{:?}", group.buckets);
     agent.stop();
 }
 

@@ -175,6 +175,35 @@ pub struct Agent {
     pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     /// Link events read during a long operation (their urgent part done), to finish.
     pub(crate) deferred: VecDeque<(Instant, LinkEvent)>,
+    /// Bumped whenever an input of placement or the assignment changes.
+    pub(crate) version: u64,
+    /// Decisions prepared for single adapter changes ([`Agent::prepare`]).
+    pub(crate) prepared: Option<Prepared>,
+    /// When [`Agent::urgent`] last marked an adapter down (the failover record's
+    /// "data plane stopped answering" time).
+    pub(crate) stopped_at: Option<(usize, Instant)>,
+}
+
+/// A decision made ahead: the assignment, its diff from the one in force, its refusals,
+/// and (when it needs no new policy and re-points no VIP, as a failure at home never
+/// does) the map writes themselves.
+pub(crate) struct Ready {
+    next: Arc<Assignment>,
+    diff: placement::Diff,
+    refusals: Vec<placement::Refusal>,
+    plan: Option<Vec<Write>>,
+}
+
+/// One map write of a prepared decision.
+pub(crate) enum Write {
+    Adapter { ifindex: u32, info: AdapterInfo },
+    Policy { id: u32, allowed: u64, buckets: Option<Arc<[Slot; placement::BUCKETS]>> },
+}
+
+pub(crate) struct Prepared {
+    version: u64,
+    /// Per adapter: the decision if it changed state now.
+    flips: Vec<Option<Ready>>,
 }
 
 const MAX_FAILOVERS_KEPT: usize = 256;
@@ -287,6 +316,7 @@ pub fn vip_specs(cfg: &Config) -> (Vec<VipSpec>, Vec<placement::Vip>) {
         cfg.virtual_servers.iter().enumerate().flat_map(|(s, v)| v.vips.iter().map(move |&i| (i, s as u32))).collect();
     let mut specs = Vec::with_capacity(cfg.all_vips.len());
     let mut pvips = Vec::with_capacity(cfg.all_vips.len());
+    let homes: Vec<Arc<[Slot]>> = cfg.vips.iter().map(|v| v.adapters.iter().map(|&a| a as Slot).collect()).collect();
     for (i, &(t, addr)) in cfg.all_vips.iter().enumerate() {
         let v = &cfg.vips[t as usize];
         let vlan = v.vlan.unwrap_or(0);
@@ -298,7 +328,7 @@ pub fn vip_specs(cfg: &Config) -> (Vec<VipSpec>, Vec<placement::Vip>) {
         pvips.push(placement::Vip {
             addr,
             vlan,
-            homes: v.adapters.iter().map(|&a| a as Slot).collect(),
+            homes: homes[t as usize].clone(),
             mode: v.mode,
             failover: v.failover,
             rebalance: v.rebalance,
@@ -330,7 +360,14 @@ impl Agent {
     /// fails), loads or adopts the data plane, prepares the adapters, probes the VIPs,
     /// places them, writes the maps and the host routes, announces. On any failure after
     /// the first change the host is restored.
-    pub fn start(cfg: Config, object: &[u8], reload: bool, links: LinkEvents, ann: Announcer) -> anyhow::Result<Agent> {
+    pub fn start(
+        cfg: Config,
+        object: &[u8],
+        reload: bool,
+        links: LinkEvents,
+        ann: Announcer,
+        (specs, pvips): (Arc<Vec<VipSpec>>, Arc<Vec<placement::Vip>>),
+    ) -> anyhow::Result<Agent> {
         let mut rtnl = Rtnl::open()?;
         let nh = NetlinkHost::read(&mut rtnl)?;
         if let Err(e) = cfg.validate_host(&nh) {
@@ -378,7 +415,6 @@ impl Agent {
                 last_bytes: None,
             })
             .collect();
-        let (specs, pvips) = vip_specs(&cfg);
         let by_key = specs.iter().enumerate().map(|(i, v)| (v.key, i as u32)).collect();
         let n = specs.len();
         let vservers = cfg
@@ -404,8 +440,8 @@ impl Agent {
             adapters,
             padapters,
             nodes: vec![placement::Node { name: hostname(), up: true }],
-            vips: Arc::new(specs),
-            pvips: Arc::new(pvips),
+            vips: specs,
+            pvips,
             by_key,
             active: Arc::new(vec![false; n]),
             classes: Arc::new(Classes::default()),
@@ -431,6 +467,9 @@ impl Agent {
             corrections_sent: 0,
             timers: BinaryHeap::new(),
             deferred: VecDeque::new(),
+            version: 0,
+            prepared: None,
+            stopped_at: None,
         };
         if let Err(e) = agent.bring_up(&nh.links, reload) {
             // A restarted agent that fails leaves the previous agent's pins alone so
@@ -507,15 +546,15 @@ impl Agent {
             .filter(|(v, a)| **a && v.flags & vip_common::VIP_VSERVER == 0)
             .map(|(v, _)| v.addr)
             .collect();
-        let stale = self.host.stale_vips(&keep);
-        if !stale.is_empty() {
-            tracing::info!(vips = stale.len(), "removing VIPs no longer configured from the host");
-            self.host.remove_vips(&mut self.rtnl, &stale)?;
-        }
-        let mut keep: Vec<IpAddr> = keep.into_iter().collect();
-        keep.sort();
-        self.host.add_vips(&mut self.rtnl, self.lo, &keep)?;
+        let keep: Vec<IpAddr> = keep.into_iter().collect();
+        self.host.set_vips(&mut self.rtnl, self.lo, &keep)?;
         self.discover_vservers();
+        // Start-up's transient allocations (probe lists, map dumps, the classification)
+        // go back to the system instead of staying in the process's resident set.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         tracing::info!(
             adapters = self.adapters.iter().filter(|a| a.health != Health::Missing).count(),
             vips = self.active.iter().filter(|a| **a).count(),
@@ -619,6 +658,7 @@ impl Agent {
         a.since = unix_now();
         let state = a.health.name();
         self.padapters[i].up = a.health.answers();
+        self.version += 1;
         self.write_adapter(i, None)?;
         tracing::info!(adapter = %link.name, ifindex = link.ifindex, state, "adapter attached");
         Ok(())
@@ -679,6 +719,7 @@ impl Agent {
         self.apply_maps(&df, &next);
         self.reconcile(&next);
         self.assignment = next;
+        self.version += 1;
         self.report_refusals(&d.refusals);
         self.announce(&df, None, Instant::now());
     }
@@ -697,8 +738,104 @@ impl Agent {
         self.apply_maps(&df, &next);
         let at = Instant::now();
         self.assignment = next;
+        self.version += 1;
         self.report_refusals(&d.refusals);
         (df, at)
+    }
+
+    /// Prepares, in an idle moment, the decision that would follow each adapter changing
+    /// state (up to down, or down to up), so that a carrier event only has to apply a
+    /// ready diff: the placement core's work never sits between a failure and the maps.
+    /// Looks at link events between adapters; anything that happens meanwhile makes what
+    /// was prepared stale, and the next idle moment prepares again.
+    pub fn prepare(&mut self) {
+        if self.stopping || self.prepared.as_ref().is_some_and(|p| p.version == self.version) {
+            return;
+        }
+        let version = self.version;
+        let mut flips = Vec::with_capacity(self.adapters.len());
+        for i in 0..self.adapters.len() {
+            let prepared = match self.adapters[i].health {
+                h if h != Health::Missing && self.adapters[i].ifindex.is_some() => {
+                    self.padapters[i].up = !self.padapters[i].up;
+                    let d = placement::place(&placement::Input {
+                        nodes: &self.nodes,
+                        adapters: &self.padapters,
+                        classes: &self.classes,
+                        previous: &self.assignment,
+                    });
+                    let diff = placement::diff(&self.assignment, &d.assignment);
+                    let plan = self.plan(&diff);
+                    self.padapters[i].up = !self.padapters[i].up;
+                    Some(Ready { next: Arc::new(d.assignment), diff, refusals: d.refusals, plan })
+                }
+                _ => None,
+            };
+            flips.push(prepared);
+            self.preempt();
+            if !self.deferred.is_empty() {
+                return;
+            }
+        }
+        self.prepared = Some(Prepared { version, flips });
+    }
+
+    /// The writes a diff makes, if it needs no new policy and re-points no VIP. Adapter
+    /// entries are as `padapters` says now (the flipped adapter included).
+    fn plan(&self, diff: &placement::Diff) -> Option<Vec<Write>> {
+        let mut plan = vec![];
+        for &(a, _, h) in &diff.heirs {
+            let ad = &self.adapters[a as usize];
+            let Some(ifindex) = ad.ifindex else { continue };
+            let up = self.padapters[a as usize].up;
+            let heir = if up { None } else { h.and_then(|h| self.adapters[h as usize].ifindex) };
+            let flags = if heir.is_some() && ad.move_mac { ADAPTER_MAC_MOVED } else { 0 };
+            let state = if up { ADAPTER_UP } else { ADAPTER_DOWN };
+            let info = AdapterInfo { mac: ad.mac.unwrap_or_default(), slot: ad.slot, state, heir: heir.unwrap_or(0), flags };
+            plan.push(Write::Adapter { ifindex, info });
+        }
+        for seg in &diff.segments {
+            if seg.relayout() {
+                return None;
+            }
+            let id = self.policies.get(self.class_sid[seg.class as usize], seg.after.start)?;
+            plan.push(Write::Policy { id, allowed: seg.after.allowed, buckets: seg.after.buckets.clone() });
+        }
+        Some(plan)
+    }
+
+    /// The decision prepared for adapter `i` changing state, if it is still current.
+    fn take_ready(&mut self, i: usize) -> Option<Ready> {
+        let p = self.prepared.as_mut().filter(|p| p.version == self.version)?;
+        p.flips.get_mut(i)?.take()
+    }
+
+    /// Applies a prepared decision (as [`Agent::decide`] would have made it): its planned
+    /// writes, a few stores to shared memory, or the applier for the rare decision that
+    /// re-lays runs.
+    fn apply_ready(&mut self, r: Ready) -> (placement::Diff, Instant) {
+        match &r.plan {
+            Some(plan) => {
+                for w in plan {
+                    let done = match w {
+                        Write::Adapter { ifindex, info } => self.dp.set_adapter(*ifindex, *info),
+                        Write::Policy { id, allowed, buckets } => match buckets {
+                            Some(b) => self.dp.set_buckets(*id, &b[..]).and_then(|()| self.dp.set_policy(*id, *allowed)),
+                            None => self.dp.set_policy(*id, *allowed),
+                        },
+                    };
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "map write failed");
+                    }
+                }
+            }
+            None => self.apply_maps(&r.diff, &r.next),
+        }
+        let at = Instant::now();
+        self.assignment = r.next;
+        self.version += 1;
+        self.report_refusals(&r.refusals);
+        (r.diff, at)
     }
 
     /// Says the refusals that are new since the last decision (once per change).
@@ -762,19 +899,31 @@ impl Agent {
     /// The adapter lost its link (or hold-down ran out, or it was removed): stop answering
     /// there first (one store), then place, apply, move its MAC, announce.
     fn fail(&mut self, i: usize, at: Instant, kind: &str) {
-        let carried = self.answered_on(i);
+        let ready = if self.padapters[i].up { self.take_ready(i) } else { None };
         self.padapters[i].up = false;
         // First of all: the adapter stops answering, its heir in the same store.
-        let up = self.up_mask();
-        let heir = placement::heir(i, &self.padapters, up, &self.assignment);
-        if let Err(e) = self.write_adapter(i, heir) {
-            tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
-        }
-        let dp_at = Instant::now();
+        let heir = match &ready {
+            Some(r) => r.next.heirs.get(i).copied().flatten(),
+            None => placement::heir(i, &self.padapters, self.up_mask(), &self.assignment),
+        };
+        let dp_at = match self.stopped_at.take() {
+            // Already written by `urgent`, with the same heir.
+            Some((j, t)) if j == i && t >= at => t,
+            _ => {
+                if let Err(e) = self.write_adapter(i, heir) {
+                    tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
+                }
+                Instant::now()
+            }
+        };
+        let carried = self.answered_on(i);
+        let (df, maps_at) = match ready {
+            Some(r) => self.apply_ready(r),
+            None => self.decide(),
+        };
         if let Some(ix) = self.adapters[i].ifindex {
             self.ann.send(Job::Clear { ifindex: ix });
         }
-        let (df, maps_at) = self.decide();
         let tag = self.new_tag(at);
         self.after_decision(&df, tag, maps_at);
         self.record(i, kind, at, dp_at, maps_at, tag, carried);
@@ -783,14 +932,19 @@ impl Agent {
     /// The adapter is back (after up_delay): answer there again, bring home what was
     /// taken over, take its MAC back, announce on it.
     fn restore(&mut self, i: usize, at: Instant) {
+        let ready = if self.padapters[i].up { None } else { self.take_ready(i) };
         self.padapters[i].up = true;
         if let Err(e) = self.write_adapter(i, None) {
             tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
         }
         let dp_at = Instant::now();
-        let (df, maps_at) = self.decide();
+        let (df, maps_at) = match ready {
+            Some(r) => self.apply_ready(r),
+            None => self.decide(),
+        };
         let tag = self.new_tag(at);
         self.after_decision(&df, tag, maps_at);
+        self.refresh_neighbours(i);
         let n = self.answered_on(i);
         self.record(i, "up", at, dp_at, maps_at, tag, n);
     }
@@ -800,6 +954,32 @@ impl Agent {
     fn after_decision(&mut self, df: &placement::Diff, tag: u64, now: Instant) {
         self.move_macs(df, tag, now);
         self.announce(df, Some(tag), now);
+    }
+
+    /// A returning adapter: the node's own first neighbour requests through it may have
+    /// been lost (the switch port not forwarding yet, or still sending the adapter's MAC
+    /// to its heir), and the kernel would wait a second before asking again while replies
+    /// queue. A helper thread forgets the unresolved entries shortly after, twice.
+    fn refresh_neighbours(&self, i: usize) {
+        let Some(ifindex) = self.adapters[i].ifindex else { return };
+        let name = self.adapters[i].name.clone();
+        let spawned = std::thread::Builder::new().name("neigh-refresh".into()).spawn(move || {
+            // Not the event loop's real-time priority.
+            let param = libc::sched_param { sched_priority: 0 };
+            unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_OTHER, &param) };
+            let Ok(mut rtnl) = Rtnl::open() else { return };
+            for wait in [10, 90] {
+                std::thread::sleep(Duration::from_millis(wait));
+                match rtnl.flush_unresolved(ifindex) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(adapter = %name, entries = n, "unresolved neighbour entries cleared after the adapter's return"),
+                    Err(e) => tracing::debug!(adapter = %name, error = %e, "neighbour refresh"),
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no neighbour refresh thread");
+        }
     }
 
     /// A straggler event from the data plane: a client sent a VIP's traffic to a failed
@@ -852,6 +1032,8 @@ impl Agent {
             a.last_bytes = Some((now, bytes));
         }
         self.clients = clients;
+        // Loads are placement inputs: what was prepared is stale.
+        self.version += 1;
         let gap = Duration::from_millis(self.cfg.steering.correction_interval_ms);
         self.corrected.retain(|_, t| now.duration_since(*t) < gap);
         self.discover_vservers();
@@ -909,7 +1091,16 @@ impl Agent {
         let maps_ns = maps_at.saturating_duration_since(at).as_nanos() as u64;
         let dp_ns = dp_at.saturating_duration_since(at).as_nanos() as u64;
         self.hist_maps.observe(maps_ns);
-        tracing::info!(adapter = %self.adapters[i].name, kind, vips, dataplane_ns = dp_ns, maps_written_ns = maps_ns, "failover");
+        let event_unix_ns = ((unix_now() - at.elapsed().as_secs_f64()) * 1e9) as u64;
+        tracing::info!(
+            adapter = %self.adapters[i].name,
+            kind,
+            vips,
+            event_unix_ns,
+            dataplane_ns = dp_ns,
+            maps_written_ns = maps_ns,
+            "failover"
+        );
         self.failovers.push_back(FailoverStatus {
             at: unix_now() - at.elapsed().as_secs_f64(),
             adapter: self.adapters[i].name.clone(),
@@ -974,7 +1165,8 @@ impl Agent {
     }
 
     /// The urgent part of a link event, safe at any moment (even in the middle of a long
-    /// operation): an adapter that lost its carrier stops answering at once.
+    /// operation) and done first for every event: an adapter that lost its carrier stops
+    /// answering at once (one store, its heir with it), before any bookkeeping.
     pub(crate) fn urgent(&mut self, ev: &LinkEvent) {
         let LinkEvent::Changed(link) = ev else { return };
         if self.cfg.agent.hold_down_ms > 0 || link.running {
@@ -984,15 +1176,22 @@ impl Agent {
         if self.adapters[i].health != Health::Up || link.name != self.adapters[i].name {
             return;
         }
-        let mut pa = self.padapters.clone();
-        pa[i].up = false;
-        let heir = placement::heir(i, &pa, placement::up_mask(&self.nodes, &pa), &self.assignment);
+        let heir = match self.prepared.as_ref().filter(|p| p.version == self.version).and_then(|p| p.flips.get(i)?.as_ref()) {
+            Some(r) => r.next.heirs.get(i).copied().flatten(),
+            None => {
+                self.padapters[i].up = false;
+                let h = placement::heir(i, &self.padapters, self.up_mask(), &self.assignment);
+                self.padapters[i].up = true;
+                h
+            }
+        };
         let a = &self.adapters[i];
         let (Some(ifindex), mac) = (a.ifindex, a.mac.unwrap_or_default()) else { return };
         let heir_ix = heir.and_then(|h| self.adapters[h as usize].ifindex);
         let flags = if heir_ix.is_some() && a.move_mac { ADAPTER_MAC_MOVED } else { 0 };
         let info = AdapterInfo { mac, slot: a.slot, state: ADAPTER_DOWN, heir: heir_ix.unwrap_or(0), flags };
         let _ = self.dp.set_adapter(ifindex, info);
+        self.stopped_at = Some((i, Instant::now()));
     }
 
     /// Link events read while a long operation runs: their urgent part is done now, the

@@ -40,10 +40,25 @@ pub fn frame(mac: Mac, addr: IpAddr, vlan: u16) -> Vec<u8> {
 
 /// A correction for one client: a unicast ARP reply / unsolicited NA (Override) telling it
 /// that `addr` is at `mac`. Linux updates an existing neighbor entry from either.
-pub fn unicast_frame(mac: Mac, addr: IpAddr, vlan: u16, client_mac: Mac, client: IpAddr) -> Vec<u8> {
+pub fn unicast_frame(
+    mac: Mac,
+    addr: IpAddr,
+    vlan: u16,
+    client_mac: Mac,
+    client: IpAddr,
+) -> Vec<u8> {
     match (addr, client) {
         (IpAddr::V4(a), IpAddr::V4(c)) => {
-            let f = Arp { eth_dst: client_mac, eth_src: mac, tci: None, op: 2, sha: mac, spa: a, tha: client_mac, tpa: c };
+            let f = Arp {
+                eth_dst: client_mac,
+                eth_src: mac,
+                tci: None,
+                op: 2,
+                sha: mac,
+                spa: a,
+                tha: client_mac,
+                tpa: c,
+            };
             if vlan != 0 { f.with_tci(vlan) } else { f }.to_bytes()
         }
         (IpAddr::V6(a), IpAddr::V6(c)) => {
@@ -71,25 +86,55 @@ pub fn learning_frame(mac: Mac) -> Vec<u8> {
     f
 }
 
-/// The address and VLAN of every VIP, by VIP index: what announcements are built from.
-pub type Addresses = Arc<Vec<(IpAddr, u16)>>;
+/// Every VIP, by index: what announcements are built from.
+pub type Addresses = Arc<Vec<crate::agent::VipSpec>>;
 
 /// What the event loop asks of the announcer.
 pub enum Job {
     /// Opens the sending socket of an adapter (again, if it was re-created).
-    AddAdapter { ifindex: u32 },
-    RemoveAdapter { ifindex: u32 },
+    AddAdapter {
+        ifindex: u32,
+    },
+    RemoveAdapter {
+        ifindex: u32,
+    },
     /// The adapter went down: drop everything queued on it.
-    Clear { ifindex: u32 },
+    Clear {
+        ifindex: u32,
+    },
     /// Stop announcing class `class`'s members on the adapter (it no longer answers them).
-    Cancel { ifindex: u32, class: u32 },
+    Cancel {
+        ifindex: u32,
+        class: u32,
+    },
     /// `count` rounds announcing members `start .. start + len` of class `class` from
     /// `mac` on `ifindex`. Replaces a pending job for the same adapter and run.
-    Vips { ifindex: u32, mac: Mac, classes: Arc<Classes>, class: u32, start: u32, len: u32, tag: Option<u64> },
+    Vips {
+        ifindex: u32,
+        mac: Mac,
+        classes: Arc<Classes>,
+        class: u32,
+        start: u32,
+        len: u32,
+        tag: Option<u64>,
+    },
     /// One frame (a unicast correction), sent once. Replaces a pending one with the same key.
-    Frame { ifindex: u32, frame: Vec<u8>, key: u64, tag: Option<u64> },
-    /// `count` rounds of the learning frame from `mac` (a MAC that moved).
-    Learn { ifindex: u32, mac: Mac, tag: Option<u64> },
+    Frame {
+        ifindex: u32,
+        frame: Vec<u8>,
+        key: u64,
+        tag: Option<u64>,
+    },
+    /// `count` rounds of the learning frame from `mac` (a MAC that moved, or came home),
+    /// and with `keep` one every [`KEEP_LEARNING`] after that, so the switch's entry
+    /// for a moved MAC never ages out. Cancels the learning frames for `mac` queued on
+    /// other adapters.
+    Learn {
+        ifindex: u32,
+        mac: Mac,
+        tag: Option<u64>,
+        keep: bool,
+    },
 }
 
 /// Counters the status reads while the thread runs.
@@ -125,7 +170,14 @@ impl Announcer {
     ) -> (Announcer, impl FnOnce() + Send + 'static) {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
-        let mut worker = Worker::new(count, interval, max_per_second, addrs, stats.clone(), on_sent);
+        let mut worker = Worker::new(
+            count,
+            interval,
+            max_per_second,
+            addrs,
+            stats.clone(),
+            on_sent,
+        );
         (Announcer { tx, stats }, move || worker.run(rx))
     }
 
@@ -144,6 +196,10 @@ impl Announcer {
     }
 }
 
+/// How often an heir re-teaches the switch a MAC that moved to it (switches age entries
+/// out after about 300 s).
+pub const KEEP_LEARNING: Duration = Duration::from_secs(30);
+
 /// At most this many single frames wait per adapter; more are dropped (and counted).
 const MAX_FRAMES_PER_LANE: usize = 65_536;
 
@@ -160,13 +216,22 @@ enum Work {
         begun: Option<Instant>,
         key: (u32, u32),
     },
-    Frame { frame: Vec<u8>, key: u64 },
-    Learn { mac: Mac, round: u32 },
+    Frame {
+        frame: Vec<u8>,
+        key: u64,
+    },
+    Learn {
+        mac: Mac,
+        round: u32,
+        keep: bool,
+    },
 }
 
 struct Entry {
     work: Work,
     tag: Option<u64>,
+    /// Times the device was busy for it.
+    busy: u32,
 }
 
 struct Lane {
@@ -178,7 +243,8 @@ struct Lane {
     entries: HashMap<u64, Entry>,
     runs: HashMap<(u32, u32), u64>,
     frames: HashMap<u64, u64>,
-    learn: Option<u64>,
+    /// Learning frames by MAC (an heir may hold several moved MACs).
+    learn: HashMap<Mac, u64>,
 }
 
 struct Worker {
@@ -195,7 +261,14 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(count: u32, interval: Duration, max_per_second: u32, addrs: Addresses, stats: Arc<Stats>, on_sent: OnSent) -> Worker {
+    fn new(
+        count: u32,
+        interval: Duration,
+        max_per_second: u32,
+        addrs: Addresses,
+        stats: Arc<Stats>,
+        on_sent: OnSent,
+    ) -> Worker {
         let rate = max_per_second as f64;
         Worker {
             count: count.max(1),
@@ -260,11 +333,13 @@ impl Worker {
                         entries: HashMap::new(),
                         runs: HashMap::new(),
                         frames: HashMap::new(),
-                        learn: None,
+                        learn: HashMap::new(),
                     };
                     self.lanes.insert(ifindex, lane);
                 }
-                Err(e) => tracing::error!(ifindex, error = %e, "no announcement socket for the adapter"),
+                Err(e) => {
+                    tracing::error!(ifindex, error = %e, "no announcement socket for the adapter")
+                }
             },
             Job::RemoveAdapter { ifindex } => {
                 self.lanes.remove(&ifindex);
@@ -275,12 +350,13 @@ impl Worker {
                     l.entries.clear();
                     l.runs.clear();
                     l.frames.clear();
-                    l.learn = None;
+                    l.learn.clear();
                 }
             }
             Job::Cancel { ifindex, class } => {
                 if let Some(l) = self.lanes.get_mut(&ifindex) {
-                    let gone: Vec<(u32, u32)> = l.runs.keys().filter(|k| k.0 == class).copied().collect();
+                    let gone: Vec<(u32, u32)> =
+                        l.runs.keys().filter(|k| k.0 == class).copied().collect();
                     for k in gone {
                         if let Some(id) = l.runs.remove(&k) {
                             l.entries.remove(&id);
@@ -288,34 +364,107 @@ impl Worker {
                     }
                 }
             }
-            Job::Vips { ifindex, mac, classes, class, start, len, tag } => {
+            Job::Vips {
+                ifindex,
+                mac,
+                classes,
+                class,
+                start,
+                len,
+                tag,
+            } => {
                 let key = (class, start);
-                if let Some(old) = self.lanes.get_mut(&ifindex).and_then(|l| l.runs.remove(&key)) {
-                    self.lanes.get_mut(&ifindex).expect("lane").entries.remove(&old);
+                if let Some(old) = self
+                    .lanes
+                    .get_mut(&ifindex)
+                    .and_then(|l| l.runs.remove(&key))
+                {
+                    self.lanes
+                        .get_mut(&ifindex)
+                        .expect("lane")
+                        .entries
+                        .remove(&old);
                 }
-                let work = Work::Vips { mac, classes, class, start, len, cursor: 0, round: 0, begun: None, key };
-                if let Some(id) = self.push(ifindex, now, Entry { work, tag }) {
-                    self.lanes.get_mut(&ifindex).expect("lane").runs.insert(key, id);
+                let work = Work::Vips {
+                    mac,
+                    classes,
+                    class,
+                    start,
+                    len,
+                    cursor: 0,
+                    round: 0,
+                    begun: None,
+                    key,
+                };
+                if let Some(id) = self.push(ifindex, now, Entry { work, tag, busy: 0 }) {
+                    self.lanes
+                        .get_mut(&ifindex)
+                        .expect("lane")
+                        .runs
+                        .insert(key, id);
                 }
             }
-            Job::Frame { ifindex, frame, key, tag } => {
-                let Some(l) = self.lanes.get_mut(&ifindex) else { return };
+            Job::Frame {
+                ifindex,
+                frame,
+                key,
+                tag,
+            } => {
+                let Some(l) = self.lanes.get_mut(&ifindex) else {
+                    return;
+                };
                 if let Some(old) = l.frames.remove(&key) {
                     l.entries.remove(&old);
                 } else if l.frames.len() >= MAX_FRAMES_PER_LANE {
                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                if let Some(id) = self.push(ifindex, now, Entry { work: Work::Frame { frame, key }, tag }) {
-                    self.lanes.get_mut(&ifindex).expect("lane").frames.insert(key, id);
+                if let Some(id) = self.push(
+                    ifindex,
+                    now,
+                    Entry {
+                        work: Work::Frame { frame, key },
+                        tag,
+                        busy: 0,
+                    },
+                ) {
+                    self.lanes
+                        .get_mut(&ifindex)
+                        .expect("lane")
+                        .frames
+                        .insert(key, id);
                 }
             }
-            Job::Learn { ifindex, mac, tag } => {
-                if let Some(old) = self.lanes.get_mut(&ifindex).and_then(|l| l.learn.take()) {
-                    self.lanes.get_mut(&ifindex).expect("lane").entries.remove(&old);
+            Job::Learn {
+                ifindex,
+                mac,
+                tag,
+                keep,
+            } => {
+                // One place teaches the switch where a MAC is: the newest.
+                for l in self.lanes.values_mut() {
+                    if let Some(old) = l.learn.remove(&mac) {
+                        l.entries.remove(&old);
+                    }
                 }
-                if let Some(id) = self.push(ifindex, now, Entry { work: Work::Learn { mac, round: 0 }, tag }) {
-                    self.lanes.get_mut(&ifindex).expect("lane").learn = Some(id);
+                if let Some(id) = self.push(
+                    ifindex,
+                    now,
+                    Entry {
+                        work: Work::Learn {
+                            mac,
+                            round: 0,
+                            keep,
+                        },
+                        tag,
+                        busy: 0,
+                    },
+                ) {
+                    self.lanes
+                        .get_mut(&ifindex)
+                        .expect("lane")
+                        .learn
+                        .insert(mac, id);
                 }
             }
         }
@@ -326,7 +475,9 @@ impl Worker {
         let mut next: Option<Instant> = None;
         let mut sent_events = vec![];
         for (&ifindex, lane) in self.lanes.iter_mut() {
-            lane.tokens = (lane.tokens + now.duration_since(lane.refilled).as_secs_f64() * self.rate).min(self.burst);
+            lane.tokens = (lane.tokens
+                + now.duration_since(lane.refilled).as_secs_f64() * self.rate)
+                .min(self.burst);
             lane.refilled = now;
             while let Some(&Reverse((due, id))) = lane.heap.peek() {
                 if !lane.entries.contains_key(&id) {
@@ -349,35 +500,91 @@ impl Worker {
                 let mut done = false;
                 match &mut e.work {
                     Work::Frame { frame, key } => {
-                        send(&lane.sock, frame, &self.stats, e.tag, ifindex, &mut sent_events);
-                        lane.tokens -= 1.0;
-                        lane.frames.remove(key);
-                        done = true;
-                    }
-                    Work::Learn { mac, round } => {
-                        send(&lane.sock, &learning_frame(*mac), &self.stats, e.tag, ifindex, &mut sent_events);
-                        lane.tokens -= 1.0;
-                        *round += 1;
-                        if *round < self.count {
-                            again = Some(now + self.interval);
+                        if !send(
+                            &lane.sock,
+                            frame,
+                            &self.stats,
+                            e.tag,
+                            ifindex,
+                            &mut sent_events,
+                            e.busy < BUSY_RETRIES,
+                        ) {
+                            e.busy += 1;
+                            again = Some(now + BUSY_RETRY);
                         } else {
-                            lane.learn = None;
+                            lane.tokens -= 1.0;
+                            lane.frames.remove(key);
                             done = true;
                         }
                     }
-                    Work::Vips { mac, classes, class, start, len, cursor, round, begun, key } => {
+                    Work::Learn { mac, round, keep } => {
+                        if !send(
+                            &lane.sock,
+                            &learning_frame(*mac),
+                            &self.stats,
+                            e.tag,
+                            ifindex,
+                            &mut sent_events,
+                            e.busy < BUSY_RETRIES,
+                        ) {
+                            e.busy += 1;
+                            again = Some(now + BUSY_RETRY);
+                        } else {
+                            lane.tokens -= 1.0;
+                            *round += 1;
+                            if *round < self.count {
+                                again = Some(now + self.interval);
+                            } else if *keep {
+                                again = Some(now + KEEP_LEARNING);
+                            } else {
+                                lane.learn.remove(mac);
+                                done = true;
+                            }
+                        }
+                    }
+                    Work::Vips {
+                        mac,
+                        classes,
+                        class,
+                        start,
+                        len,
+                        cursor,
+                        round,
+                        begun,
+                        key,
+                    } => {
                         let begun_at = *begun.get_or_insert(now);
-                        let members = classes.list.get(*class as usize).map(|c| &c.members[..]).unwrap_or(&[]);
+                        let members = classes
+                            .list
+                            .get(*class as usize)
+                            .map(|c| &c.members[..])
+                            .unwrap_or(&[]);
                         let end = (*start + *len).min(members.len() as u32);
+                        let mut busy = false;
                         while *start + *cursor < end && lane.tokens >= 1.0 {
                             let vip = members[(*start + *cursor) as usize] as usize;
-                            if let Some(&(addr, vlan)) = self.addrs.get(vip) {
-                                send(&lane.sock, &frame(*mac, addr, vlan), &self.stats, e.tag, ifindex, &mut sent_events);
+                            if let Some(v) = self.addrs.get(vip) {
+                                let f = frame(*mac, v.addr, v.vlan);
+                                if !send(
+                                    &lane.sock,
+                                    &f,
+                                    &self.stats,
+                                    e.tag,
+                                    ifindex,
+                                    &mut sent_events,
+                                    e.busy < BUSY_RETRIES,
+                                ) {
+                                    e.busy += 1;
+                                    busy = true;
+                                    break;
+                                }
                             }
                             lane.tokens -= 1.0;
                             *cursor += 1;
                         }
-                        if *start + *cursor < end {
+                        if busy {
+                            again = Some(now + BUSY_RETRY);
+                        } else if *start + *cursor < end {
                             // The bucket ran dry: go on when it refills.
                             again = Some(now);
                         } else {
@@ -416,8 +623,11 @@ impl Worker {
             .values()
             .flat_map(|l| l.entries.values())
             .map(|e| match &e.work {
-                Work::Vips { len, cursor, round, .. } => {
-                    (*len as u64 - *cursor as u64) + (*len as u64) * (self.count.saturating_sub(*round + 1)) as u64
+                Work::Vips {
+                    len, cursor, round, ..
+                } => {
+                    (*len as u64 - *cursor as u64)
+                        + (*len as u64) * (self.count.saturating_sub(*round + 1)) as u64
                 }
                 Work::Frame { .. } => 1,
                 Work::Learn { round, .. } => self.count.saturating_sub(*round) as u64,
@@ -426,17 +636,36 @@ impl Worker {
     }
 }
 
-fn send(sock: &PacketSocket, frame: &[u8], stats: &Stats, tag: Option<u64>, ifindex: u32, events: &mut Vec<(u64, u32, Instant)>) {
+/// A device's queue full (ENOBUFS, EAGAIN: a link that just came up, a veth whose peer
+/// is busy) is retried this much later, this many times.
+const BUSY_RETRY: Duration = Duration::from_millis(1);
+const BUSY_RETRIES: u32 = 50;
+
+/// Sends one frame; false when the device was busy and it should be tried again.
+fn send(
+    sock: &PacketSocket,
+    frame: &[u8],
+    stats: &Stats,
+    tag: Option<u64>,
+    ifindex: u32,
+    events: &mut Vec<(u64, u32, Instant)>,
+    retry: bool,
+) -> bool {
     match sock.send(frame) {
         Ok(()) => {
             stats.sent.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = tag {
                 events.push((t, ifindex, Instant::now()));
             }
+            true
+        }
+        Err(e) if retry && matches!(e.raw_os_error(), Some(libc::ENOBUFS) | Some(libc::EAGAIN)) => {
+            false
         }
         Err(e) => {
             stats.send_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(ifindex, error = %e, "announcement not sent");
+            true
         }
     }
 }
@@ -450,13 +679,25 @@ mod tests {
         let mac = [2, 0, 0, 0, 1, 1];
         let f = frame(mac, "192.0.2.10".parse().unwrap(), 0);
         let a = vip_packet::parse_arp(&f).expect("arp");
-        assert_eq!((a.sha, a.spa, a.tpa, a.op), (mac, "192.0.2.10".parse().unwrap(), "192.0.2.10".parse().unwrap(), 1));
+        assert_eq!(
+            (a.sha, a.spa, a.tpa, a.op),
+            (
+                mac,
+                "192.0.2.10".parse().unwrap(),
+                "192.0.2.10".parse().unwrap(),
+                1
+            )
+        );
         let f = frame(mac, "2001:db8::10".parse().unwrap(), 100);
         let e = vip_packet::parse_eth(&f).expect("eth");
         assert_eq!(e.vlan(), 100);
         let n = vip_packet::parse_nd(&f).expect("nd");
         assert_eq!(n.icmp_type, vip_packet::ND_NEIGHBOR_ADVERT);
         assert_eq!(n.flags, vip_packet::NA_FLAG_OVERRIDE);
-        assert!(vip_packet::icmpv6_checksum_ok(&n.src, &n.dst, &n.icmp_bytes()));
+        assert!(vip_packet::icmpv6_checksum_ok(
+            &n.src,
+            &n.dst,
+            &n.icmp_bytes()
+        ));
     }
 }

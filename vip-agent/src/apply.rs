@@ -220,13 +220,13 @@ impl Agent {
                         tracing::warn!(heir = %self.adapters[h as usize].name, error = %e, "could not add the moved MAC to the heir's filter");
                     }
                     self.adapters[a].mac_at = Some(ix);
-                    self.ann.send(Job::Learn { ifindex: ix, mac, tag: Some(tag) });
+                    self.ann.send(Job::Learn { ifindex: ix, mac, tag: Some(tag), keep: true });
                     tracing::info!(adapter = %self.adapters[a].name, heir = %self.adapters[h as usize].name, "MAC moved");
                 }
                 None if before.is_some() && self.adapters[a].health == Health::Up => {
                     // Home again: the switch learns its port back from this frame.
                     if let Some(ix) = self.adapters[a].ifindex {
-                        self.ann.send(Job::Learn { ifindex: ix, mac, tag: Some(tag) });
+                        self.ann.send(Job::Learn { ifindex: ix, mac, tag: Some(tag), keep: false });
                     }
                 }
                 None => {}

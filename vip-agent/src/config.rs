@@ -365,21 +365,72 @@ impl Config {
                 Some(_) => {}
             }
         }
+        // A default route reaches everything but puts no adapter in the VIP's subnet.
+        let subnets_of = |h: &HostAdapter| -> Vec<Subnet> {
+            h.addrs.iter().chain(h.routes.iter().filter(|r| r.prefix > 0)).cloned().collect()
+        };
+        let mut last_of = vec![None; self.vips.len()];
+        for &(t, a) in &self.all_vips {
+            last_of[t as usize] = Some(a);
+        }
         for (i, vip) in self.vips.iter().enumerate() {
-            let ip = vip.address.addr;
-            let outside = vip.adapters.iter().filter(|&&a| {
-                // A default route reaches everything but puts no adapter in the VIP's subnet.
-                found[a].as_ref().is_some_and(|h| {
-                    !h.addrs.iter().chain(h.routes.iter().filter(|r| r.prefix > 0)).any(|s| s.contains(&ip))
-                })
-            });
-            let outside = names(&self.adapters, outside);
-            if !outside.is_empty() {
-                let msg = format!(
-                    "no address or route on {outside} contains {ip}; a VIP must be in a subnet of each of its adapters"
-                );
-                err(vip.address_line, format!("vip[{i}].address"), msg);
+            // A range: its first and last addresses (in between is contiguous).
+            for ip in [Some(vip.address.addr), last_of[i].filter(|_| vip.count > 1)].into_iter().flatten() {
+                let outside = vip.adapters.iter().filter(|&&a| {
+                    found[a].as_ref().is_some_and(|h| !subnets_of(h).iter().any(|s| s.contains(&ip)))
+                });
+                let outside = names(&self.adapters, outside);
+                if !outside.is_empty() {
+                    let msg = format!(
+                        "no address or route on {outside} contains {ip}; a VIP must be in a subnet of each of its adapters"
+                    );
+                    err(vip.address_line, format!("vip[{i}].address"), msg);
+                    break;
+                }
             }
+        }
+        // Groups of VIPs placed alike each take a data-plane policy (and splits of a
+        // takeover limited by max_vips take more): half the table is for configured groups.
+        let padapters: Vec<vip_placement::Adapter> = self
+            .adapters
+            .iter()
+            .zip(&found)
+            .map(|(a, h)| vip_placement::Adapter {
+                name: a.name.clone(),
+                node: 0,
+                up: true,
+                weight: a.weight,
+                load: 0.0,
+                max_vips: a.max_vips,
+                vlans: a.vlans.clone(),
+                subnets: h.as_ref().map(subnets_of).unwrap_or_default(),
+            })
+            .collect();
+        let homes: Vec<std::sync::Arc<[u8]>> = self.vips.iter().map(|v| v.adapters.iter().map(|&a| a as u8).collect()).collect();
+        let pvips: Vec<vip_placement::Vip> = self
+            .all_vips
+            .iter()
+            .map(|&(t, addr)| {
+                let v = &self.vips[t as usize];
+                vip_placement::Vip {
+                    addr,
+                    vlan: v.vlan.unwrap_or(0),
+                    homes: homes[t as usize].clone(),
+                    mode: v.mode,
+                    failover: v.failover,
+                    rebalance: v.rebalance,
+                }
+            })
+            .collect();
+        let classes = vip_placement::classify(&pvips, 0..pvips.len() as u32, &padapters);
+        let limit = (vip_common::MAX_POLICIES / 2) as usize;
+        if let Some(c) = classes.list.get(limit) {
+            let t = self.all_vips[c.members[0] as usize].0 as usize;
+            let msg = format!(
+                "{} groups of VIPs placed alike (same adapters, mode, VLAN, failover and takeover subnets); the data plane holds {limit}",
+                classes.len()
+            );
+            err(self.vips[t].line, format!("vip[{t}]"), msg);
         }
         into_errors(errors)
     }
@@ -1413,6 +1464,34 @@ adapters = ["eth0", "eth7"]
                 assert!(e.message.contains(part), "{what}: {:?} lacks {part:?}", e.message);
             }
         }
+        // A range is checked at both ends: 300 addresses from 192.0.2.1 leave eth0's /24.
+        let range = Config::parse(
+            Path::new("t.toml"),
+            "[[adapter]]\nname = 'eth0'\n[[vip]]\naddress = '192.0.2.1/16'\ncount = 300\nadapters = ['eth0']\n",
+        )
+        .unwrap();
+        let errs = range.validate_host(&host(&[eth0])).expect_err("range").0;
+        assert_eq!((errs[0].line, errs[0].key.as_str()), (4, "vip[0].address"), "{errs:?}");
+        assert!(errs[0].message.contains("contains 192.0.3.44"), "{}", errs[0].message);
+        // More groups placed alike than the data plane holds policies for.
+        // (VLAN, mode, failover) differ from one VIP to the next: every VIP is a group.
+        let many: String = (0..=vip_common::MAX_POLICIES / 2)
+            .map(|i| {
+                format!(
+                    "[[vip]]\naddress = '10.0.{}.{}/8'\nadapters = ['eth0']\nvlan = {}\nmode = '{}'\nfailover = {}\n",
+                    i / 250,
+                    i % 250 + 1,
+                    i % 4000 + 1,
+                    ["all", "primary"][(i as usize / 4000) % 2],
+                    i / 8000 == 0
+                )
+            })
+            .collect();
+        let vlans = (1..=4000).map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+        let groups = Config::parse(Path::new("t.toml"), &format!("[[adapter]]\nname = 'eth0'\nvlans = [{vlans}]\n{many}")).unwrap();
+        let errs = groups.validate_host(&host(&[("eth0", 2, &["10.0.0.1/8"], &[])])).expect_err("groups").0;
+        assert_eq!(errs.len(), 1, "{:?}", &errs[..errs.len().min(3)]);
+        assert!(errs[0].message.contains("8193 groups of VIPs placed alike"), "{}", errs[0]);
     }
 }
 

@@ -12,18 +12,15 @@ use tokio::{
 use crate::{
     dataplane::Counters,
     runtime::{Inbox, Msg},
-    status::{build, Status},
+    status::{build, write_json, Snapshot, Status, PER_VIP_MAX},
 };
 
-/// The status with counters, built off the event loop.
-async fn full_status(inbox: &Inbox, counters: &Arc<Counters>) -> Option<Status> {
+async fn snapshot(inbox: &Inbox) -> Option<Snapshot> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if !inbox.send(Msg::Status(tx)) {
         return None;
     }
-    let snap = rx.await.ok()?;
-    let counters = counters.clone();
-    tokio::task::spawn_blocking(move || build(snap, &counters)).await.ok()
+    rx.await.ok()
 }
 
 /// Serves `status` requests: one line in, one JSON document out.
@@ -32,25 +29,37 @@ pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<C
         let Ok((stream, _)) = listener.accept().await else { continue };
         let (inbox, counters) = (inbox.clone(), counters.clone());
         tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
+            let mut stream = stream;
             let mut line = String::new();
             // One short command line; anything longer or slower is not a client of ours.
-            let mut r = BufReader::new(r.take(256));
-            match tokio::time::timeout(std::time::Duration::from_secs(5), r.read_line(&mut line)).await {
-                Ok(Ok(_)) => {}
-                _ => return,
-            }
-            let reply = match line.trim() {
-                "status" => match full_status(&inbox, &counters).await {
-                    Some(s) => tokio::task::spawn_blocking(move || serde_json::to_vec(&s).expect("serialisable"))
-                        .await
-                        .unwrap_or_default(),
-                    None => b"{\"error\":\"the agent is stopping\"}".to_vec(),
-                },
-                other => format!("{{\"error\":\"unknown command {other:?}\"}}").into_bytes(),
+            let read = {
+                let mut r = BufReader::new((&mut stream).take(256));
+                tokio::time::timeout(std::time::Duration::from_secs(5), r.read_line(&mut line)).await
             };
-            let _ = w.write_all(&reply).await;
-            let _ = w.shutdown().await;
+            if !matches!(read, Ok(Ok(_))) {
+                return;
+            }
+            match line.trim() {
+                "status" => {
+                    let Some(snap) = snapshot(&inbox).await else {
+                        let _ = stream.write_all(b"{\"error\":\"the agent is stopping\"}").await;
+                        return;
+                    };
+                    // Streamed from a blocking thread: the document is built as it is sent.
+                    let Ok(std) = stream.into_std() else { return };
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let _ = std.set_nonblocking(false);
+                        let _ = std.set_write_timeout(Some(std::time::Duration::from_secs(30)));
+                        let _ = write_json(&snap, &counters, &std);
+                        let _ = std.shutdown(std::net::Shutdown::Write);
+                    })
+                    .await;
+                }
+                other => {
+                    let _ = stream.write_all(format!("{{\"error\":\"unknown command {other:?}\"}}").as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                }
+            }
         });
     }
 }
@@ -70,8 +79,9 @@ pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Co
                     Ok(n) => seen.extend_from_slice(&buf[..n]),
                 }
             }
-            let Some(s) = full_status(&inbox, &counters).await else { return };
-            let body = s.prometheus();
+            let Some(snap) = snapshot(&inbox).await else { return };
+            let per_vip = snap.vips.len() <= PER_VIP_MAX;
+            let Ok(body) = tokio::task::spawn_blocking(move || build(snap, &counters, per_vip).prometheus()).await else { return };
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -91,5 +101,11 @@ pub async fn query_status(socket: &Path) -> anyhow::Result<Status> {
     s.write_all(b"status\n").await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
+    if let Ok(serde_json::Value::Object(e)) = serde_json::from_slice::<serde_json::Value>(&out) {
+        if let Some(msg) = e.get("error").and_then(|m| m.as_str()) {
+            anyhow::bail!("the agent says: {msg}");
+        }
+    }
     Ok(serde_json::from_slice(&out)?)
 }
+

@@ -64,9 +64,10 @@ pub struct HostChanges {
     /// The loopback's ifindex, the device of every VIP route.
     #[serde(default)]
     pub lo: u32,
-    /// VIPs the agent holds as local routes (table local, dev lo, proto 86).
-    #[serde(default)]
-    pub routes: Vec<IpAddr>,
+    /// The prefixes the agent holds as local routes (table local, dev lo, proto 86): the
+    /// fewest aligned prefixes covering exactly the VIPs ([`cover`]).
+    #[serde(default, with = "prefixes_as_text")]
+    pub routes: Vec<Subnet>,
     /// Adapters whose RX VLAN offload the agent turned off (it was on).
     #[serde(default)]
     pub rxvlan_off: Vec<String>,
@@ -124,11 +125,74 @@ fn rxvlan(dev: &str, set: Option<bool>) -> std::io::Result<bool> {
     Ok(was)
 }
 
+/// Prefixes in the state file as `ADDR/LEN` text.
+mod prefixes_as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::config::Subnet;
+
+    pub fn serialize<S: Serializer>(v: &[Subnet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|p| p.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Subnet>, D::Error> {
+        let v: Vec<String> = Vec::deserialize(d)?;
+        v.iter().map(|t| t.parse().map_err(serde::de::Error::custom)).collect()
+    }
+}
+
 pub struct Host {
     pub changes: HostChanges,
     state_file: PathBuf,
-    /// `changes.routes` as a set.
-    routes: HashSet<IpAddr>,
+}
+
+/// The fewest aligned prefixes whose union is exactly `addrs` (either family). A range of
+/// N consecutive VIPs becomes at most about 2 log2(N) routes: 100,000 VIPs in two ranges
+/// are a few dozen routes, so adding them takes microseconds and the kernel's walks of
+/// its routing tables (IPv6 walks every route on every carrier change) stay short.
+pub fn cover(addrs: &[IpAddr]) -> Vec<Subnet> {
+    let mut out = vec![];
+    for v6 in [false, true] {
+        let width: u32 = if v6 { 128 } else { 32 };
+        let mut xs: Vec<u128> = addrs
+            .iter()
+            .filter(|a| a.is_ipv6() == v6)
+            .map(|a| match a {
+                IpAddr::V4(a) => u32::from(*a) as u128,
+                IpAddr::V6(a) => u128::from(*a),
+            })
+            .collect();
+        xs.sort_unstable();
+        xs.dedup();
+        let mut i = 0;
+        while i < xs.len() {
+            let mut j = i;
+            while j + 1 < xs.len() && xs[j + 1] == xs[j] + 1 {
+                j += 1;
+            }
+            // [lo, hi] consecutive: cut into aligned power-of-two blocks.
+            let (mut lo, hi) = (xs[i], xs[j]);
+            loop {
+                let align = if lo == 0 { width } else { lo.trailing_zeros().min(width) };
+                let mut bits = align;
+                while bits > 0 && (bits >= 128 || lo + ((1u128 << bits) - 1) > hi) {
+                    bits -= 1;
+                }
+                let addr = if v6 { IpAddr::V6(lo.into()) } else { IpAddr::V4((lo as u32).into()) };
+                out.push(Subnet { addr, prefix: (width - bits) as u8 });
+                let size = 1u128 << bits;
+                if hi - lo < size {
+                    break;
+                }
+                lo += size;
+                if lo > hi {
+                    break;
+                }
+            }
+            i = j + 1;
+        }
+    }
+    out
 }
 
 fn sysctl_path(template: &str, dev: &str) -> PathBuf {
@@ -142,8 +206,7 @@ impl Host {
             .ok()
             .and_then(|b| serde_json::from_slice::<HostChanges>(&b).ok())
             .unwrap_or_default();
-        let routes = changes.routes.iter().copied().collect();
-        Host { changes, state_file, routes }
+        Host { changes, state_file }
     }
 
     pub fn adopted(&self) -> bool {
@@ -207,67 +270,60 @@ impl Host {
         Ok(())
     }
 
-    /// Makes the host take these VIPs as its own: a local route each (see
-    /// [`Rtnl::add_local_routes`]), in batches. The record is written first, so a SIGKILL
-    /// between the two cannot leave a route nobody will remove. A route that was already
-    /// there and is not in the record belongs to the operator: it is used, and left in
-    /// place at the end.
-    pub fn add_vips(&mut self, rtnl: &mut Rtnl, lo: u32, addrs: &[IpAddr]) -> Result<(), NetlinkError> {
-        let new: Vec<IpAddr> = addrs.iter().copied().filter(|a| !self.routes.contains(a)).collect();
-        if new.is_empty() {
-            return Ok(());
-        }
-        self.changes.lo = lo;
-        self.changes.routes.extend(&new);
-        self.routes.extend(&new);
-        self.save().map_err(NetlinkError::Io)?;
-        let results = rtnl.add_local_routes(lo, &new)?;
+    /// Makes the host take exactly these VIPs as its own: local routes for their
+    /// [`cover`] (see [`Rtnl::add_local_routes`]); prefixes it held before and no longer
+    /// needs are removed after the new ones are in, so no VIP is ever without a route. The
+    /// record is written first, so a SIGKILL between the two cannot leave a route nobody
+    /// will remove. A route that was already there and is not in the record belongs to the
+    /// operator: it is used, and left in place at the end.
+    pub fn set_vips(&mut self, rtnl: &mut Rtnl, lo: u32, addrs: &[IpAddr]) -> Result<(), NetlinkError> {
+        let want = cover(addrs);
+        let have: HashSet<Subnet> = self.changes.routes.iter().cloned().collect();
+        let new: Vec<Subnet> = want.iter().filter(|s| !have.contains(s)).cloned().collect();
+        let wanted: HashSet<&Subnet> = want.iter().collect();
+        let stale: Vec<Subnet> = self.changes.routes.iter().filter(|s| !wanted.contains(s)).cloned().collect();
         let mut first_err = None;
-        let mut not_ours = HashSet::new();
-        for (a, r) in new.iter().zip(results) {
-            match r {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    tracing::info!(addr = %a, "VIP already a local route; using it and leaving it there");
-                    not_ours.insert(*a);
-                }
-                Err(e) => {
-                    not_ours.insert(*a);
-                    first_err.get_or_insert(NetlinkError::Refused(e));
+        if !new.is_empty() {
+            self.changes.lo = lo;
+            self.changes.routes.extend(new.iter().cloned());
+            self.save().map_err(NetlinkError::Io)?;
+            let results = rtnl.add_local_routes(lo, &new)?;
+            let mut not_ours = HashSet::new();
+            for (p, r) in new.iter().zip(results) {
+                match r {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        tracing::info!(prefix = %p, "VIP route already there; using it and leaving it there");
+                        not_ours.insert(p.clone());
+                    }
+                    Err(e) => {
+                        not_ours.insert(p.clone());
+                        first_err.get_or_insert(NetlinkError::Refused(e));
+                    }
                 }
             }
+            if !not_ours.is_empty() {
+                self.changes.routes.retain(|p| !not_ours.contains(p));
+                let _ = self.save();
+            }
         }
-        if !not_ours.is_empty() {
-            self.changes.routes.retain(|a| !not_ours.contains(a));
-            self.routes.retain(|a| !not_ours.contains(a));
+        if !stale.is_empty() {
+            let gone: HashSet<&Subnet> = stale.iter().collect();
+            self.changes.routes.retain(|p| !gone.contains(p));
             let _ = self.save();
+            rtnl.del_local_routes(self.changes.lo, &stale)?;
+        }
+        // What agents before local routes left: VIP addresses on lo.
+        for a in std::mem::take(&mut self.changes.addresses) {
+            let _ = self.save();
+            rtnl.del_address(a.ifindex, &Subnet { addr: a.addr, prefix: a.prefix })?;
         }
         first_err.map_or(Ok(()), Err)
     }
 
-    /// VIPs this agent holds on the host that are not in `keep` (gone from the config), and
-    /// addresses on `lo` an older agent left.
-    pub fn stale_vips(&self, keep: &HashSet<IpAddr>) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = self.changes.routes.iter().copied().filter(|a| !keep.contains(a)).collect();
-        v.extend(self.changes.addresses.iter().map(|a| a.addr));
-        v
-    }
-
-    pub fn remove_vips(&mut self, rtnl: &mut Rtnl, addrs: &[IpAddr]) -> Result<(), NetlinkError> {
-        let gone: HashSet<IpAddr> = addrs.iter().copied().collect();
-        let old: Vec<AddedAddress> = self.changes.addresses.iter().filter(|a| gone.contains(&a.addr)).cloned().collect();
-        self.changes.addresses.retain(|a| !gone.contains(&a.addr));
-        let ours: Vec<IpAddr> = addrs.iter().copied().filter(|a| self.routes.contains(a)).collect();
-        self.changes.routes.retain(|a| !gone.contains(a));
-        self.routes.retain(|a| !gone.contains(a));
-        let _ = self.save();
-        for a in old {
-            rtnl.del_address(a.ifindex, &Subnet { addr: a.addr, prefix: a.prefix })?;
-        }
-        if !ours.is_empty() {
-            rtnl.del_local_routes(self.changes.lo, &ours)?;
-        }
-        Ok(())
+    /// The local routes the agent holds.
+    pub fn routes(&self) -> &[Subnet] {
+        &self.changes.routes
     }
 
     /// Adds `mac` to (or removes it from) `ifindex`'s unicast filter, recorded.
@@ -294,8 +350,7 @@ impl Host {
                 tracing::debug!(ifindex, error = %e, "unicast filter entry not removed");
             }
         }
-        let routes: Vec<IpAddr> = self.changes.routes.drain(..).collect();
-        self.routes.clear();
+        let routes: Vec<Subnet> = self.changes.routes.drain(..).collect();
         match rtnl.del_local_routes(self.changes.lo, &routes) {
             Ok(results) => {
                 let failed = results.iter().filter(|r| r.as_ref().is_err_and(|e| e.raw_os_error() != Some(libc::ESRCH))).count();
@@ -322,5 +377,50 @@ impl Host {
             }
         }
         let _ = fs::remove_file(&self.state_file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(first: &str, n: u128) -> Vec<IpAddr> {
+        let f: IpAddr = first.parse().unwrap();
+        (0..n)
+            .map(|i| match f {
+                IpAddr::V4(a) => IpAddr::V4(((u32::from(a) as u128 + i) as u32).into()),
+                IpAddr::V6(a) => IpAddr::V6((u128::from(a) + i).into()),
+            })
+            .collect()
+    }
+
+    /// The cover holds every address and nothing else, aligned, and is small.
+    #[test]
+    fn cover_is_exact_and_small() {
+        let show = |v: &[Subnet]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(show(&cover(&ips("192.0.2.10", 1))), ["192.0.2.10/32"]);
+        assert_eq!(show(&cover(&ips("192.0.2.8", 8))), ["192.0.2.8/29"]);
+        assert_eq!(show(&cover(&ips("192.0.2.7", 3))), ["192.0.2.7/32", "192.0.2.8/31"]);
+        assert_eq!(show(&cover(&ips("0.0.0.0", 2))), ["0.0.0.0/31"]);
+        assert_eq!(show(&cover(&ips("255.255.255.254", 2))), ["255.255.255.254/31"]);
+        let mut mixed = ips("10.1.0.1", 50_000);
+        mixed.extend(ips("2001:db8:1::1", 50_000));
+        mixed.extend(ips("10.1.0.1", 10)); // duplicates
+        let c = cover(&mixed);
+        assert!(c.len() <= 2 * 2 * 17, "{} prefixes", c.len());
+        // Exact: every address is in exactly one prefix, and the sizes add up.
+        let total: u128 = c.iter().map(|s| 1u128 << ((if s.is_v6() { 128 } else { 32 }) - s.prefix as u32)).sum();
+        assert_eq!(total, 100_000);
+        for a in mixed.iter().step_by(997) {
+            assert_eq!(c.iter().filter(|s| s.contains(a)).count(), 1, "{a}");
+        }
+        for outside in ["10.1.0.0", "10.1.195.81", "2001:db8:1::", "2001:db8:1::c351"] {
+            let a: IpAddr = outside.parse().unwrap();
+            assert!(!c.iter().any(|s| s.contains(&a)), "{a} covered");
+        }
+        // Gaps split runs.
+        let mut gap = ips("192.0.2.0", 4);
+        gap.remove(2);
+        assert_eq!(show(&cover(&gap)), ["192.0.2.0/31", "192.0.2.3/32"]);
     }
 }

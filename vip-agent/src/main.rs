@@ -214,20 +214,21 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     let (inbox, inbox_rx) = runtime::inbox()?;
     let pin_path = cfg.agent.pin_path.clone();
     let steering = cfg.steering.clone();
-    let addrs = Arc::new(cfg.all_vips.iter().map(|&(t, a)| (a, cfg.vips[t as usize].vlan.unwrap_or(0))).collect());
+    let (specs, pvips) = vip_agent::agent::vip_specs(&cfg);
+    let (specs, pvips) = (Arc::new(specs), Arc::new(pvips));
     let a = &cfg.announce;
     let sent_to = inbox.clone();
     let (ann, announcer) = Announcer::new(
         a.count,
         Duration::from_millis(a.interval_ms),
         a.max_per_second,
-        addrs,
+        specs.clone(),
         Box::new(move |tag, ifindex, at| {
             sent_to.send(Msg::Sent { tag, ifindex, at });
         }),
     );
     runtime::supervised("announcer", inbox.clone(), announcer)?;
-    let mut agent = match Agent::start(cfg, &object, reload, links, ann) {
+    let mut agent = match Agent::start(cfg, &object, reload, links, ann, (specs, pvips)) {
         Ok(a) => a,
         Err(e) => {
             let _ = std::fs::remove_file(&socket_path);

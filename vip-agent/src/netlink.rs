@@ -92,9 +92,28 @@ pub struct Rtnl {
 
 impl Rtnl {
     pub fn open() -> Result<Rtnl> {
+        use std::os::fd::AsRawFd;
         let mut sock = Socket::new(NETLINK_ROUTE)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
+        // Room for a batch's acks; acks without a copy of the request; and never a wait
+        // without end on a reply the kernel did not send.
+        let _ = sock.set_rx_buf_sz(4 << 20);
+        let fd = sock.as_raw_fd();
+        let one: libc::c_int = 1;
+        const SOL_NETLINK: libc::c_int = 270;
+        const NETLINK_CAP_ACK: libc::c_int = 10;
+        let tv = libc::timeval { tv_sec: 10, tv_usec: 0 };
+        unsafe {
+            libc::setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, &one as *const _ as *const libc::c_void, 4);
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                size_of::<libc::timeval>() as u32,
+            );
+        }
         Ok(Rtnl { sock, seq: 1 })
     }
 
@@ -251,15 +270,16 @@ impl Rtnl {
         self.request(RouteNetlinkMessage::DelAddress(m), NLM_F_ACK).map(|_| ())
     }
 
-    /// A route of type `local` for one VIP in the local table, through `lo`: the host takes
-    /// the address as its own (traffic to it is delivered, sockets bind to it, replies
-    /// leave from it) without holding it on an interface. Adding addresses is O(n) each in
-    /// the kernel; these routes are a trie insert. Tagged with [`VIP_ROUTE_PROTOCOL`].
-    fn local_route_msg(lo: u32, addr: IpAddr) -> RouteMessage {
+    /// A route of type `local` for a prefix of VIPs in the local table, through `lo`: the
+    /// host takes its addresses as its own (traffic to them is delivered, sockets bind to
+    /// them, replies leave from them) without holding them on an interface (adding
+    /// addresses is O(n) each in the kernel). Tagged with [`VIP_ROUTE_PROTOCOL`].
+    fn local_route_msg(lo: u32, p: &Subnet) -> RouteMessage {
         let mut m = RouteMessage::default();
-        let (family, prefix, dst) = match addr {
-            IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
-            IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+        let prefix = p.prefix;
+        let (family, dst) = match p.addr {
+            IpAddr::V4(a) => (AddressFamily::Inet, RouteAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, RouteAddress::Inet6(a)),
         };
         m.header.address_family = family;
         m.header.destination_prefix_length = prefix;
@@ -272,16 +292,16 @@ impl Rtnl {
         m
     }
 
-    /// Adds a local route for each VIP (batched: thousands of messages per send). One
-    /// result per address; EEXIST comes back as an error for the caller to judge.
-    pub fn add_local_routes(&mut self, lo: u32, addrs: &[IpAddr]) -> Result<Vec<std::result::Result<(), io::Error>>> {
-        let msgs = addrs.iter().map(|a| RouteNetlinkMessage::NewRoute(Self::local_route_msg(lo, *a))).collect();
+    /// Adds a local route for each prefix (batched: many messages per send). One result
+    /// per prefix; EEXIST comes back as an error for the caller to judge.
+    pub fn add_local_routes(&mut self, lo: u32, prefixes: &[Subnet]) -> Result<Vec<std::result::Result<(), io::Error>>> {
+        let msgs = prefixes.iter().map(|p| RouteNetlinkMessage::NewRoute(Self::local_route_msg(lo, p))).collect();
         self.batch(msgs, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
     }
 
-    /// Removes the local routes of these VIPs (batched). One result per address.
-    pub fn del_local_routes(&mut self, lo: u32, addrs: &[IpAddr]) -> Result<Vec<std::result::Result<(), io::Error>>> {
-        let msgs = addrs.iter().map(|a| RouteNetlinkMessage::DelRoute(Self::local_route_msg(lo, *a))).collect();
+    /// Removes these local routes (batched). One result per prefix.
+    pub fn del_local_routes(&mut self, lo: u32, prefixes: &[Subnet]) -> Result<Vec<std::result::Result<(), io::Error>>> {
+        let msgs = prefixes.iter().map(|p| RouteNetlinkMessage::DelRoute(Self::local_route_msg(lo, p))).collect();
         self.batch(msgs, NLM_F_ACK)
     }
 
@@ -308,10 +328,39 @@ impl Rtnl {
         }
     }
 
+    /// Forgets the neighbour entries of `ifindex` that are still resolving or have failed
+    /// (both families), so the next packet to each asks again at once instead of after the
+    /// kernel's retransmit time (a second). Returns how many went.
+    pub fn flush_unresolved(&mut self, ifindex: u32) -> Result<usize> {
+        let mut n = 0;
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = NeighbourMessage::default();
+            req.header.family = family;
+            req.header.ifindex = ifindex;
+            req.attributes.push(NeighbourAttribute::IfIndex(ifindex));
+            let replies = self.request(RouteNetlinkMessage::GetNeighbour(req), NLM_F_DUMP)?;
+            for m in replies {
+                let RouteNetlinkMessage::NewNeighbour(nb) = m else { continue };
+                if nb.header.ifindex != ifindex || !matches!(nb.header.state, NeighbourState::Incomplete | NeighbourState::Failed) {
+                    continue;
+                }
+                let mut del = NeighbourMessage::default();
+                del.header = nb.header.clone();
+                del.attributes = nb.attributes.iter().filter(|a| matches!(a, NeighbourAttribute::Destination(_))).cloned().collect();
+                if self.request(RouteNetlinkMessage::DelNeighbour(del), NLM_F_ACK).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Sends many requests, each acked, a chunk at a time; returns each one's result in
     /// order. Only a socket failure fails the whole batch.
     fn batch(&mut self, msgs: Vec<RouteNetlinkMessage>, flags: u16) -> Result<Vec<std::result::Result<(), io::Error>>> {
-        const CHUNK_BYTES: usize = 60 * 1024;
+        // Small enough that every ack fits the receive buffer (an ack is a whole skb).
+        const CHUNK_BYTES: usize = 16 * 1024;
+        const CHUNK_MSGS: usize = 256;
         let mut results: Vec<Option<std::result::Result<(), io::Error>>> = (0..msgs.len()).map(|_| None).collect();
         let base = self.seq.wrapping_add(1);
         self.seq = self.seq.wrapping_add(msgs.len() as u32 + 1);
@@ -327,7 +376,7 @@ impl Rtnl {
                 let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msgs[i].clone()));
                 req.finalize();
                 let n = req.buffer_len();
-                if !buf.is_empty() && buf.len() + n > CHUNK_BYTES {
+                if !buf.is_empty() && (buf.len() + n > CHUNK_BYTES || i - first >= CHUNK_MSGS) {
                     break;
                 }
                 let at = buf.len();

@@ -116,6 +116,9 @@ pub fn event_loop(mut agent: Agent, inbox: InboxRx, mut ring: Option<aya::maps::
             match agent.links.try_recv() {
                 Ok(Some((at, evs))) => {
                     for ev in &evs {
+                        agent.urgent(ev);
+                    }
+                    for ev in &evs {
                         agent.on_event(ev, at);
                     }
                 }
@@ -167,7 +170,12 @@ pub fn event_loop(mut agent: Agent, inbox: InboxRx, mut ring: Option<aya::maps::
                 agent.on_straggler(e);
             }
         }
-        // 5. Sleep until something happens.
+        // 5. Idle: prepare the decisions a carrier change would need.
+        agent.prepare();
+        if !agent.deferred.is_empty() {
+            continue;
+        }
+        // 6. Sleep until something happens.
         let mut fds = vec![
             libc::pollfd { fd: link_fd, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: inbox.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 },

@@ -120,15 +120,16 @@ pub struct VipStatus {
     /// Adapters answering for it right now (healthy and allowed).
     pub answering: Vec<String>,
     /// Adapters it was moved to because all of its own are down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taken_over_by: Vec<String>,
     /// ARP replies / NAs sent for it by the data plane (all adapters).
     pub answers: u64,
     /// all, primary or spread
     #[serde(default)]
     pub mode: String,
-    /// Spread mode: buckets (shares of the client hash) per adapter.
+    /// Its placement group (an index into `groups`, which has its spread buckets).
     #[serde(default)]
-    pub buckets: Vec<(String, u32)>,
+    pub group: Option<u32>,
 }
 
 /// VIPs placed alike (a run of one placement class): how placement sees them.
@@ -331,8 +332,9 @@ impl Status {
                 let addr = if v.vlan != 0 { format!("{} vlan {}", v.address, v.vlan) } else { v.address.clone() };
                 let answering = if v.answering.is_empty() { "-".to_string() } else { v.answering.join(",") };
                 let _ = writeln!(o, "{addr:<26} {:<9} {:<8} {answering:<24} {}", v.state, v.mode, v.answers);
-                if !v.buckets.is_empty() {
-                    let b: Vec<String> = v.buckets.iter().map(|(a, n)| format!("{a}:{n}")).collect();
+                let buckets = v.group.and_then(|g| self.groups.get(g as usize)).map(|g| &g.buckets[..]).unwrap_or(&[]);
+                if !buckets.is_empty() {
+                    let b: Vec<String> = buckets.iter().map(|(a, n)| format!("{a}:{n}")).collect();
                     let _ = writeln!(o, "{:<26} spread buckets {}", "", b.join(" "));
                 }
             }
@@ -487,122 +489,172 @@ fn bucket_counts(r: &Run, names: &[String]) -> Vec<(String, u32)> {
     names.iter().zip(n).filter(|(_, c)| *c > 0).map(|(a, c)| (a.clone(), c)).collect()
 }
 
-/// The status a reader shows: the snapshot, per VIP and per group, with the data plane's
-/// counters read through `counters` (never through the event loop).
-pub fn build(s: Snapshot, counters: &Counters) -> Status {
-    let names: Vec<String> = s.adapters.iter().map(|a| a.name.clone()).collect();
-    let names_of = |m: u64| -> Vec<String> { slots(m).filter_map(|x| names.get(x as usize).cloned()).collect() };
-    let up = s.assignment.up;
-    // Per run: what its VIPs share.
-    let mut groups = vec![];
-    // Per run: (answering, taken over by, bucket counts).
-    type RunView = (Vec<String>, Vec<String>, Vec<(String, u32)>);
-    let mut per_run: Vec<Vec<RunView>> = vec![];
-    for (c, class) in s.classes.list.iter().enumerate() {
+/// What the status of every VIP is made from: the groups, and per run what its VIPs
+/// share (answering adapters, takers).
+struct View<'a> {
+    s: &'a Snapshot,
+    counters: &'a Counters,
+    groups: Vec<GroupStatus>,
+    /// Per class, per run: (group index, answering, taken over by).
+    runs: Vec<Vec<(u32, Vec<String>, Vec<String>)>>,
+}
+
+impl<'a> View<'a> {
+    fn new(s: &'a Snapshot, counters: &'a Counters) -> View<'a> {
+        let names: Vec<String> = s.adapters.iter().map(|a| a.name.clone()).collect();
+        let names_of = |m: u64| -> Vec<String> { slots(m).filter_map(|x| names.get(x as usize).cloned()).collect() };
+        let up = s.assignment.up;
+        let mut groups = vec![];
         let mut runs = vec![];
-        for r in s.assignment.classes.get(c).map(|p| &p.runs[..]).unwrap_or(&[]) {
-            let answering = names_of(r.allowed & up);
-            let away = if r.away { names_of(r.allowed) } else { vec![] };
-            let buckets = bucket_counts(r, &names);
-            if r.len > 0 {
-                let first = s.vips[class.members[r.start as usize] as usize].addr.to_string();
-                let last = s.vips[class.members[r.end() as usize - 1] as usize].addr.to_string();
-                groups.push(GroupStatus {
-                    first,
-                    last,
-                    count: r.len,
-                    vlan: class.key.vlan,
-                    mode: class.key.mode.name().into(),
-                    adapters: class.key.homes.iter().filter_map(|&h| names.get(h as usize).cloned()).collect(),
-                    answering: answering.clone(),
-                    away: r.away,
-                    stranded: r.stranded,
-                    buckets: buckets.clone(),
-                });
+        for (c, class) in s.classes.list.iter().enumerate() {
+            let mut rs = vec![];
+            for r in s.assignment.classes.get(c).map(|p| &p.runs[..]).unwrap_or(&[]) {
+                let answering = names_of(r.allowed & up);
+                let away = if r.away { names_of(r.allowed) } else { vec![] };
+                if r.len > 0 {
+                    groups.push(GroupStatus {
+                        first: s.vips[class.members[r.start as usize] as usize].addr.to_string(),
+                        last: s.vips[class.members[r.end() as usize - 1] as usize].addr.to_string(),
+                        count: r.len,
+                        vlan: class.key.vlan,
+                        mode: class.key.mode.name().into(),
+                        adapters: class.key.homes.iter().filter_map(|&h| names.get(h as usize).cloned()).collect(),
+                        answering: answering.clone(),
+                        away: r.away,
+                        stranded: r.stranded,
+                        buckets: bucket_counts(r, &names),
+                    });
+                }
+                rs.push((groups.len() as u32 - 1, answering, away));
             }
-            runs.push((answering, away, buckets));
+            runs.push(rs);
         }
-        per_run.push(runs);
+        View { s, counters, groups, runs }
     }
-    let vips = s
-        .vips
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let p = &s.pvips[i];
-            let placed = s.classes.of_vip.get(i).filter(|(c, _)| *c != u32::MAX).and_then(|&(c, pos)| {
-                let run = s.assignment.classes.get(c as usize)?.runs.iter().position(|r| r.start <= pos && pos < r.end())?;
-                per_run.get(c as usize)?.get(run)
-            });
-            let active = s.active.get(i).copied().unwrap_or(false);
-            VipStatus {
-                address: v.addr.to_string(),
-                vlan: v.vlan,
-                id: i as u32,
-                state: if active { "active" } else { "refused" }.into(),
-                failover: p.failover,
-                answering: placed.map(|x| x.0.clone()).unwrap_or_default(),
-                taken_over_by: placed.map(|x| x.1.clone()).unwrap_or_default(),
-                answers: counters.answers(i as u32),
-                mode: p.mode.name().into(),
-                buckets: placed.map(|x| x.2.clone()).unwrap_or_default(),
-            }
-        })
-        .collect();
-    let mut adapters = s.adapters;
-    for a in &mut adapters {
-        let t = counters.traffic(a.slot);
-        (a.rx_packets, a.tx_packets, a.answers) = (t.rx_packets, t.tx_packets, t.answers);
+
+    fn vip(&self, i: usize) -> VipStatus {
+        let s = self.s;
+        let (v, p) = (&s.vips[i], &s.pvips[i]);
+        let placed = s.classes.of_vip.get(i).filter(|(c, _)| *c != u32::MAX).and_then(|&(c, pos)| {
+            let run = s.assignment.classes.get(c as usize)?.runs.iter().position(|r| r.start <= pos && pos < r.end())?;
+            self.runs.get(c as usize)?.get(run)
+        });
+        let active = s.active.get(i).copied().unwrap_or(false);
+        VipStatus {
+            address: v.addr.to_string(),
+            vlan: v.vlan,
+            id: i as u32,
+            state: if active { "active" } else { "refused" }.into(),
+            failover: p.failover,
+            answering: placed.map(|x| x.1.clone()).unwrap_or_default(),
+            taken_over_by: placed.map(|x| x.2.clone()).unwrap_or_default(),
+            answers: self.counters.answers(i as u32),
+            mode: p.mode.name().into(),
+            group: placed.map(|x| x.0),
+        }
     }
-    let by_ifindex: std::collections::HashMap<u32, String> =
-        adapters.iter().filter_map(|a| Some((a.ifindex?, a.name.clone()))).collect();
-    let now = monotonic_ns();
-    let clients = s
-        .clients
-        .recent
-        .iter()
-        .map(|(k, f)| ClientStatus {
-            vip: flow_vip(k).to_string(),
-            vlan: k.vlan,
-            client: flow_client(k).to_string(),
-            mac: vip_packet::mac_str(&f.mac),
-            adapter: by_ifindex.get(&f.ifindex).cloned().unwrap_or_else(|| format!("ifindex {}", f.ifindex)),
-            idle_s: now.saturating_sub(f.seen_ns) as f64 / 1e9,
-            packets: f.packets,
-            bytes: f.bytes,
-        })
-        .collect();
-    Status {
-        config: s.config,
-        pin_path: s.pin_path,
-        started: s.started,
-        adopted: s.adopted,
-        adapters,
-        vips,
-        groups,
-        failovers: s.failovers,
-        refusals: s.refusals,
-        decisions: vip_common::decision::NAMES.iter().zip(counters.decisions()).map(|(n, v)| (n.to_string(), v)).collect(),
-        announcements_sent: s.announcements_sent,
-        announcements_queued: s.announcements_queued,
-        announcements_dropped: s.announcements_dropped,
-        maps_written: s.maps_written,
-        first_announcement: s.first_announcement,
-        clients,
-        clients_total: s.clients.total,
-        egress: vip_common::egress::NAMES.iter().zip(counters.egress()).map(|(n, v)| (n.to_string(), v)).collect(),
-        clients_moved: s.clients_moved,
-        corrections_sent: s.corrections_sent,
-        virtual_servers: s
-            .vservers
+
+    /// Everything but the VIPs (`vips` left empty).
+    fn head(&self) -> Status {
+        let s = self.s;
+        let counters = self.counters;
+        let mut adapters = s.adapters.clone();
+        for a in &mut adapters {
+            let t = counters.traffic(a.slot);
+            (a.rx_packets, a.tx_packets, a.answers) = (t.rx_packets, t.tx_packets, t.answers);
+        }
+        let by_ifindex: std::collections::HashMap<u32, String> =
+            adapters.iter().filter_map(|a| Some((a.ifindex?, a.name.clone()))).collect();
+        let now = monotonic_ns();
+        let clients = s
+            .clients
+            .recent
             .iter()
-            .enumerate()
-            .map(|(i, (name, interface, vips))| VserverStatus {
-                name: name.clone(),
-                interface: interface.clone(),
-                mac: counters.vserver_mac(i as u32).map(|m| vip_packet::mac_str(&m)),
-                vips: vips.iter().map(|&x| s.vips[x].addr.to_string()).collect(),
+            .map(|(k, f)| ClientStatus {
+                vip: flow_vip(k).to_string(),
+                vlan: k.vlan,
+                client: flow_client(k).to_string(),
+                mac: vip_packet::mac_str(&f.mac),
+                adapter: by_ifindex.get(&f.ifindex).cloned().unwrap_or_else(|| format!("ifindex {}", f.ifindex)),
+                idle_s: now.saturating_sub(f.seen_ns) as f64 / 1e9,
+                packets: f.packets,
+                bytes: f.bytes,
             })
-            .collect(),
+            .collect();
+        Status {
+            config: s.config.clone(),
+            pin_path: s.pin_path.clone(),
+            started: s.started,
+            adopted: s.adopted,
+            adapters,
+            vips: vec![],
+            groups: self.groups.clone(),
+            failovers: s.failovers.clone(),
+            refusals: s.refusals.clone(),
+            decisions: vip_common::decision::NAMES.iter().zip(counters.decisions()).map(|(n, v)| (n.to_string(), v)).collect(),
+            announcements_sent: s.announcements_sent,
+            announcements_queued: s.announcements_queued,
+            announcements_dropped: s.announcements_dropped,
+            maps_written: s.maps_written.clone(),
+            first_announcement: s.first_announcement.clone(),
+            clients,
+            clients_total: s.clients.total,
+            egress: vip_common::egress::NAMES.iter().zip(counters.egress()).map(|(n, v)| (n.to_string(), v)).collect(),
+            clients_moved: s.clients_moved,
+            corrections_sent: s.corrections_sent,
+            virtual_servers: s
+                .vservers
+                .iter()
+                .enumerate()
+                .map(|(i, (name, interface, vips))| VserverStatus {
+                    name: name.clone(),
+                    interface: interface.clone(),
+                    mac: counters.vserver_mac(i as u32).map(|m| vip_packet::mac_str(&m)),
+                    vips: vips.iter().map(|&x| s.vips[x].addr.to_string()).collect(),
+                })
+                .collect(),
+        }
     }
+}
+
+/// The status a reader shows: the snapshot with the data plane's counters, read through
+/// `counters` (never through the event loop). With `vips` false the per-VIP list is left
+/// out (the metrics of a large agent do without it).
+pub fn build(s: Snapshot, counters: &Counters, vips: bool) -> Status {
+    let view = View::new(&s, counters);
+    let mut st = view.head();
+    if vips {
+        st.vips = (0..s.vips.len()).map(|i| view.vip(i)).collect();
+    }
+    st
+}
+
+/// Writes the status as JSON to `w`, building each VIP's entry as it goes: 100,000 VIPs
+/// never sit in memory as a document.
+pub fn write_json(s: &Snapshot, counters: &Counters, w: impl std::io::Write) -> serde_json::Result<()> {
+    use serde::ser::{SerializeMap, SerializeSeq};
+    struct Vips<'a, 'b>(&'b View<'a>);
+    impl serde::Serialize for Vips<'_, '_> {
+        fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            let n = self.0.s.vips.len();
+            let mut seq = ser.serialize_seq(Some(n))?;
+            for i in 0..n {
+                seq.serialize_element(&self.0.vip(i))?;
+            }
+            seq.end()
+        }
+    }
+    let view = View::new(s, counters);
+    let head = serde_json::to_value(view.head())?;
+    let serde_json::Value::Object(fields) = head else { unreachable!("a status is an object") };
+    let mut ser = serde_json::Serializer::new(std::io::BufWriter::with_capacity(1 << 16, w));
+    let mut map = serde::Serializer::serialize_map(&mut ser, Some(fields.len()))?;
+    for (k, v) in &fields {
+        if k == "vips" {
+            map.serialize_entry(k, &Vips(&view))?;
+        } else {
+            map.serialize_entry(k, v)?;
+        }
+    }
+    SerializeMap::end(map)
 }

@@ -188,7 +188,11 @@ pub fn mac_moved(a: &AdapterInfo) -> bool {
 
 /// Where a VIP's frame to a client in the table leaves: the client's adapter while it is
 /// up, else (its MAC moved) its heir; with the MAC to send from and the slot to count.
-/// `moved` says which. None: the client's adapter is down with no MAC move.
+/// `moved` says which. None: the client's adapter is down with no MAC move. Through the
+/// heir a frame leaves from the heir's own MAC: frames from the moved MAC on the heir's
+/// port would keep teaching the switch that port, racing the adapter's own frames when it
+/// returns (the agent keeps the switch's entry for the moved MAC fresh with learning
+/// frames instead, and clients do not look at the source MAC of IP traffic).
 pub struct ReplyPath {
     pub out: u32,
     pub mac: [u8; 6],
@@ -205,7 +209,7 @@ pub fn reply_path(flow: &vip_common::FlowInfo) -> Option<ReplyPath> {
     if target.state == ADAPTER_DOWN && target.heir != 0 && mac_moved(&target) {
         let heir = adapter(target.heir)?;
         if heir.state == vip_common::ADAPTER_UP {
-            return Some(ReplyPath { out: target.heir, mac: target.mac, slot: heir.slot, moved: true });
+            return Some(ReplyPath { out: target.heir, mac: heir.mac, slot: heir.slot, moved: true });
         }
     }
     None

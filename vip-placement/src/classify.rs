@@ -72,7 +72,7 @@ pub fn key_of(v: &Vip, adapters: &[Adapter]) -> ClassKey {
         }
     }
     ClassKey {
-        homes: v.homes.clone(),
+        homes: v.homes.to_vec(),
         mode: v.mode,
         failover: v.failover,
         rebalance: v.rebalance,

@@ -103,8 +103,8 @@ pub struct Vip {
     pub addr: IpAddr,
     /// 0: untagged.
     pub vlan: u16,
-    /// Its own adapters, in order of preference.
-    pub homes: Vec<Slot>,
+    /// Its own adapters, in order of preference (shared by the VIPs of one range).
+    pub homes: Arc<[Slot]>,
     pub mode: Mode,
     /// Taken over by other adapters when none of its own is up.
     pub failover: bool,

@@ -206,7 +206,7 @@ fn parse(file: &str, text: &str) -> Result<Scn, String> {
                     if vip_of.insert(addr, scn.vips.len() as u32).is_some() {
                         return err(file, n, format!("{addr} twice"));
                     }
-                    scn.vips.push(Vip { addr, vlan, homes: homes.clone(), mode, failover, rebalance });
+                    scn.vips.push(Vip { addr, vlan, homes: homes.clone().into(), mode, failover, rebalance });
                 }
             }
             "expect" => {

@@ -75,6 +75,14 @@ enum Bench {
         #[arg(long)]
         quick: bool,
     },
+    /// 1,000, 10,000 and 100,000 VIPs on one agent: start-up, memory (agent and BPF maps),
+    /// event to maps written over 60 cable pulls, clients' outage, status time; a table and
+    /// a plot (docs/scale.svg).
+    Scale {
+        /// Fewer pulls and sizes, for a quick look (the docs are not rewritten).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -355,6 +363,17 @@ fn bench(which: Bench) -> Result<()> {
             cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "steering"]);
             if quick {
                 cmd.arg("--quick");
+            } else {
+                cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            sh(cmd.current_dir(workspace_root()).env("VIP_EBPF_OBJECT", &obj).env("VIP_AGENT_BIN", &agent))
+        }
+        Bench::Scale { quick } => {
+            let agent = build_agent(true)?;
+            let mut cmd = Command::new("cargo");
+            cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "scale"]);
+            if quick {
+                cmd.args(["--sizes", "1000,10000", "--pulls", "5"]);
             } else {
                 cmd.args(["--write", "docs/benchmarks.md"]);
             }

@@ -55,6 +55,17 @@ enum Which {
         #[arg(long)]
         write: Option<String>,
     },
+    Scale {
+        /// VIP counts, one agent each, in one run.
+        #[arg(long, value_delimiter = ',', default_values_t = [3, 1_000, 10_000, 100_000])]
+        sizes: Vec<usize>,
+        /// Cable pulls per size (after the first, 1 s after ready).
+        #[arg(long, default_value_t = 60)]
+        pulls: usize,
+        /// Write the report into this Markdown file (its `scale` section) and the plot beside it.
+        #[arg(long)]
+        write: Option<String>,
+    },
 }
 
 fn main() {
@@ -65,6 +76,22 @@ fn main() {
             println!("{report}");
             if let Some(path) = write {
                 write_section(&path, "steering", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+                println!("written to {path}");
+            }
+            return;
+        }
+        Which::Scale { sizes, pulls, write } => {
+            let object = std::fs::read(vip_tests::object_path()).expect("reading the XDP object");
+            let results: Vec<_> = sizes.iter().map(|&n| {
+                let r = vip_tests::scale::measure(n, pulls, &object);
+                eprintln!("{n} VIPs: start-up {:?}, RSS {} KiB, maps {} bytes", r.startup, r.rss_kib, r.map_bytes);
+                r
+            }).collect();
+            let maps = results.last().map(|r| r.maps.clone()).unwrap_or_default();
+            let report = vip_tests::scale::report(&results, write.as_deref(), &maps);
+            println!("{report}");
+            if let Some(path) = write {
+                write_section(&path, "scale", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
                 println!("written to {path}");
             }
             return;

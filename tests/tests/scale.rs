@@ -1,0 +1,78 @@
+//! Many VIPs on one agent, as an operator would run them: 20,000 VIPs (half IPv4, half
+//! IPv6) in the default configuration. The agent must never be blind to its links: a
+//! cable pulled within a second of "agent up" is acted on at once, and a sample of VIPs
+//! spread over both ranges answers again through a survivor.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use vip_tests::{
+    probe::{realtime_ns, EchoServer, Prober},
+    root_or_skip,
+    scale::{failovers, recovery, sample, status_time, Port, ScaleLab, ECHO_PORT},
+};
+
+const VIPS: usize = 20_000;
+
+#[test]
+fn twenty_thousand_vips_pull_within_a_second_of_ready() {
+    if !root_or_skip("twenty_thousand_vips_pull_within_a_second_of_ready") {
+        return;
+    }
+    let object = std::fs::read(vip_tests::object_path()).expect("object");
+    let sl = ScaleLab::new(VIPS, &object, true);
+    let _echo = EchoServer::start(&sl.lab.node, ECHO_PORT).expect("echo");
+    let (agent, startup) = sl.start();
+    let ready = Instant::now();
+    eprintln!("{VIPS} VIPs up in {startup:?}");
+    let vips = sample(VIPS, 6);
+    let used = sl.used_adapters(&vips);
+    let sw = sl.lab.switch.as_ref().unwrap();
+    let mut ports: Vec<Port> = used.iter().map(|&j| Port::new(sw, &sl.lab.adapters[j].peer)).collect();
+    let probers: Vec<Prober> = vips
+        .iter()
+        .map(|v| Prober::start(&sl.lab.clients[0].ns, SocketAddr::new(*v, ECHO_PORT), Duration::from_millis(1)).unwrap())
+        .collect();
+    // Within a second of ready: the agent has just put 20,000 VIPs in place.
+    let since = ready.elapsed();
+    assert!(since < Duration::from_secs(1), "resolving the sample took {since:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let (pulled, pulled_real) = (Instant::now(), realtime_ns());
+    for p in &mut ports {
+        p.set(false);
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    let plugged = Instant::now();
+    for p in &mut ports {
+        p.set(true);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let recs: Vec<_> = probers.into_iter().map(|p| p.stop()).collect();
+    // The agent saw and handled each pull at once (its own clock, from its log).
+    let log = agent.log_text();
+    let downs: Vec<_> = failovers(&log).into_iter().filter(|f| f.0 == "down").collect();
+    assert_eq!(downs.len(), used.len(), "failovers logged: {downs:?}");
+    for (_, event_ns, dataplane_ns, maps_ns) in &downs {
+        let seen = event_ns.saturating_sub(pulled_real);
+        eprintln!("pull seen after {seen} ns; data plane {dataplane_ns} ns, maps {maps_ns} ns");
+        assert!(seen < 50_000_000, "the pull was seen {seen} ns late (blind watcher)");
+        assert!(*maps_ns < 50_000_000, "maps written {maps_ns} ns after the event");
+    }
+    // Every sampled VIP answered again, through a survivor, within the bound.
+    for (v, r) in vips.iter().zip(&recs) {
+        let (first, gap) = recovery(r, pulled, plugged);
+        let first = first.unwrap_or_else(|| panic!("{v} never answered while its adapter was out"));
+        eprintln!("{v}: first reply {first:?} after the pull, longest silence {gap:?}");
+        assert!(gap < Duration::from_millis(100), "{v} silent for {gap:?}");
+    }
+    // The operator's view: status answers with every VIP, and quickly enough to use.
+    let (took, bytes) = status_time(&sl.files.socket);
+    eprintln!("status --json: {took:?}, {bytes} bytes");
+    let st = agent.status();
+    assert_eq!(st.vips.len(), VIPS);
+    assert_eq!(st.vips.iter().filter(|v| v.state == "active").count(), VIPS);
+    assert!(st.groups.len() <= 4, "{} groups for two ranges", st.groups.len());
+    assert!(agent.stop().success());
+}
