@@ -10,15 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vip_agent::netlink::Rtnl;
-
 use crate::{
     agentproc::{AgentFiles, AgentProc},
     bench::{dist, Dist},
     keepalived::{VrrpLab, KEEPALIVED_MIN_ADVERT_INT},
-    netns::NetNs,
     probe::{realtime_ns, EchoServer, Probe, Prober, WireWatch},
-    topo::{Lab, VIP4, VIP6},
+    topo::{Lab, Port, VIP4, VIP6},
 };
 
 const PORT: u16 = 7007;
@@ -47,22 +44,6 @@ fn outage_in(recs: &[Probe], from: Instant, to: Instant) -> Option<Duration> {
     std::iter::once(start).chain(rx[after..].iter().copied()).collect::<Vec<_>>().windows(2).map(|w| w[1] - w[0]).max()
 }
 
-/// Sets a switch port down or up from inside the switch namespace.
-struct Port {
-    rtnl: Rtnl,
-    ifindex: u32,
-}
-
-impl Port {
-    fn new(sw: &NetNs, name: &str) -> Port {
-        let ifindex = sw.ifindex(name);
-        Port { rtnl: sw.run(|| Rtnl::open().expect("netlink")), ifindex }
-    }
-    fn set(&mut self, up: bool) {
-        self.rtnl.set_link_up(self.ifindex, up).expect("set link");
-    }
-}
-
 pub fn vip(pulls: usize, object: &[u8]) -> Samples {
     let lab = Lab::bridged(3, 1);
     let mut peers = vip_agent::dataplane::Dataplane::load(object).expect("load");
@@ -71,9 +52,11 @@ pub fn vip(pulls: usize, object: &[u8]) -> Samples {
     files.write(
         "",
         &format!(
-            "[announce]\ncount = 1\n[probe]\nenabled = false\n{}[[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n\
-             [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n",
-            lab.adapter_tables()
+            // Seed 001 as written (every survivor announces), like keepalived's GARPs: the
+            // defaults (spread, MAC move: nothing to announce) are in `bench scale`.
+            "[announce]\ncount = 1\n[probe]\nenabled = false\n{}[[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"all\"\n\
+             [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"all\"\n",
+            lab.adapter_tables_with("move_mac = false\n")
         ),
     );
     let agent = AgentProc::start(&lab.node, &files, &[]);

@@ -9,13 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vip_agent::netlink::Rtnl;
-
 use crate::{
     agentproc::{AgentFiles, AgentProc},
-    netns::NetNs,
     probe::{realtime_ns, EchoServer, Probe, Prober},
-    topo::{neigh_mac, poke, Lab},
+    topo::{neigh_mac, poke, Lab, Port},
 };
 
 pub const ECHO_PORT: u16 = 7009;
@@ -38,22 +35,6 @@ pub fn sample(n: usize, k: usize) -> Vec<IpAddr> {
         out.push(IpAddr::V6((u128::from(V6_FIRST) + (i * n6 / k.min(n6)) as u128).into()));
     }
     out
-}
-
-/// Sets a switch port down or up from inside the switch namespace, without forking `ip`.
-pub struct Port {
-    rtnl: Rtnl,
-    ifindex: u32,
-}
-
-impl Port {
-    pub fn new(sw: &NetNs, name: &str) -> Port {
-        let ifindex = sw.ifindex(name);
-        Port { rtnl: sw.run(|| Rtnl::open().expect("netlink")), ifindex }
-    }
-    pub fn set(&mut self, up: bool) {
-        self.rtnl.set_link_up(self.ifindex, up).expect("set link");
-    }
 }
 
 /// The lab and its agent's files for `n` VIPs (the agent not started yet).
@@ -134,15 +115,22 @@ impl ScaleLab {
     }
 }
 
-/// Failover lines of the agent's JSON log: (kind, event unix ns, dataplane ns, maps ns).
-pub fn failovers(log: &str) -> Vec<(String, u64, u64, u64)> {
+/// Failover lines of the agent's JSON log: (kind, event unix ns, data plane ns, maps ns,
+/// decision prepared ahead).
+pub fn failovers(log: &str) -> Vec<(String, u64, u64, u64, bool)> {
     log.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["message"] == "failover")
         .map(|v| {
             let f = &v["fields"];
             let n = |k: &str| f[k].as_u64().unwrap_or(0);
-            (f["kind"].as_str().unwrap_or("").to_string(), n("event_unix_ns"), n("dataplane_ns"), n("maps_written_ns"))
+            (
+                f["kind"].as_str().unwrap_or("").to_string(),
+                n("event_unix_ns"),
+                n("dataplane_ns"),
+                n("maps_written_ns"),
+                f["prepared"].as_bool().unwrap_or(false),
+            )
         })
         .collect()
 }
@@ -235,6 +223,8 @@ pub struct Sized {
     pub pulls: usize,
     /// Failovers expected (a pulled adapter) and not in the agent's log.
     pub missed: usize,
+    /// Failovers on a pull whose decision was prepared ahead, of all logged.
+    pub prepared: (usize, usize),
     /// The agent's maps (name, type, entries, bytes).
     pub maps: Vec<(String, String, u64, u64)>,
 }
@@ -328,6 +318,7 @@ pub fn measure(n: usize, pulls: usize, object: &[u8]) -> Sized {
         first_pull_handled,
         dataplane_ns: downs.iter().map(|f| f.2 as f64).collect(),
         maps_ns: downs.iter().map(|f| f.3 as f64).collect(),
+        prepared: (downs.iter().filter(|f| f.4).count(), downs.len()),
         outage_ns,
         return_ns,
         status,
@@ -447,7 +438,12 @@ pub fn report(results: &[Sized], write: Option<&str>, maps: &[(String, String, u
     }
     let big = results.iter().max_by_key(|x| x.n);
     let missed: usize = results.iter().map(|x| x.missed).sum();
-    r += &format!("\nFailovers logged for the pulls: all but {missed}.\n");
+    r += &format!("\nFailovers logged for the pulls: all but {missed}. ");
+    let (p, all) = results.iter().fold((0, 0), |(p, a), x| (p + x.prepared.0, a + x.prepared.1));
+    r += &format!(
+        "Decisions prepared ahead (a pull takes the ports of every adapter the clients use down \
+         within microseconds: the first change and the next were prepared): {p} of {all}.\n"
+    );
     if let Some(x) = big {
         let mw = dist(x.maps_ns.clone());
         let out = dist(x.outage_ns.clone());

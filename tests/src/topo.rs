@@ -216,3 +216,21 @@ pub fn wait_neigh(c: &Client, ip: IpAddr, what: &str, timeout: Duration, ok: imp
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Sets a switch port down or up from inside the switch namespace over netlink (no `ip`
+/// process in a measurement).
+pub struct Port {
+    rtnl: vip_agent::netlink::Rtnl,
+    ifindex: u32,
+}
+
+impl Port {
+    pub fn new(sw: &NetNs, name: &str) -> Port {
+        let ifindex = sw.ifindex(name);
+        Port { rtnl: sw.run(|| vip_agent::netlink::Rtnl::open().expect("netlink")), ifindex }
+    }
+
+    pub fn set(&mut self, up: bool) {
+        self.rtnl.set_link_up(self.ifindex, up).expect("set link");
+    }
+}

@@ -182,6 +182,8 @@ pub struct Agent {
     /// When [`Agent::urgent`] last marked an adapter down (the failover record's
     /// "data plane stopped answering" time).
     pub(crate) stopped_at: Option<(usize, Instant)>,
+    /// Times the host watcher re-read addresses and routes (its own count).
+    pub host_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A decision made ahead: the assignment, its diff from the one in force, its refusals,
@@ -192,7 +194,23 @@ pub(crate) struct Ready {
     diff: placement::Diff,
     refusals: Vec<placement::Refusal>,
     plan: Option<Vec<Write>>,
+    /// Per adapter: the decision if it changes state next (empty when not prepared).
+    then: Vec<Option<Ready>>,
 }
+
+/// When a failover's steps happened, and whether its decision was prepared ahead.
+struct Timing {
+    /// The netlink event received.
+    at: Instant,
+    /// The adapter's entry written.
+    dp_at: Instant,
+    maps_at: Instant,
+    prepared: bool,
+}
+
+/// Prepared pairs of changes are skipped above this many placements' worth of classes
+/// (adapters x (adapters - 1) x classes): 3 adapters with 2,730 classes, 8 with 292.
+const PREPARED_PAIRS_BUDGET: usize = 16_384;
 
 /// One map write of a prepared decision.
 pub(crate) enum Write {
@@ -470,6 +488,7 @@ impl Agent {
             version: 0,
             prepared: None,
             stopped_at: None,
+            host_reads: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         if let Err(e) = agent.bring_up(&nh.links, reload) {
             // A restarted agent that fails leaves the previous agent's pins alone so
@@ -746,38 +765,55 @@ impl Agent {
     /// Prepares, in an idle moment, the decision that would follow each adapter changing
     /// state (up to down, or down to up), so that a carrier event only has to apply a
     /// ready diff: the placement core's work never sits between a failure and the maps.
-    /// Looks at link events between adapters; anything that happens meanwhile makes what
-    /// was prepared stale, and the next idle moment prepares again.
+    /// On small nodes it also prepares every second change after the first (a switch
+    /// taking two ports down at once sends two events microseconds apart). Looks at link
+    /// events between adapters; anything that happens meanwhile makes what was prepared
+    /// stale, and the next idle moment prepares again.
     pub fn prepare(&mut self) {
         if self.stopping || self.prepared.as_ref().is_some_and(|p| p.version == self.version) {
             return;
         }
         let version = self.version;
-        let mut flips = Vec::with_capacity(self.adapters.len());
-        for i in 0..self.adapters.len() {
-            let prepared = match self.adapters[i].health {
-                h if h != Health::Missing && self.adapters[i].ifindex.is_some() => {
-                    self.padapters[i].up = !self.padapters[i].up;
-                    let d = placement::place(&placement::Input {
-                        nodes: &self.nodes,
-                        adapters: &self.padapters,
-                        classes: &self.classes,
-                        previous: &self.assignment,
-                    });
-                    let diff = placement::diff(&self.assignment, &d.assignment);
-                    let plan = self.plan(&diff);
-                    self.padapters[i].up = !self.padapters[i].up;
-                    Some(Ready { next: Arc::new(d.assignment), diff, refusals: d.refusals, plan })
-                }
-                _ => None,
-            };
-            flips.push(prepared);
+        let n = self.adapters.len();
+        // Pairs cost A x (A - 1) placements: only while that stays a small amount of work.
+        let depth = usize::from(n * n.saturating_sub(1) * self.classes.list.len().max(1) <= PREPARED_PAIRS_BUDGET);
+        let current = self.assignment.clone();
+        let mut flips = Vec::with_capacity(n);
+        for i in 0..n {
+            flips.push(self.flippable(i).then(|| self.ready_after(i, &current, depth)));
             self.preempt();
             if !self.deferred.is_empty() {
                 return;
             }
         }
         self.prepared = Some(Prepared { version, flips });
+    }
+
+    fn flippable(&self, i: usize) -> bool {
+        self.adapters[i].health != Health::Missing && self.adapters[i].ifindex.is_some()
+    }
+
+    /// The decision after adapter `i` changes state from `previous` (and, `depth` more
+    /// levels down, after each other adapter changes next).
+    fn ready_after(&mut self, i: usize, previous: &Assignment, depth: usize) -> Ready {
+        self.padapters[i].up = !self.padapters[i].up;
+        let d = placement::place(&placement::Input {
+            nodes: &self.nodes,
+            adapters: &self.padapters,
+            classes: &self.classes,
+            previous,
+        });
+        let diff = placement::diff(previous, &d.assignment);
+        let plan = self.plan(&diff);
+        // A decision that re-lays runs changes the policies a next plan would name.
+        let then = match (&plan, depth) {
+            (Some(_), 1..) => (0..self.adapters.len())
+                .map(|j| (j != i && self.flippable(j)).then(|| self.ready_after(j, &d.assignment, depth - 1)))
+                .collect(),
+            _ => vec![],
+        };
+        self.padapters[i].up = !self.padapters[i].up;
+        Ready { next: Arc::new(d.assignment), diff, refusals: d.refusals, plan, then }
     }
 
     /// The writes a diff makes, if it needs no new policy and re-points no VIP. Adapter
@@ -814,7 +850,20 @@ impl Agent {
     /// writes, a few stores to shared memory, or the applier for the rare decision that
     /// re-lays runs.
     fn apply_ready(&mut self, r: Ready) -> (placement::Diff, Instant) {
-        match &r.plan {
+        let Ready { next, diff, refusals, plan, then } = r;
+        // Debug builds (the ones the namespace tests run) check that what was prepared
+        // is what would be decided now.
+        #[cfg(debug_assertions)]
+        {
+            let now = placement::place(&placement::Input {
+                nodes: &self.nodes,
+                adapters: &self.padapters,
+                classes: &self.classes,
+                previous: &self.assignment,
+            });
+            assert!(now.assignment == *next, "a prepared decision differs from the decision made now");
+        }
+        match &plan {
             Some(plan) => {
                 for w in plan {
                     let done = match w {
@@ -829,13 +878,17 @@ impl Agent {
                     }
                 }
             }
-            None => self.apply_maps(&r.diff, &r.next),
+            None => self.apply_maps(&diff, &next),
         }
         let at = Instant::now();
-        self.assignment = r.next;
+        self.assignment = next;
         self.version += 1;
-        self.report_refusals(&r.refusals);
-        (r.diff, at)
+        // The next change, if prepared, is ready too.
+        if plan.is_some() && !then.is_empty() {
+            self.prepared = Some(Prepared { version: self.version, flips: then });
+        }
+        self.report_refusals(&refusals);
+        (diff, at)
     }
 
     /// Says the refusals that are new since the last decision (once per change).
@@ -917,6 +970,7 @@ impl Agent {
             }
         };
         let carried = self.answered_on(i);
+        let prepared = ready.is_some();
         let (df, maps_at) = match ready {
             Some(r) => self.apply_ready(r),
             None => self.decide(),
@@ -926,7 +980,7 @@ impl Agent {
         }
         let tag = self.new_tag(at);
         self.after_decision(&df, tag, maps_at);
-        self.record(i, kind, at, dp_at, maps_at, tag, carried);
+        self.record(i, kind, Timing { at, dp_at, maps_at, prepared }, tag, carried);
     }
 
     /// The adapter is back (after up_delay): answer there again, bring home what was
@@ -938,6 +992,7 @@ impl Agent {
             tracing::error!(adapter = %self.adapters[i].name, error = %e, "adapter map write failed");
         }
         let dp_at = Instant::now();
+        let prepared = ready.is_some();
         let (df, maps_at) = match ready {
             Some(r) => self.apply_ready(r),
             None => self.decide(),
@@ -946,7 +1001,7 @@ impl Agent {
         self.after_decision(&df, tag, maps_at);
         self.refresh_neighbours(i);
         let n = self.answered_on(i);
-        self.record(i, "up", at, dp_at, maps_at, tag, n);
+        self.record(i, "up", Timing { at, dp_at, maps_at, prepared }, tag, n);
     }
 
     /// What follows a decision once the maps are written: MACs that move, announcements,
@@ -1086,8 +1141,8 @@ impl Agent {
         self.dp.take_events()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn record(&mut self, i: usize, kind: &str, at: Instant, dp_at: Instant, maps_at: Instant, tag: u64, vips: usize) {
+    fn record(&mut self, i: usize, kind: &str, t: Timing, tag: u64, vips: usize) {
+        let Timing { at, dp_at, maps_at, prepared } = t;
         let maps_ns = maps_at.saturating_duration_since(at).as_nanos() as u64;
         let dp_ns = dp_at.saturating_duration_since(at).as_nanos() as u64;
         self.hist_maps.observe(maps_ns);
@@ -1099,6 +1154,7 @@ impl Agent {
             event_unix_ns,
             dataplane_ns = dp_ns,
             maps_written_ns = maps_ns,
+            prepared,
             "failover"
         );
         self.failovers.push_back(FailoverStatus {
@@ -1108,6 +1164,7 @@ impl Agent {
             vips,
             dataplane_ns: dp_ns,
             maps_written_ns: maps_ns,
+            prepared,
             first_announcement_ns: None,
             announced_from: vec![],
             tag: Some(tag),

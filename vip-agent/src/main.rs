@@ -107,7 +107,7 @@ fn main() -> ExitCode {
             };
             match cfg.validate_host(&host) {
                 Ok(()) => {
-                    println!("{}: ok ({} adapters, {} VIPs)", config.display(), cfg.adapters.len(), cfg.vips.len());
+                    println!("{}: ok ({} adapters, {} VIPs)", config.display(), cfg.adapters.len(), cfg.all_vips.len());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -250,9 +250,18 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
         let (padapters, pvips, active) = agent.placement_inputs();
         let subnets = padapters.iter().map(|a| a.subnets.clone()).collect();
         let inbox2 = inbox.clone();
-        runtime::supervised("host-watcher", inbox.clone(), move || {
-            runtime::host_watcher(host_events, inbox2, names, subnets, padapters, pvips, active)
-        })?;
+        let reads = agent.host_reads.clone();
+        let watch = runtime::HostWatch {
+            events: host_events,
+            reads,
+            inbox: inbox2,
+            names,
+            last: subnets,
+            adapters: padapters,
+            vips: pvips,
+            active,
+        };
+        runtime::supervised("host-watcher", inbox.clone(), move || runtime::host_watcher(watch))?;
         let (counters, inbox2) = (counters.clone(), inbox.clone());
         let slots = agent.cfg().adapters.len();
         let every = Duration::from_millis(steering.load_interval_ms);

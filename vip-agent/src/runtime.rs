@@ -212,17 +212,24 @@ where
     Ok(())
 }
 
-/// The host watcher (see the module doc). `names`: the adapters' names; `last`: their
-/// takeover subnets as the agent started with.
-pub fn host_watcher(
-    mut events: HostEvents,
-    inbox: Inbox,
-    names: Vec<String>,
-    mut last: Vec<Vec<Subnet>>,
-    mut adapters: Vec<vip_placement::Adapter>,
-    vips: Arc<Vec<vip_placement::Vip>>,
-    active: Arc<Vec<bool>>,
-) {
+/// What the host watcher works with.
+pub struct HostWatch {
+    pub events: HostEvents,
+    /// Counts its re-reads (for status).
+    pub reads: Arc<std::sync::atomic::AtomicU64>,
+    pub inbox: Inbox,
+    /// The adapters' names, and their takeover subnets as the agent started with.
+    pub names: Vec<String>,
+    pub last: Vec<Vec<Subnet>>,
+    /// What classification needs.
+    pub adapters: Vec<vip_placement::Adapter>,
+    pub vips: Arc<Vec<vip_placement::Vip>>,
+    pub active: Arc<Vec<bool>>,
+}
+
+/// The host watcher (see the module doc).
+pub fn host_watcher(w: HostWatch) {
+    let HostWatch { mut events, reads, inbox, names, mut last, mut adapters, vips, active } = w;
     let mut rtnl = match Rtnl::open() {
         Ok(r) => r,
         Err(e) => {
@@ -242,6 +249,7 @@ pub fn host_watcher(
         // The rest of a burst (an address and its routes) comes within a few ms.
         std::thread::sleep(Duration::from_millis(20));
         let _ = events.drain();
+        reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nh = match NetlinkHost::read(&mut rtnl) {
             Ok(nh) => nh,
             Err(e) => {

@@ -164,6 +164,9 @@ pub struct FailoverStatus {
     /// Netlink event received to the adapter's entry written (it stops answering).
     #[serde(default)]
     pub dataplane_ns: u64,
+    /// The decision was prepared ahead (the event only applied it).
+    #[serde(default)]
+    pub prepared: bool,
     /// Netlink event received to the first announcement sent; none if nothing to announce.
     pub first_announcement_ns: Option<u64>,
     pub announced_from: Vec<String>,
@@ -226,6 +229,10 @@ pub struct Status {
     pub corrections_sent: u64,
     #[serde(default)]
     pub virtual_servers: Vec<VserverStatus>,
+    /// Times the agent re-read the host's addresses and routes after a change (its own
+    /// VIP routes never cause one).
+    #[serde(default)]
+    pub host_reads: u64,
 }
 
 /// Clients listed in a status (the total is always given).
@@ -369,11 +376,12 @@ impl Status {
                 let ann = f.first_announcement_ns.map_or("-".into(), |n| format!("{:.1}µs", n as f64 / 1e3));
                 let _ = writeln!(
                     o,
-                    "{:<16} {:<8} {:>3} VIPs  maps {:.1}µs  announce {ann}  from {}",
+                    "{:<16} {:<8} {:>3} VIPs  maps {:.1}µs{}  announce {ann}  from {}",
                     f.adapter,
                     f.kind,
                     f.vips,
                     f.maps_written_ns as f64 / 1e3,
+                    if f.prepared { " (prepared)" } else { "" },
                     if f.announced_from.is_empty() { "-".into() } else { f.announced_from.join(",") }
                 );
             }
@@ -414,6 +422,7 @@ pub struct Snapshot {
     pub corrections_sent: u64,
     /// (name, interface, VIP indexes).
     pub vservers: Vec<(String, String, Vec<usize>)>,
+    pub host_reads: u64,
 }
 
 impl Agent {
@@ -474,6 +483,7 @@ impl Agent {
             clients_moved: self.clients_moved,
             corrections_sent: self.corrections_sent,
             vservers: self.vservers.iter().map(|v| (v.name.clone(), v.interface.clone(), v.vips.clone())).collect(),
+            host_reads: self.host_reads.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -489,6 +499,8 @@ fn bucket_counts(r: &Run, names: &[String]) -> Vec<(String, u32)> {
     names.iter().zip(n).filter(|(_, c)| *c > 0).map(|(a, c)| (a.clone(), c)).collect()
 }
 
+type RunNames = (u32, Vec<String>, Vec<String>);
+
 /// What the status of every VIP is made from: the groups, and per run what its VIPs
 /// share (answering adapters, takers).
 struct View<'a> {
@@ -496,7 +508,7 @@ struct View<'a> {
     counters: &'a Counters,
     groups: Vec<GroupStatus>,
     /// Per class, per run: (group index, answering, taken over by).
-    runs: Vec<Vec<(u32, Vec<String>, Vec<String>)>>,
+    runs: Vec<Vec<RunNames>>,
 }
 
 impl<'a> View<'a> {
@@ -613,6 +625,7 @@ impl<'a> View<'a> {
                     vips: vips.iter().map(|&x| s.vips[x].addr.to_string()).collect(),
                 })
                 .collect(),
+            host_reads: s.host_reads,
         }
     }
 }
