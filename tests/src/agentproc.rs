@@ -129,7 +129,7 @@ impl AgentProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&files.log).expect("log");
         let mut cmd = Command::new(agent_bin());
         cmd.args(["run", "--config"]).arg(&files.config).args(["--netns", &ns.name]).args(extra);
-        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").stdout(Stdio::null()).stderr(log);
+        cmd.env("RUST_LOG", std::env::var("VIP_TEST_LOG").unwrap_or_else(|_| "info".into())).env("NO_COLOR", "1").stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().expect("spawning vip-agent");
         AgentProc { child, socket: files.socket.clone(), log: files.log.clone() }
     }
@@ -166,7 +166,7 @@ impl AgentProc {
         }
     }
 
-    fn signal(&self, sig: i32) {
+    pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 

@@ -2,6 +2,7 @@
 //! veth topologies, raw packet sockets, and loading the built XDP object.
 pub mod agentproc;
 pub mod bench;
+pub mod cluster;
 pub mod failover;
 pub mod fixtures;
 pub mod netns;

@@ -444,3 +444,100 @@ fn recv_stamped(fd: &OwnedFd, buf: &mut [u8]) -> Option<(usize, u64)> {
     // Without a kernel stamp (should not happen), the user-space time is the best left.
     Some((n as usize, at.unwrap_or_else(realtime_ns)))
 }
+
+/// One answer for a VIP seen on a client's wire: an ARP reply (to our requests or to
+/// anyone's) or a gratuitous ARP, with its kernel receive time and the MAC it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub at_ns: u64,
+    pub mac: Mac,
+    pub gratuitous: bool,
+}
+
+/// Asks for an IPv4 VIP every `interval` from a client (broadcast ARP requests) and records
+/// every answer for it on that client's wire: who answers the VIP, over time. Two nodes
+/// answering one VIP show up here as answers from both within one interval, or as the old
+/// owner answering again after the new one started.
+pub struct ArpWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Answer>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ArpWatch {
+    pub fn start(ns: &NetNs, iface: &str, mac: Mac, ip: Ipv4Addr, vip: Ipv4Addr, interval: Duration) -> io::Result<ArpWatch> {
+        let rx = ns.run(|| open_stamped(iface))?;
+        let tx = ns.run(|| open_stamped(iface))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(vec![]));
+        let (st, sn) = (stop.clone(), seen.clone());
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::Relaxed) {
+                let Some((n, at_ns)) = recv_stamped(&rx, &mut buf) else { continue };
+                let Some(a) = parse_arp(&buf[..n]) else { continue };
+                if a.spa != vip {
+                    continue;
+                }
+                let gratuitous = a.spa == a.tpa;
+                if a.op == 2 || gratuitous {
+                    sn.lock().unwrap().push(Answer { at_ns, mac: a.sha, gratuitous });
+                }
+            }
+        });
+        let st = stop.clone();
+        let frame = vip_packet::Arp::request(mac, ip, vip).to_bytes();
+        let sender = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                unsafe { libc::send(tx.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+                std::thread::sleep(interval);
+            }
+        });
+        Ok(ArpWatch { stop, seen, threads: vec![reader, sender] })
+    }
+
+    pub fn seen(&self) -> Vec<Answer> {
+        let mut v = self.seen.lock().unwrap().clone();
+        v.sort_by_key(|a| a.at_ns);
+        v
+    }
+
+    /// The first answer at or after `t` (realtime ns) from a MAC that `pick` accepts.
+    pub fn first_from(&self, t: u64, pick: impl Fn(Mac) -> bool) -> Option<Answer> {
+        self.seen().into_iter().find(|a| a.at_ns >= t && pick(a.mac))
+    }
+}
+
+impl Drop for ArpWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Moments two owners answered one VIP, from a capture: answers from two different owners
+/// (as `owner` maps a MAC) closer together than `interval`, and any owner answering again
+/// after another one had started answering. Returns a description of each.
+pub fn overlaps(answers: &[Answer], interval: Duration, owner: impl Fn(Mac) -> Option<usize>) -> Vec<String> {
+    let mut out = vec![];
+    let mut order: Vec<usize> = vec![];
+    let mut last: Option<(u64, usize)> = None;
+    for a in answers {
+        let Some(o) = owner(a.mac) else { continue };
+        if let Some((t, p)) = last {
+            if p != o && a.at_ns.saturating_sub(t) < interval.as_nanos() as u64 {
+                out.push(format!("owners {p} and {o} answered {} µs apart", (a.at_ns - t) / 1000));
+            }
+        }
+        if order.last() != Some(&o) {
+            if order.contains(&o) {
+                out.push(format!("owner {o} answered again at {} after {:?} took over", a.at_ns, order.last()));
+            }
+            order.push(o);
+        }
+        last = Some((a.at_ns, o));
+    }
+    out
+}

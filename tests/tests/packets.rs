@@ -256,3 +256,49 @@ fn steering_rows() {
     assert_eq!(d, "passed_not_for_us");
     let _ = arrival_mac;
 }
+
+/// A cluster VIP (`VIP_CLUSTER`) is answered only while the node's deadline in `FENCE`
+/// lies ahead; past it, requests and traffic for it are dropped (neither the program nor
+/// the kernel answers), each counted as `dropped_fenced`. Other VIPs never look at it.
+#[test]
+fn a_cluster_vip_is_answered_only_before_its_deadline() {
+    if !root_or_skip("a_cluster_vip_is_answered_only_before_its_deadline") {
+        return;
+    }
+    const XDP_DROP: u32 = 1;
+    let mut env = TableEnv::new();
+    let boot = || vip_cluster::node::boot_ns();
+    let reqs: Vec<Vec<u8>> = valid_requests().into_iter().map(|r| r.1).collect();
+    let mut frames = reqs.clone();
+    frames.push(vip_tests::fixtures::ipv4_to(vip_tests::fixtures::arrival_mac(Arrival::Up), vip_tests::topo::VIP4));
+    let run_all = |env: &TableEnv| -> Vec<u32> { env.within(|env| frames.iter().map(|f| env.run(f, Arrival::Up).action).collect()) };
+    // A node's own VIPs: the deadline does not matter.
+    env.dp.set_fence(0);
+    assert!(env.within(|env| reqs.iter().all(|r| env.run(r, Arrival::Up).action == XDP_TX)));
+    for (id, key) in vip_tests::fixtures::hosted().into_iter().enumerate() {
+        env.dp.set_vip(key, vip_common::VipInfo { policy: 0, id: id as u32, flags: vip_common::VIP_CLUSTER, _pad: 0 }).unwrap();
+    }
+    let cases: [(&str, u64, bool); 3] = [
+        ("no deadline", 0, false),
+        ("deadline 10 s ahead", boot() + 10_000_000_000, true),
+        ("deadline passed", boot().saturating_sub(1_000_000), false),
+    ];
+    for (what, until, answers) in cases {
+        env.dp.set_fence(until);
+        let before = env.dp.decisions().unwrap();
+        let actions = run_all(&env);
+        let after = env.dp.decisions().unwrap();
+        let dropped = after[decision::DROPPED_FENCED as usize] - before[decision::DROPPED_FENCED as usize];
+        if answers {
+            assert!(actions[..reqs.len()].iter().all(|&a| a == XDP_TX), "{what}: {actions:?}");
+            assert_eq!(actions[reqs.len()], XDP_PASS, "{what}: traffic to the VIP is the kernel's");
+            assert_eq!(dropped, 0, "{what}");
+        } else {
+            assert!(actions.iter().all(|&a| a == XDP_DROP), "{what}: {actions:?}");
+            assert_eq!(dropped, frames.len() as u64, "{what}: one dropped_fenced per frame");
+        }
+    }
+    for (id, key) in vip_tests::fixtures::hosted().into_iter().enumerate() {
+        env.dp.set_vip(key, vip_common::VipInfo { policy: 0, id: id as u32, flags: 0, _pad: 0 }).unwrap();
+    }
+}

@@ -184,6 +184,10 @@ pub struct Agent {
     pub(crate) stopped_at: Option<(usize, Instant)>,
     /// Times the host watcher re-read addresses and routes (its own count).
     pub host_reads: Arc<std::sync::atomic::AtomicU64>,
+    /// The VIPs as the host watcher classifies them.
+    pub(crate) vipset: crate::runtime::VipSet,
+    /// The cluster, when configured.
+    pub(crate) cluster: Option<crate::cluster::ClusterRt>,
 }
 
 /// A decision made ahead: the assignment, its diff from the one in force, its refusals,
@@ -350,6 +354,8 @@ pub fn vip_specs(cfg: &Config) -> (Vec<VipSpec>, Vec<placement::Vip>) {
             mode: v.mode,
             failover: v.failover,
             rebalance: v.rebalance,
+            stay: false,
+            takers: None,
         });
     }
     (specs, pvips)
@@ -489,6 +495,8 @@ impl Agent {
             prepared: None,
             stopped_at: None,
             host_reads: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            vipset: Arc::default(),
+            cluster: None,
         };
         if let Err(e) = agent.bring_up(&nh.links, reload) {
             // A restarted agent that fails leaves the previous agent's pins alone so
@@ -567,6 +575,7 @@ impl Agent {
             .collect();
         let keep: Vec<IpAddr> = keep.into_iter().collect();
         self.host.set_vips(&mut self.rtnl, self.lo, &keep)?;
+        self.publish_vips();
         self.discover_vservers();
         // Start-up's transient allocations (probe lists, map dumps, the classification)
         // go back to the system instead of staying in the process's resident set.
@@ -1199,6 +1208,7 @@ impl Agent {
             }
             self.timers.pop();
             self.on_timer(&timer);
+            self.sync_cluster();
         }
     }
 
@@ -1277,6 +1287,8 @@ impl Agent {
             // Followed by the host watcher, on a socket of its own.
             LinkEvent::Addresses => {}
         }
+        // After the maps: the cluster learns which ports this node has left.
+        self.sync_cluster();
     }
 
     /// The adapter's device went away or was renamed: forget it (its attachment went
@@ -1428,17 +1440,37 @@ impl Agent {
         &self.cfg
     }
 
-    /// What the host watcher classifies with: the adapters, the VIPs, which are active.
-    pub fn placement_inputs(&self) -> (Vec<placement::Adapter>, Arc<Vec<placement::Vip>>, Arc<Vec<bool>>) {
-        (self.padapters.clone(), self.pvips.clone(), self.active.clone())
+    /// What the host watcher classifies with: the adapters, and the VIPs (shared: they
+    /// change with the cluster's definitions and with what this node holds).
+    pub fn placement_inputs(&self) -> (Vec<placement::Adapter>, crate::runtime::VipSet) {
+        (self.padapters.clone(), self.vipset.clone())
+    }
+
+    /// Hands the host watcher the VIP set in force, with a new generation.
+    pub(crate) fn publish_vips(&mut self) {
+        let mut g = match self.vipset.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = (g.0 + 1, self.pvips.clone(), self.active.clone());
     }
 
     /// The host watcher classified the VIPs anew (the adapters' subnets changed).
-    pub fn on_reclassified(&mut self, subnets: Vec<Vec<Subnet>>, classes: Arc<Classes>) {
+    pub fn on_reclassified(&mut self, subnets: Vec<Vec<Subnet>>, classes: Arc<Classes>, generation: u64) {
         if self.stopping {
             return;
         }
-        self.reclassify(Some((subnets, classes)));
+        let current = self.vipset.lock().map_or_else(|p| p.into_inner().0, |g| g.0);
+        if generation == current {
+            self.reclassify(Some((subnets, classes)));
+        } else {
+            // Classified for a VIP set that has changed since: classify here.
+            for (a, s) in self.padapters.iter_mut().zip(subnets) {
+                a.subnets = s;
+            }
+            self.reclassify(None);
+        }
+        self.sync_cluster();
     }
 
     /// A previous agent left everything in place and this one took it over.

@@ -91,6 +91,9 @@ pub type Addresses = Arc<Vec<crate::agent::VipSpec>>;
 
 /// What the event loop asks of the announcer.
 pub enum Job {
+    /// The VIP list changed (the cluster's definitions): announcements queued for the old
+    /// list are dropped, later jobs index the new one.
+    Addresses(Addresses),
     /// Opens the sending socket of an adapter (again, if it was re-created).
     AddAdapter {
         ifindex: u32,
@@ -323,6 +326,14 @@ impl Worker {
 
     fn take(&mut self, job: Job, now: Instant) {
         match job {
+            Job::Addresses(a) => {
+                self.addrs = a;
+                for l in self.lanes.values_mut() {
+                    l.heap.clear();
+                    l.entries.clear();
+                    l.runs.clear();
+                }
+            }
             Job::AddAdapter { ifindex } => match PacketSocket::open(ifindex, false) {
                 Ok(sock) => {
                     let lane = Lane {

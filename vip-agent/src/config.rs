@@ -129,9 +129,38 @@ pub struct VirtualServerConfig {
     pub interface_line: usize,
 }
 
+/// `[cluster]`: this node's part in a cluster (issue 11). Cluster-wide definitions (the
+/// cluster's VIPs) live in etcd, written by `vip-agent cluster apply`.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The cluster's name: its keys live under `/vip/<name>/` in etcd.
+    pub name: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    pub role: vip_cluster::records::Role,
+    /// etcd client URLs (`http://host:2379`, or `https://` with `ca`).
+    pub endpoints: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Peer heartbeats: how often, and on which UDP port.
+    pub heartbeat_ms: u64,
+    pub port: u16,
+    /// A peer silent this long is suspected.
+    pub suspect_ms: u64,
+    /// How long a majority's acks (or one etcd read) keep this node answering.
+    pub fence_ms: u64,
+    /// The node's etcd lease: the backstop when nothing else can tell.
+    pub lease_ttl_s: u64,
+    /// Every etcd request gives up after this long.
+    pub request_timeout_ms: u64,
+    pub line: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    pub cluster: Option<ClusterConfig>,
     pub agent: AgentConfig,
     pub announce: AnnounceConfig,
     pub probe: ProbeConfig,
@@ -229,7 +258,24 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-const ROOT_KEYS: &[&str] = &["agent", "announce", "probe", "steering", "adapter", "vip", "virtual_server"];
+const ROOT_KEYS: &[&str] = &["agent", "announce", "probe", "steering", "adapter", "vip", "virtual_server", "cluster"];
+const CLUSTER_KEYS: &[&str] = &[
+    "name",
+    "node",
+    "role",
+    "endpoints",
+    "ca",
+    "cert",
+    "key",
+    "heartbeat_ms",
+    "port",
+    "suspect_ms",
+    "fence_ms",
+    "lease_ttl_s",
+    "request_timeout_ms",
+];
+const DEFS_ROOT_KEYS: &[&str] = &["vip"];
+const DEF_VIP_KEYS: &[&str] = &["address", "count", "node", "adapters", "vlan", "failover", "mode", "rebalance"];
 const VSERVER_KEYS: &[&str] = &["name", "interface", "vips"];
 const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_interval_ms", "load_interval_ms"];
 const AGENT_KEYS: &[&str] =
@@ -310,8 +356,10 @@ impl Config {
             load_interval_ms: cx.opt(&t, "load_interval_ms", int(10, 60_000)).unwrap_or(d.load_interval_ms),
         };
 
+        let cluster = cx.cluster(&root);
         let (adapters, adapter_tables) = cx.adapters(&root);
-        let (vips, all_vips) = cx.vips(&root, &adapters);
+        // A cluster node may hold only the cluster's VIPs.
+        let (vips, all_vips) = if cluster.is_some() && root.get("vip").is_none() { (vec![], vec![]) } else { cx.vips(&root, &adapters) };
         for (i, (a, t)) in adapters.iter().zip(&adapter_tables).enumerate() {
             let Some(max) = a.max_vips else { continue };
             let used: u64 = vips.iter().filter(|v| v.adapters.contains(&i)).map(|v| v.count as u64).sum();
@@ -325,7 +373,7 @@ impl Config {
         let virtual_servers = cx.virtual_servers(&root, &adapters, &vips, &all_vips);
 
         cx.into_errors()?;
-        Ok(Config { path: path.into(), agent, announce, probe, steering, adapters, vips, all_vips, virtual_servers })
+        Ok(Config { path: path.into(), cluster, agent, announce, probe, steering, adapters, vips, all_vips, virtual_servers })
     }
 
     pub fn validate_host(&self, host: &dyn HostView) -> Result<(), ConfigErrors> {
@@ -419,6 +467,8 @@ impl Config {
                     mode: v.mode,
                     failover: v.failover,
                     rebalance: v.rebalance,
+                    stay: false,
+                    takers: None,
                 }
             })
             .collect();
@@ -776,6 +826,145 @@ impl<'a> Cx<'a> {
         out
     }
 
+    /// The optional `[cluster]` table.
+    fn cluster(&mut self, root: &Tbl) -> Option<ClusterConfig> {
+        root.get("cluster")?;
+        let t = self.section(root, "cluster", CLUSTER_KEYS);
+        t.t?;
+        let name = self.req(&t, "name", cluster_name);
+        let node = self.req(&t, "node", cluster_name);
+        let role = self.opt(&t, "role", |v| match string(v)?.as_str() {
+            "active" => Ok(vip_cluster::records::Role::Active),
+            "standby" => Ok(vip_cluster::records::Role::Standby),
+            s => Err(format!("{s:?} is not one of active, standby")),
+        });
+        let mut endpoints = vec![];
+        if self.require(&t, "endpoints") && t.get("endpoints").and_then(|v| v.get_ref().as_array()).is_some_and(|a| a.is_empty()) {
+            self.err(self.key_line(&t, "endpoints"), t.key("endpoints"), "must name at least one etcd endpoint");
+        }
+        self.each(&t, "endpoints", |v| {
+            let u = string(v)?;
+            let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+            let ok = rest.is_some_and(|r| {
+                let hostport = r.trim_end_matches('/');
+                hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+            });
+            if !ok {
+                return Err(format!("{u:?} is not an etcd client URL such as \"http://192.0.2.1:2379\""));
+            }
+            endpoints.push(u);
+            Ok(())
+        });
+        let ca = self.opt(&t, "ca", path_value);
+        let cert = self.opt(&t, "cert", path_value);
+        let key = self.opt(&t, "key", path_value);
+        if cert.is_some() != key.is_some() {
+            let which = if cert.is_some() { "key" } else { "cert" };
+            self.err(t.line, t.key(which), "cert and key go together (this node's client certificate and its key)");
+        }
+        if endpoints.iter().any(|e| e.starts_with("https://")) && ca.is_none() {
+            self.err(self.key_line(&t, "endpoints"), t.key("ca"), "https endpoints need ca (the CA that signed etcd's certificates)");
+        }
+        let heartbeat_ms = self.opt(&t, "heartbeat_ms", int(1, 1000)).unwrap_or(10);
+        let suspect_ms = self.opt(&t, "suspect_ms", int(2, 60_000)).unwrap_or(100);
+        let fence_ms = self.opt(&t, "fence_ms", int(1, 60_000)).unwrap_or(80);
+        let timing = vip_cluster::peers::Timing { suspect_ns: suspect_ms * 1_000_000, fence_ns: fence_ms * 1_000_000 };
+        if let Err(m) = timing.check() {
+            self.err(self.key_line(&t, "suspect_ms"), t.key("suspect_ms"), m);
+        }
+        if suspect_ms < 3 * heartbeat_ms {
+            let m = format!("must be at least 3 heartbeats ({} ms): a peer is suspected only after several are missed", 3 * heartbeat_ms);
+            self.err(self.key_line(&t, "suspect_ms"), t.key("suspect_ms"), m);
+        }
+        if fence_ms < 2 * heartbeat_ms {
+            let m = format!("must be at least 2 heartbeats ({} ms), or the deadline lapses between two acks", 2 * heartbeat_ms);
+            self.err(self.key_line(&t, "fence_ms"), t.key("fence_ms"), m);
+        }
+        Some(ClusterConfig {
+            name: name.unwrap_or_default(),
+            node: node.unwrap_or_default(),
+            role: role.unwrap_or_default(),
+            endpoints,
+            ca,
+            cert,
+            key,
+            heartbeat_ms,
+            port: self.opt(&t, "port", int(1, 65535)).unwrap_or(7946),
+            suspect_ms,
+            fence_ms,
+            lease_ttl_s: self.opt(&t, "lease_ttl_s", int(1, 3600)).unwrap_or(2),
+            request_timeout_ms: self.opt(&t, "request_timeout_ms", int(10, 60_000)).unwrap_or(1000),
+            line: t.line,
+        })
+    }
+
+    /// The `[[vip]]` tables of a cluster definitions file.
+    fn defs(&mut self, root: &Tbl) -> Vec<vip_cluster::records::GroupDef> {
+        use vip_cluster::records::{GroupDef, Mode};
+        let tables = self.tables(root, "vip", DEF_VIP_KEYS);
+        let mut out = Vec::<(GroupDef, usize)>::new();
+        let mut seen = HashMap::<(IpAddr, u16), usize>::new();
+        let mut total = 0u64;
+        for t in &tables {
+            let address = self.req(t, "address", |v| vip_address(&string(v)?));
+            let address_line = self.key_line(t, "address");
+            let vlan: Option<u16> = self.opt(t, "vlan", int(1, 4094));
+            let count: u32 = self.opt(t, "count", int(1, MAX_VIPS.into())).unwrap_or(1);
+            total += count as u64;
+            let addrs = match &address {
+                Some(a) => range(a, count).unwrap_or_else(|m| {
+                    self.err(self.key_line(t, "count"), t.key("count"), m);
+                    vec![]
+                }),
+                None => vec![],
+            };
+            for &addr in &addrs {
+                if let Some(&line) = seen.get(&(addr, vlan.unwrap_or(0))) {
+                    self.err(address_line, t.key("address"), format!("{addr} is already defined at line {line}"));
+                    break;
+                }
+                seen.insert((addr, vlan.unwrap_or(0)), address_line);
+            }
+            let node = self.opt(t, "node", cluster_name);
+            let mut adapters = vec![];
+            self.each(t, "adapters", |v| {
+                let n = string(v)?;
+                check_ifname(&n)?;
+                if adapters.contains(&n) {
+                    return Err(format!("{n} is listed twice"));
+                }
+                adapters.push(n);
+                Ok(())
+            });
+            let mode = self.opt(t, "mode", vip_mode).unwrap_or_default();
+            let rebalance = self.opt(t, "rebalance", boolean).unwrap_or(false);
+            if let Some(a) = address {
+                out.push((
+                    GroupDef {
+                        address: a.addr,
+                        prefix: a.prefix,
+                        count,
+                        vlan: vlan.unwrap_or(0),
+                        mode: match mode {
+                            VipMode::All => Mode::All,
+                            VipMode::Primary => Mode::Primary,
+                            VipMode::Spread => Mode::Spread,
+                        },
+                        node,
+                        adapters,
+                        failover: self.opt(t, "failover", boolean).unwrap_or(true),
+                        rebalance,
+                    },
+                    t.line,
+                ));
+            }
+        }
+        if total > MAX_VIPS as u64 {
+            self.err(1, "vip", format!("{total} VIPs in all, more than {MAX_VIPS}, the data plane's limit"));
+        }
+        out.into_iter().map(|(g, _)| g).collect()
+    }
+
     /// Feeds each element of array `name` to `f`, reporting the ones it refuses.
     fn each(&mut self, t: &Tbl, name: &str, mut f: impl FnMut(&DeValue) -> Result<(), String>) {
         let Some(v) = t.get(name) else { return };
@@ -936,6 +1125,37 @@ fn range(net: &Subnet, count: u32) -> Result<Vec<IpAddr>, String> {
         }
     };
     Ok(out)
+}
+
+/// A cluster or node name: it is part of etcd keys.
+fn cluster_name(v: &DeValue) -> Result<String, String> {
+    let s = string(v)?;
+    let ok = (1..=63).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(format!("{s:?} is not a name of 1 to 63 letters, digits, '-', '_' or '.'"));
+    }
+    Ok(s)
+}
+
+/// Reads a cluster definitions file (`vip-agent cluster apply FILE`): its `[[vip]]` tables,
+/// each held by one node at a time. Errors name the file, line and key, like the node's
+/// own configuration.
+pub fn parse_defs(path: &Path, text: &str) -> Result<vip_cluster::records::Defs, ConfigErrors> {
+    let mut cx = Cx::new(path, text);
+    let (doc, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        for e in &syntax {
+            let span = e.span().unwrap_or(0..0);
+            let key = locate(doc.get_ref(), span.start, "");
+            cx.err(cx.line(span.start), key.unwrap_or_default(), e.message().replace('\n', " "));
+        }
+        return Err(ConfigErrors(cx.errors));
+    }
+    let root = Tbl { t: Some(doc.get_ref()), key: String::new(), line: 1 };
+    cx.check_keys(&root, DEFS_ROOT_KEYS);
+    let groups = cx.defs(&root);
+    cx.into_errors()?;
+    Ok(vip_cluster::records::Defs { source: path.display().to_string(), groups })
 }
 
 fn vip_address(s: &str) -> Result<Subnet, String> {
@@ -1379,6 +1599,47 @@ adapters = ["eth0"]
             let got: Vec<_> = errs.0.iter().map(|e| (e.line, e.key.clone())).collect();
             assert_eq!(got, want, "{}:\n{errs}", path.display());
         }
+    }
+
+    /// The same for cluster definitions files (examples/bad-defs), and the good example.
+    #[test]
+    fn bad_definitions_report_what_they_expect() {
+        let good = examples().join("cluster-defs.toml");
+        let d = parse_defs(&good, &std::fs::read_to_string(&good).unwrap()).unwrap_or_else(|e| panic!("{e}"));
+        let g: Vec<_> = d.groups.iter().map(|g| (g.address.to_string(), g.count, g.node.clone(), g.failover, g.rebalance)).collect();
+        assert_eq!(
+            g,
+            [
+                ("192.0.2.50".into(), 1, Some("n0".into()), true, false),
+                ("192.0.2.51".into(), 1, Some("n1".into()), true, true),
+                ("192.0.2.60".into(), 10, Some("n2".into()), false, false),
+            ]
+        );
+        let dir = examples().join("bad-defs");
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let want: Vec<(usize, String)> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("# expect: "))
+                .map(|l| {
+                    let (line, key) = l.split_once(' ').unwrap_or((l, ""));
+                    (line.parse().unwrap(), key.to_owned())
+                })
+                .collect();
+            let errs = parse_defs(&path, &text).expect_err(&path.display().to_string());
+            let got: Vec<_> = errs.0.iter().map(|e| (e.line, e.key.clone())).collect();
+            assert_eq!(got, want, "{}:\n{errs}", path.display());
+        }
+    }
+
+    #[test]
+    fn cluster_table_parses_with_defaults() {
+        let c = parse("[cluster]\nname = 'lab'\nnode = 'n1'\nendpoints = ['http://10.0.0.1:2379']\n[[adapter]]\nname = 'eth0'\n").unwrap();
+        let cl = c.cluster.expect("cluster");
+        assert_eq!((cl.name.as_str(), cl.node.as_str()), ("lab", "n1"));
+        assert_eq!((cl.heartbeat_ms, cl.suspect_ms, cl.fence_ms, cl.lease_ttl_s, cl.port), (10, 100, 80, 2, 7946));
+        assert!(c.vips.is_empty(), "a cluster node needs no VIPs of its own");
     }
 
     struct FakeHost(HashMap<&'static str, HostAdapter>);

@@ -24,10 +24,10 @@ async fn snapshot(inbox: &Inbox) -> Option<Snapshot> {
 }
 
 /// Serves `status` requests: one line in, one JSON document out.
-pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<Counters>) {
+pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<Counters>, cluster: Option<vip_cluster::node::Handle>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let (inbox, counters) = (inbox.clone(), counters.clone());
+        let (inbox, counters, cluster) = (inbox.clone(), counters.clone(), cluster.clone());
         tokio::spawn(async move {
             let mut stream = stream;
             let mut line = String::new();
@@ -54,6 +54,19 @@ pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<C
                         let _ = std.shutdown(std::net::Shutdown::Write);
                     })
                     .await;
+                }
+                "cluster" => {
+                    let Some(h) = cluster else {
+                        let _ = stream.write_all(b"{\"error\":\"this agent is not in a cluster (no [cluster] table)\"}").await;
+                        return;
+                    };
+                    let st = tokio::task::spawn_blocking(move || h.status(std::time::Duration::from_secs(2))).await.ok().flatten();
+                    let body = match st {
+                        Some(st) => serde_json::to_vec(&st).unwrap_or_default(),
+                        None => b"{\"error\":\"the cluster runtime did not answer\"}".to_vec(),
+                    };
+                    let _ = stream.write_all(&body).await;
+                    let _ = stream.shutdown().await;
                 }
                 other => {
                     let _ = stream.write_all(format!("{{\"error\":\"unknown command {other:?}\"}}").as_bytes()).await;
@@ -91,6 +104,22 @@ pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Co
             let _ = stream.shutdown().await;
         });
     }
+}
+
+/// The client side of `vip-agent cluster status`.
+pub async fn query_cluster(socket: &Path) -> anyhow::Result<vip_cluster::node::ClusterStatus> {
+    let mut s = UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e} (is the agent running?)", socket.display()))?;
+    s.write_all(b"cluster\n").await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    if let Ok(serde_json::Value::Object(e)) = serde_json::from_slice::<serde_json::Value>(&out) {
+        if let Some(msg) = e.get("error").and_then(|m| m.as_str()) {
+            anyhow::bail!("the agent says: {msg}");
+        }
+    }
+    Ok(serde_json::from_slice(&out)?)
 }
 
 /// The client side of `vip-agent status`.

@@ -59,6 +59,7 @@ pub struct Dataplane {
     policies: MmapArray,
     buckets: MmapArray,
     answers: MmapArray,
+    fence: MmapArray,
     flows: FlowMap,
     flows_fd: std::os::fd::OwnedFd,
     macs: HashMap<MapData, MacKey, u32>,
@@ -262,12 +263,13 @@ impl Dataplane {
         let policies = MmapArray::require(take(&mut ebpf, names::POLICIES)?, names::POLICIES, MAX_POLICIES, 8)?;
         let buckets = MmapArray::require(take(&mut ebpf, names::BUCKETS)?, names::BUCKETS, BUCKETS_LEN, 8)?;
         let answers = MmapArray::require(take(&mut ebpf, names::ANSWERS)?, names::ANSWERS, ANSWERS_LEN, 8)?;
+        let fence = MmapArray::require(take(&mut ebpf, names::FENCE)?, names::FENCE, vip_common::FENCE_LEN, 8)?;
         let flows_map = take(&mut ebpf, names::FLOWS)?;
         let flows_fd = map_fd(&flows_map, names::FLOWS)?;
         let flows = HashMap::try_from(flows_map).map_err(map_err(names::FLOWS))?;
         let macs = HashMap::try_from(take(&mut ebpf, names::MACS)?).map_err(map_err(names::MACS))?;
         let events = Some(aya::maps::RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?);
-        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, flows, flows_fd, macs, events })
+        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events })
     }
 
     /// Attaches a TC program (`names::EGRESS_PROGRAM` on egress, `names::INGRESS_PROGRAM`
@@ -347,6 +349,13 @@ impl Dataplane {
         }
         self.policies.store(policy as usize, allowed);
         Ok(())
+    }
+
+    /// The cluster's answering deadline (boot clock ns; 0: cluster VIPs are not answered).
+    /// The cluster runtime keeps it through its own [`Fence`] mapping; this one is for
+    /// tests and tools.
+    pub fn set_fence(&self, until_ns: u64) {
+        self.fence.store(vip_common::FENCE_DEADLINE as usize, until_ns);
     }
 
     /// The allowed mask of `policy`.
@@ -582,6 +591,26 @@ fn sum_traffic<'a>(v: impl Iterator<Item = &'a Traffic>) -> Traffic {
         t.answers += c.answers;
     }
     t
+}
+
+/// The cluster's answering deadline (`FENCE`), mapped on its own by the cluster runtime's
+/// thread: extending it is one store, and nothing else shares it.
+pub struct Fence(MmapArray);
+
+impl Fence {
+    pub fn open(pin_dir: &Path) -> Result<Fence> {
+        let data = MapData::from_pin(pin_dir.join(names::FENCE)).map_err(map_err(names::FENCE))?;
+        Ok(Fence(MmapArray::require(aya::maps::Map::Array(data), names::FENCE, vip_common::FENCE_LEN, 8)?))
+    }
+
+    /// Cluster VIPs are answered until `until_ns` (boot clock); 0: not at all.
+    pub fn set(&self, until_ns: u64) {
+        self.0.store(vip_common::FENCE_DEADLINE as usize, until_ns);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(vip_common::FENCE_DEADLINE as usize)
+    }
 }
 
 /// Independent handles on the pinned counter maps and client table, so status, metrics

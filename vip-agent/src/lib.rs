@@ -4,6 +4,7 @@ pub mod agent;
 pub mod announce;
 pub mod apply;
 pub mod bpfsys;
+pub mod cluster;
 pub mod config;
 pub mod conflict;
 pub mod control;

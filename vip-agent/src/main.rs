@@ -56,6 +56,11 @@ enum Cmd {
         #[arg(long)]
         netns: Option<String>,
     },
+    /// The cluster (a `[cluster]` table in the config): its definitions and its status.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Show a running agent's adapters, VIPs, recent failovers and refusals.
     Status {
         /// The agent's config (its control_socket is used).
@@ -67,6 +72,103 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Check a definitions file (the cluster's [[vip]] groups) and write it to etcd, where
+    /// every node reads it and acts on it without a restart. Exit code 2 on any error in
+    /// the file, each naming the file, line and key; nothing is written then.
+    Apply {
+        /// The definitions (see docs/cluster.md).
+        file: PathBuf,
+        /// A node's config: its [cluster] table says which cluster and where etcd is.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Check only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The cluster as the local agent sees it: leader, nodes and their health, where each
+    /// group of VIPs is answered, recent takeovers with their timings.
+    Status {
+        /// The agent's config (its control_socket is used).
+        #[arg(long, short, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket [default: /run/vip-agent.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `vip-agent cluster apply`.
+fn cluster_apply(file: &std::path::Path, config: &std::path::Path, dry_run: bool) -> ExitCode {
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(cc) = cfg.cluster else {
+        eprintln!("{}: no [cluster] table: this node is not in a cluster", config.display());
+        return ExitCode::from(2);
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}:0: cannot read the file: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let defs = match vip_agent::config::parse_defs(file, &text) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let vips: u64 = defs.groups.iter().map(|g| g.count as u64).sum();
+    if dry_run {
+        println!("{}: ok ({} groups, {vips} VIPs)", file.display(), defs.groups.len());
+        return ExitCode::SUCCESS;
+    }
+    let eps = cluster_endpoints(&cc);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let keys = vip_cluster::store::Keys::new(&cc.name);
+    let r = rt.block_on(async {
+        let mut c = vip_cluster::store::connect(&eps).await?;
+        let r = c.put(keys.defs(), vip_cluster::store::encode(&defs), None).await?;
+        Ok::<_, vip_cluster::store::StoreError>(r.header().map_or(0, |h| h.revision()))
+    });
+    match r {
+        Ok(rev) => {
+            println!("{}: applied to cluster {} ({} groups, {vips} VIPs) at revision {rev}", file.display(), cc.name, defs.groups.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vip-agent: writing to etcd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cluster_endpoints(cc: &vip_agent::config::ClusterConfig) -> vip_cluster::store::Endpoints {
+    let s = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    vip_cluster::store::Endpoints {
+        urls: cc.endpoints.clone(),
+        ca: s(&cc.ca),
+        cert: s(&cc.cert),
+        key: s(&cc.key),
+        timeout: Duration::from_millis(cc.request_timeout_ms),
+    }
+}
+
+fn control_socket(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    Ok(match (config, socket) {
+        (Some(c), _) => load_config(&c)?.agent.control_socket,
+        (None, Some(s)) => s,
+        (None, None) => PathBuf::from("/run/vip-agent.sock"),
+    })
 }
 
 fn enter_netns(name: &str) -> anyhow::Result<()> {
@@ -116,14 +218,32 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Cluster { cmd: ClusterCmd::Apply { file, config, dry_run } } => cluster_apply(&file, &config, dry_run),
+        Cmd::Cluster { cmd: ClusterCmd::Status { config, socket, json } } => {
+            let socket = match control_socket(config, socket) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            match rt.block_on(control::query_cluster(&socket)) {
+                Ok(s) if json => {
+                    println!("{}", serde_json::to_string_pretty(&s).expect("serialisable"));
+                    ExitCode::SUCCESS
+                }
+                Ok(s) => {
+                    print!("{}", vip_agent::status::cluster_human(&s));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vip-agent: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Status { config, socket, json } => {
-            let socket = match (config, socket) {
-                (Some(c), _) => match load_config(&c) {
-                    Ok(cfg) => cfg.agent.control_socket,
-                    Err(code) => return code,
-                },
-                (None, Some(s)) => s,
-                (None, None) => PathBuf::from("/run/vip-agent.sock"),
+            let socket = match control_socket(config, socket) {
+                Ok(s) => s,
+                Err(code) => return code,
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             match rt.block_on(control::query_status(&socket)) {
@@ -244,23 +364,50 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
             return Err(e.into());
         }
     };
+    // The cluster: silent until it proves this node holds anything.
+    let cluster = match agent.cfg().cluster.clone() {
+        Some(cc) => {
+            let started = vip_agent::dataplane::Fence::open(&pin_path).map_err(anyhow::Error::from).and_then(|fence| {
+                fence.set(0);
+                let glue = vip_agent::cluster::Glue { fence, inbox: inbox.clone() };
+                let ms = Duration::from_millis;
+                let ccfg = vip_cluster::node::Config {
+                    cluster: cc.name.clone(),
+                    node: cc.node.clone(),
+                    role: cc.role,
+                    endpoints: cluster_endpoints(&cc),
+                    heartbeat: ms(cc.heartbeat_ms),
+                    suspect: ms(cc.suspect_ms),
+                    fence: ms(cc.fence_ms),
+                    lease_ttl_s: cc.lease_ttl_s as i64,
+                    port: cc.port,
+                };
+                Ok(vip_cluster::node::start(ccfg, glue)?)
+            });
+            match started {
+                Ok(h) => {
+                    agent.attach_cluster(h.clone());
+                    tracing::info!(cluster = %cc.name, node = %cc.node, "cluster runtime started");
+                    Some(h)
+                }
+                Err(e) => {
+                    if !agent.was_adopted() {
+                        agent.shutdown();
+                    }
+                    return Err(e.context("starting the cluster runtime"));
+                }
+            }
+        }
+        None => None,
+    };
     let ring = agent.take_events();
     {
         let names: Vec<String> = agent.cfg().adapters.iter().map(|a| a.name.clone()).collect();
-        let (padapters, pvips, active) = agent.placement_inputs();
+        let (padapters, vipset) = agent.placement_inputs();
         let subnets = padapters.iter().map(|a| a.subnets.clone()).collect();
         let inbox2 = inbox.clone();
         let reads = agent.host_reads.clone();
-        let watch = runtime::HostWatch {
-            events: host_events,
-            reads,
-            inbox: inbox2,
-            names,
-            last: subnets,
-            adapters: padapters,
-            vips: pvips,
-            active,
-        };
+        let watch = runtime::HostWatch { events: host_events, reads, inbox: inbox2, names, last: subnets, adapters: padapters, vipset };
         runtime::supervised("host-watcher", inbox.clone(), move || runtime::host_watcher(watch))?;
         let (counters, inbox2) = (counters.clone(), inbox.clone());
         let slots = agent.cfg().adapters.len();
@@ -277,7 +424,7 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     })?;
 
     let exit = rt.block_on(async {
-        tokio::spawn(control::serve_control(listener, inbox.clone(), counters.clone()));
+        tokio::spawn(control::serve_control(listener, inbox.clone(), counters.clone(), cluster.clone()));
         if let (Some(l), Some(addr)) = (metrics_listener, metrics) {
             tracing::info!(%addr, "metrics listening");
             tokio::spawn(control::serve_metrics(l, inbox.clone(), counters.clone()));
@@ -288,6 +435,11 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
             _ = usr1.recv() => true,
             exit = &mut exit_rx => return exit.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into())),
         };
+        if let (Some(h), false) = (cluster.clone(), hand_over) {
+            // "System down" (seed 003): silent at once, then the cluster is told, so the
+            // node's VIPs move without waiting for anyone to notice.
+            let _ = tokio::task::spawn_blocking(move || h.leave(Duration::from_secs(1))).await;
+        }
         inbox.send(Msg::Stop { hand_over });
         exit_rx.await.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into()))
     });

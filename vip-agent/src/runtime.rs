@@ -39,7 +39,7 @@ pub enum Msg {
     /// A status snapshot, for the control socket or the metrics listener.
     Status(tokio::sync::oneshot::Sender<Snapshot>),
     /// The adapters' takeover subnets changed; the VIPs classified anew against them.
-    Reclassified { subnets: Vec<Vec<Subnet>>, classes: Arc<Classes> },
+    Reclassified { subnets: Vec<Vec<Subnet>>, classes: Arc<Classes>, generation: u64 },
     /// Traffic per slot and the client table, as just read.
     Housekeeping { traffic: Vec<vip_common::Traffic>, clients: Arc<ClientIndex>, at: Instant },
     /// The announcer sent the first frame of a tagged job.
@@ -48,7 +48,14 @@ pub enum Msg {
     Stop { hand_over: bool },
     /// A helper thread died.
     Fatal(String),
+    /// The cluster runtime: hold exactly these groups of the cluster's VIPs (by first
+    /// address); `done` once the data plane answers accordingly.
+    ClusterHold { defs: Arc<vip_cluster::records::Defs>, held: Vec<std::net::IpAddr>, done: Box<dyn FnOnce() + Send> },
 }
+
+/// The VIPs and which are active, shared with the host watcher (which classifies off the
+/// event loop) with a generation that says which set a classification was made for.
+pub type VipSet = Arc<std::sync::Mutex<(u64, Arc<Vec<vip_placement::Vip>>, Arc<Vec<bool>>)>>;
 
 /// The event loop's inbox: a channel and an eventfd that wakes its `poll`.
 #[derive(Clone)]
@@ -141,7 +148,11 @@ pub fn event_loop(mut agent: Agent, inbox: InboxRx, mut ring: Option<aya::maps::
                 Msg::Status(reply) => {
                     let _ = reply.send(agent.snapshot());
                 }
-                Msg::Reclassified { subnets, classes } => agent.on_reclassified(subnets, classes),
+                Msg::Reclassified { subnets, classes, generation } => agent.on_reclassified(subnets, classes, generation),
+                Msg::ClusterHold { defs, held, done } => {
+                    agent.cluster_hold(defs, held);
+                    done();
+                }
                 Msg::Housekeeping { traffic, clients, at } => agent.on_housekeeping(&traffic, clients, at),
                 Msg::Sent { tag, ifindex, at } => agent.on_sent(tag, ifindex, at),
                 Msg::Stop { hand_over } => {
@@ -223,13 +234,12 @@ pub struct HostWatch {
     pub last: Vec<Vec<Subnet>>,
     /// What classification needs.
     pub adapters: Vec<vip_placement::Adapter>,
-    pub vips: Arc<Vec<vip_placement::Vip>>,
-    pub active: Arc<Vec<bool>>,
+    pub vipset: VipSet,
 }
 
 /// The host watcher (see the module doc).
 pub fn host_watcher(w: HostWatch) {
-    let HostWatch { mut events, reads, inbox, names, mut last, mut adapters, vips, active } = w;
+    let HostWatch { mut events, reads, inbox, names, mut last, mut adapters, vipset } = w;
     let mut rtnl = match Rtnl::open() {
         Ok(r) => r,
         Err(e) => {
@@ -270,10 +280,14 @@ pub fn host_watcher(w: HostWatch) {
         for (a, s) in adapters.iter_mut().zip(&now) {
             a.subnets = s.clone();
         }
+        let (generation, vips, active) = match vipset.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
         let ids = active.iter().enumerate().filter(|(_, a)| **a).map(|(i, _)| i as u32);
         let classes = Arc::new(vip_placement::classify(&vips, ids, &adapters));
         last = now.clone();
-        if !inbox.send(Msg::Reclassified { subnets: now, classes }) {
+        if !inbox.send(Msg::Reclassified { subnets: now, classes, generation }) {
             return;
         }
     }

@@ -556,7 +556,13 @@ impl<'a> View<'a> {
             address: v.addr.to_string(),
             vlan: v.vlan,
             id: i as u32,
-            state: if active { "active" } else { "refused" }.into(),
+            state: match (active, v.flags & vip_common::VIP_CLUSTER != 0) {
+                (true, _) => "active",
+                // A cluster VIP another node holds (or nobody yet).
+                (false, true) => "elsewhere",
+                (false, false) => "refused",
+            }
+            .into(),
             failover: p.failover,
             answering: placed.map(|x| x.1.clone()).unwrap_or_default(),
             taken_over_by: placed.map(|x| x.2.clone()).unwrap_or_default(),
@@ -670,4 +676,73 @@ pub fn write_json(s: &Snapshot, counters: &Counters, w: impl std::io::Write) -> 
         }
     }
     SerializeMap::end(map)
+}
+
+/// `vip-agent cluster status` as text: the cluster information base of seed 003.
+pub fn cluster_human(s: &vip_cluster::node::ClusterStatus) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let when = if s.at > 0.0 { format!("{:.3}", s.at) } else { "-".into() };
+    let _ = writeln!(
+        o,
+        "cluster {}  revision {}  at {when}  etcd {}  leader {}",
+        s.cluster,
+        s.revision,
+        if s.etcd_connected { "connected" } else { "UNREACHABLE (decisions frozen)" },
+        s.leader.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(
+        o,
+        "this node {} (incarnation {}): answers for {:.0} ms more on the word of {}",
+        s.node,
+        s.incarnation,
+        s.deadline_ms.max(0.0),
+        s.deadline_from
+    );
+    let _ = writeln!(o, "\nNODE             HEALTH     ROLE     ADDRESS          HEARD    PORTS                 HOLDS");
+    for n in &s.nodes {
+        let heard = n.heard_ms.map_or("-".into(), |h| format!("{h:.0}ms"));
+        let ports: Vec<String> = n.ports.iter().map(|(p, up)| format!("{p}:{}", if *up { "up" } else { "down" })).collect();
+        let _ = writeln!(
+            o,
+            "{:<16} {:<10} {:<8} {:<16} {:<8} {:<21} {}",
+            n.name,
+            n.health,
+            n.role,
+            n.address,
+            heard,
+            ports.join(","),
+            n.holding.join(",")
+        );
+    }
+    let _ = writeln!(o, "\nVIPS (first address, count)       ANSWERED BY      HOME");
+    for g in &s.groups {
+        let _ = writeln!(
+            o,
+            "{:<24} {:>8}  {:<16} {}",
+            g.address,
+            g.count,
+            g.owner.as_deref().unwrap_or("-"),
+            g.home.as_deref().unwrap_or("-")
+        );
+    }
+    if !s.takeovers.is_empty() {
+        let _ = writeln!(o, "\nRECENT TAKEOVERS (from the node's silence: suspected, decided)");
+        for t in s.takeovers.iter().rev().take(10) {
+            let rel = |x: f64| if t.silent_since > 0.0 && x > 0.0 { format!("+{:.0}ms", (x - t.silent_since) * 1e3) } else { "-".into() };
+            let _ = writeln!(
+                o,
+                "{:<16} {:<10} {} groups ({} VIPs) -> {}  suspected {}  decided {}  by {}",
+                t.node,
+                t.reason,
+                t.groups,
+                t.vips,
+                t.to.join(","),
+                rel(t.suspected_at),
+                rel(t.decided_at),
+                t.leader
+            );
+        }
+    }
+    o
 }

@@ -46,9 +46,10 @@ pub mod names {
     pub const VSERVERS: &str = "VSERVERS";
     pub const VS_MACS: &str = "VS_MACS";
     pub const POLICIES: &str = "POLICIES";
+    pub const FENCE: &str = "FENCE";
     /// Every map the agent pins (and removes on a full stop).
-    pub const PINNED_MAPS: [&str; 13] =
-        [VIPS, POLICIES, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS];
+    pub const PINNED_MAPS: [&str; 14] =
+        [VIPS, POLICIES, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS, FENCE];
 }
 
 /// Address families as stored in [`VipKey::family`].
@@ -123,6 +124,14 @@ pub struct Policy {
 
 /// [`VipInfo::flags`]: `spread` mode, one adapter answers each client (see [`client_bucket`]).
 pub const VIP_SPREAD: u32 = 1;
+/// [`VipInfo::flags`]: a cluster VIP, answered only while this node's answering deadline
+/// (`FENCE`) lies ahead.
+pub const VIP_CLUSTER: u32 = 4;
+/// Entries of the `FENCE` array (memory-mapped): entry [`FENCE_DEADLINE`] is the boot-clock
+/// time (`bpf_ktime_get_boot_ns`, CLOCK_BOOTTIME) until which this node may answer its
+/// cluster VIPs; 0: not at all.
+pub const FENCE_LEN: u32 = 1;
+pub const FENCE_DEADLINE: u32 = 0;
 /// [`VipInfo::flags`]: the VIP belongs to a virtual server; its index is
 /// [`vserver_index`]. Its inbound traffic is redirected there (seed 004).
 pub const VIP_VSERVER: u32 = 2;
@@ -329,13 +338,23 @@ pub mod decision {
     /// For a virtual server, but it cannot be delivered (its MAC not learned yet, no
     /// client-table entry for a reply, or the redirect failed): passed to the kernel.
     pub const PASSED_VSERVER_UNDELIVERED: u32 = 27;
+    /// A cluster VIP's frame while this node cannot prove it still holds the VIP (its
+    /// answering deadline in `FENCE` has passed): dropped, so neither the program nor the
+    /// kernel answers (XDP_DROP).
+    pub const DROPPED_FENCED: u32 = 28;
     /// Number of decisions; the length of the `DECISIONS` array.
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
 
     /// Decisions whose action is XDP_REDIRECT (the others answered are XDP_TX).
     #[inline(always)]
     pub const fn is_redirect(d: u32) -> bool {
         d == REDIRECTED_TO_VSERVER || d == REDIRECTED_FROM_VSERVER
+    }
+
+    /// Decisions whose action is XDP_DROP (the others not answered are XDP_PASS).
+    #[inline(always)]
+    pub const fn is_drop(d: u32) -> bool {
+        d == DROPPED_FENCED
     }
 
     /// Names as used in metrics and `vip-agent status`, indexed by decision.
@@ -368,6 +387,7 @@ pub mod decision {
         "redirected_from_vserver",
         "answered_vserver_arp",
         "passed_vserver_undelivered",
+        "dropped_fenced",
     ];
 }
 
@@ -385,9 +405,12 @@ pub mod egress {
     pub const ADAPTER_DOWN: u32 = 4;
     /// Not IPv4/IPv6 from a VIP (untagged): untouched.
     pub const NOT_VIP: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// From a cluster VIP while this node may not answer for it (its deadline passed):
+    /// dropped.
+    pub const DROPPED_FENCED: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const NAMES: [&str; COUNT as usize] =
-        ["steered_same", "steered_redirect", "steered_moved_mac", "no_flow", "adapter_down", "not_vip"];
+        ["steered_same", "steered_redirect", "steered_moved_mac", "no_flow", "adapter_down", "not_vip", "dropped_fenced"];
 }
 
 // The kernel and userspace must agree on every size: a change here is a deliberate ABI break.

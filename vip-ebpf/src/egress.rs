@@ -4,7 +4,7 @@
 //! reply out of one adapter; without this the spread over adapters is one-way only.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::bpf_redirect,
     macros::classifier,
     programs::TcContext,
@@ -52,8 +52,10 @@ fn try_egress(ctx: &TcContext) -> (i32, u32) {
         }
         _ => return pass,
     };
-    if unsafe { VIPS.get(&vip) }.is_none() {
-        return pass;
+    match unsafe { VIPS.get(&vip) } {
+        None => return pass,
+        Some(v) if maps::fenced(v.flags) => return (TC_ACT_SHOT, e::DROPPED_FENCED),
+        Some(_) => {}
     }
     let Some(flow) = (unsafe { FLOWS.get(&flow_key(&vip, client)) }) else {
         return (TC_ACT_OK, e::NO_FLOW);

@@ -20,7 +20,7 @@ mod egress;
 mod vserver;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     macros::xdp,
     programs::XdpContext,
 };
@@ -42,7 +42,11 @@ pub fn vip_xdp(ctx: XdpContext) -> u32 {
         }
         Err(passed) => {
             maps::count(passed);
-            XDP_PASS
+            if decision::is_drop(passed) {
+                XDP_DROP
+            } else {
+                XDP_PASS
+            }
         }
     }
 }
@@ -54,7 +58,8 @@ pub fn vip_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
-/// `Ok(decision)` means the frame was rewritten into an answer; `Err(decision)` means pass.
+/// `Ok(decision)` means the frame was rewritten into an answer; `Err(decision)` means pass
+/// (or drop, for a fenced cluster VIP).
 #[inline(always)]
 fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;

@@ -9,6 +9,13 @@ use vip_common::{
     ANSWERS_LEN, BUCKETS_LEN, EVENTS_BYTES, MAX_ADAPTERS, MAX_IFINDEX, MAX_POLICIES, MAX_VIPS,
 };
 
+/// The answering deadline of cluster VIPs (`vip_common::FENCE_DEADLINE`), boot clock ns:
+/// the agent extends it while the cluster proves this node still holds its VIPs.
+/// Memory-mapped: one store from the agent; an agent that hangs or dies stops extending
+/// it and the node goes silent by itself.
+#[map(name = "FENCE")]
+pub static FENCE: Array<u64> = Array::with_max_entries(vip_common::FENCE_LEN, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
+
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 
@@ -65,6 +72,17 @@ pub static DECISIONS: PerCpuArray<u64> =
 #[map(name = "ANSWERS")]
 pub static ANSWERS: Array<u64> = Array::with_max_entries(ANSWERS_LEN, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
+/// A cluster VIP whose deadline has passed (or that has none): not to be answered.
+#[inline(always)]
+pub fn fenced(flags: u32) -> bool {
+    if flags & vip_common::VIP_CLUSTER == 0 {
+        return false;
+    }
+    let until = FENCE.get(vip_common::FENCE_DEADLINE).copied().unwrap_or(0);
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    now >= until
+}
+
 #[inline(always)]
 pub fn count(decision: u32) {
     if let Some(c) = DECISIONS.get_ptr_mut(decision) {
@@ -110,6 +128,9 @@ pub fn lookup(ifindex: u32, dst: &[u8; 6], key: &VipKey) -> Result<Hit, u32> {
         Some(v) => *v,
         None => return Err(PASSED_NOT_VIP),
     };
+    if fenced(vip.flags) {
+        return Err(DROPPED_FENCED);
+    }
     let mut adapter = match ADAPTERS.get(ifindex) {
         Some(a) if a.state != vip_common::ADAPTER_UNKNOWN => *a,
         _ => return Err(PASSED_ADAPTER_UNKNOWN),

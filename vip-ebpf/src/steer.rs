@@ -186,6 +186,9 @@ fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32>
         Some(v) => v.flags,
         None => return Err(decision::PASSED_NOT_NEIGHBOR),
     };
+    if maps::fenced(flags) {
+        return Err(decision::DROPPED_FENCED);
+    }
     // A virtual server's VIP, once accepted below, goes to the virtual server.
     let deliver = |d: u32| -> Result<u32, u32> {
         if flags & VIP_VSERVER != 0 {

@@ -12,6 +12,8 @@ pub struct ClassKey {
     pub mode: Mode,
     pub failover: bool,
     pub rebalance: bool,
+    /// A takeover holds when its own adapters return.
+    pub stay: bool,
     pub vlan: u16,
     /// Other adapters that pass the takeover checks of seed 002 that do not change while
     /// running: the VLAN is carried, and an address or route is in the VIP's subnet.
@@ -60,7 +62,7 @@ pub fn key_of(v: &Vip, adapters: &[Adapter]) -> ClassKey {
     let (mut fit, mut unfit_vlan, mut unfit_subnet) = (0, 0, 0);
     for (j, a) in adapters.iter().enumerate() {
         let b = bit(j as Slot);
-        if home & b != 0 {
+        if home & b != 0 || v.takers.as_ref().is_some_and(|t| !t.contains(&(j as Slot))) {
             continue;
         }
         if v.vlan != 0 && !a.vlans.contains(&v.vlan) {
@@ -76,6 +78,7 @@ pub fn key_of(v: &Vip, adapters: &[Adapter]) -> ClassKey {
         mode: v.mode,
         failover: v.failover,
         rebalance: v.rebalance,
+        stay: v.stay,
         vlan: v.vlan,
         fit,
         unfit_vlan,

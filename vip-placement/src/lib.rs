@@ -110,6 +110,11 @@ pub struct Vip {
     pub failover: bool,
     /// Spread: clients that moved away go back to an adapter that returns.
     pub rebalance: bool,
+    /// Taken over, it stays with its takers while they are up, even when its own
+    /// adapters return (a cluster VIP a recovered node does not take back).
+    pub stay: bool,
+    /// The adapters that may take it over (besides its own); None: any that fit.
+    pub takers: Option<Arc<[Slot]>>,
 }
 
 /// Where one run of a class's members is placed.

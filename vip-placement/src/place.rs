@@ -30,7 +30,8 @@ pub struct Decision {
 /// 2. A class whose own adapters include one that is up stays at home, on the node of the
 ///    first such adapter in its list: `all` and `spread` allow all its adapters on that
 ///    node (the data plane skips those that are down, so a failure rewrites nothing);
-///    `primary` allows only that first adapter.
+///    `primary` allows only that first adapter. A `stay` class that is taken over by
+///    adapters still up stays with them instead (rule 3).
 /// 3. A class with none of its own adapters up is stranded if `failover = false`; else it
 ///    is taken over by the other adapters that are up and fit (VLAN carried, subnet
 ///    reachable; see [`crate::classify`]), on one node, within `max_vips`. Classes that
@@ -51,9 +52,14 @@ pub fn place(input: &Input) -> Decision {
     let mut refusals = vec![];
     let mut takeovers = vec![];
 
+    let held_up = |ci: usize| previous.classes.get(ci).is_some_and(|p| p.runs.iter().any(|r| r.away && r.allowed & up != 0));
     for (ci, c) in classes.list.iter().enumerate() {
         let key = &c.key;
         let k = c.members.len() as u32;
+        if key.stay && key.failover && held_up(ci) {
+            takeovers.push(ci);
+            continue;
+        }
         let first_up = key.homes.iter().copied().find(|&h| up & bit(h) != 0);
         let run = match first_up {
             Some(h) => {

@@ -201,12 +201,23 @@ fn parse(file: &str, text: &str) -> Result<Scn, String> {
                 let failover = col("failover").map_or(Ok(true), yes).map_err(|x| e(&x))?;
                 let rebalance = col("rebalance").map_or(Ok(false), yes).map_err(|x| e(&x))?;
                 let vlan = col("vlan").map_or(Ok(0), |v| v.parse()).map_err(|_| e("bad vlan"))?;
+                let stay = col("stay").map_or(Ok(false), yes).map_err(|x| e(&x))?;
+                let takers = match col("takers") {
+                    None => None,
+                    Some(t) => {
+                        let mut v = vec![];
+                        for a in t.split(',') {
+                            v.push(slot(&scn, a).ok_or_else(|| e(&format!("no adapter {a}")))?);
+                        }
+                        Some(v.into())
+                    }
+                };
                 let addrs = addr_range(col("address").ok_or_else(|| e("vips need an address"))?).map_err(|x| e(&x))?;
                 for addr in addrs {
                     if vip_of.insert(addr, scn.vips.len() as u32).is_some() {
                         return err(file, n, format!("{addr} twice"));
                     }
-                    scn.vips.push(Vip { addr, vlan, homes: homes.clone().into(), mode, failover, rebalance });
+                    scn.vips.push(Vip { addr, vlan, homes: homes.clone().into(), mode, failover, rebalance, stay, takers: takers.clone() });
                 }
             }
             "expect" => {

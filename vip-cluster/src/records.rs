@@ -1,0 +1,214 @@
+//! What the cluster keeps in etcd, as JSON, under `/vip/<cluster>/`:
+//!
+//! | key | written by | what |
+//! |---|---|---|
+//! | `nodes/<name>` | the node (its lease) | [`NodeRecord`]: state, ports, heartbeat addresses |
+//! | `election/<name>` | the node (its lease) | candidacy; the lowest create revision leads |
+//! | `members` | the leader | [`MembersRecord`]: the member list heartbeats count majorities in |
+//! | `defs` | `vip-agent cluster apply` | [`Defs`]: the cluster's VIPs |
+//! | `assign` | the leader | [`AssignRecord`]: who answers each group of VIPs |
+//! | `fence/<name>` | the node | present while it answers on etcd's word rather than its peers' |
+//! | `takeovers` | the leader | [`TakeoverRecord`]s, the last 64 |
+//!
+//! Nothing read from etcd names a command, a path or a script: a node only ever applies
+//! addresses to its own adapters.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The role a node is configured with (seed 003).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Home to VIPs, and takes over.
+    #[default]
+    Active,
+    /// Home to nothing; takes over the VIPs of failed nodes.
+    Standby,
+}
+
+/// A node's own record (on its lease: it goes when the node's lease expires).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub role: Role,
+    /// Its first adapter's address (for status).
+    pub address: String,
+    /// Where its peers send heartbeats: one address per adapter.
+    pub heartbeat: Vec<String>,
+    pub ports: Vec<PortRecord>,
+    /// It has stopped answering every cluster VIP (leaving, or no adapter left): its VIPs
+    /// may move at once.
+    pub fenced: bool,
+    /// Unix time it registered.
+    pub since: f64,
+    /// The groups (by first address) it may answer: it says so before it starts
+    /// answering one, and only after it stopped.
+    #[serde(default)]
+    pub holding: Vec<IpAddr>,
+    /// The incarnation of its own this registration replaces, fenced before it registered
+    /// (a restarted agent): that one's VIPs may move at once.
+    #[serde(default)]
+    pub replaces: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub name: String,
+    pub up: bool,
+    /// Subnets it reaches (where it may take a VIP over).
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub vlans: Vec<u16>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The member list the leader wrote; its version is the etcd revision of the write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct MembersRecord {
+    /// (node name, incarnation = create revision of its node key).
+    pub members: Vec<(String, u64)>,
+}
+
+/// How a group's VIPs are answered on the node that holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    All,
+    Primary,
+    #[default]
+    Spread,
+}
+
+/// One `[[vip]]` of the cluster's definitions: `count` consecutive addresses from
+/// `address`, held by one node at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupDef {
+    pub address: IpAddr,
+    /// The prefix of its subnet (as written: `192.0.2.50/24`).
+    pub prefix: u8,
+    pub count: u32,
+    #[serde(default)]
+    pub vlan: u16,
+    #[serde(default)]
+    pub mode: Mode,
+    /// The node it lives on while that node is up (None: placed by the leader).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Adapters (by name, on whichever node holds it) that answer it; empty: all of the
+    /// node's adapters that reach its subnet.
+    #[serde(default)]
+    pub adapters: Vec<String>,
+    /// Moves to another node when its own fails.
+    #[serde(default = "yes")]
+    pub failover: bool,
+    /// Goes back to its own node when that node returns (otherwise it stays put).
+    #[serde(default)]
+    pub rebalance: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The cluster's VIPs (what `vip-agent cluster apply` writes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Defs {
+    /// The file they came from, for status.
+    #[serde(default)]
+    pub source: String,
+    pub groups: Vec<GroupDef>,
+}
+
+impl GroupDef {
+    /// The group's addresses, in order.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        (0..self.count).filter_map(move |i| add(self.address, i))
+    }
+}
+
+/// `a + i`, None past the end of the family.
+pub fn add(a: IpAddr, i: u32) -> Option<IpAddr> {
+    match a {
+        IpAddr::V4(v) => u32::from(v).checked_add(i).map(|x| IpAddr::V4(x.into())),
+        IpAddr::V6(v) => u128::from(v).checked_add(i as u128).map(|x| IpAddr::V6(x.into())),
+    }
+}
+
+/// A node's health as the leader sees it (seed 003).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Active,
+    Standby,
+    /// Declared dead (or gone): its VIPs moved.
+    Failed,
+    /// Back after a failure: holds nothing until a rebalance gives it something.
+    Recovered,
+    /// Left on purpose (SIGTERM) or lost every adapter ("system down").
+    Down,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    pub name: String,
+    pub health: Health,
+    pub since: f64,
+}
+
+/// Who holds each group (in the order of [`Defs::groups`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupAssign {
+    /// Its first address (groups are matched by it when the definitions change).
+    pub address: IpAddr,
+    pub owner: Option<String>,
+    /// The owner's incarnation: a restarted node is a new one and holds nothing it is not
+    /// given again.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// The node it was taken from, if it moved with this assignment.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// The new owner waits this long after reading the assignment before it answers:
+    /// the previous owner may still answer on etcd's word until then.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// The leader's decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AssignRecord {
+    pub leader: String,
+    /// The leader's election key's create revision: its fencing token.
+    pub term: i64,
+    /// The mod revision of the definitions it was made for.
+    pub defs: i64,
+    pub groups: Vec<GroupAssign>,
+    pub nodes: Vec<NodeHealth>,
+    /// Unix time.
+    pub at: f64,
+}
+
+/// One node's VIPs moving to others, with its timings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TakeoverRecord {
+    pub node: String,
+    /// suspected (silent), left, down, lease expired, rebalance...
+    pub reason: String,
+    /// Unix times: last heard from by the leader (0: not known), suspected (or told),
+    /// and the decision committed.
+    #[serde(default)]
+    pub silent_since: f64,
+    pub suspected_at: f64,
+    pub decided_at: f64,
+    pub groups: usize,
+    pub vips: usize,
+    pub to: Vec<String>,
+    pub leader: String,
+}
