@@ -29,6 +29,9 @@ impl TempDir {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p = std::env::temp_dir().join(format!("vipt{}-{n}-{tag}", std::process::id()));
+        // A directory kept by an earlier run (VIP_KEEP_LOG) of a process with the same pid
+        // must not leak into this one (an etcd data directory would bring back its keys).
+        let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("temp dir");
         TempDir(p)
     }

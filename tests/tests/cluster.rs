@@ -29,6 +29,7 @@ fn running(n: usize, clients: usize) -> ClusterLab {
     for k in 0..n {
         lab.start(k);
     }
+    lab.wait_cluster(0, "every node registered", Duration::from_secs(10), |s| s.nodes.iter().filter(|x| x.incarnation > 0).count() == n);
     let out = lab.apply(0, &lab.defs_text(1, "spread"));
     assert!(out.status.success(), "cluster apply: {}", String::from_utf8_lossy(&out.stderr));
     lab.wait_settled(Duration::from_secs(15));
@@ -73,7 +74,21 @@ fn a_killed_node_moves_its_vips_to_a_survivor() {
     assert!(bad.is_empty(), "two nodes answered {vip}: {bad:?}");
     let to = after.takeovers.iter().find(|t| t.node == "n1").expect("takeover recorded");
     assert_eq!(to.reason, "silent", "{to:?}");
-    assert!(to.decided_at >= to.suspected_at && to.suspected_at > 0.0, "{to:?}");
+    assert!(to.decided_at >= to.suspected_at && to.suspected_at > to.silent_since && to.silent_since > 0.0, "{to:?}");
+    // The new owner's first answer shows in the record (from its own report).
+    let to = lab
+        .wait_cluster(0, "the first answer in the record", Duration::from_secs(3), |s| s.takeovers.iter().any(|t| t.node == "n1" && t.answered_at > 0.0))
+        .takeovers
+        .into_iter()
+        .find(|t| t.node == "n1")
+        .unwrap();
+    assert!(to.answered_at >= to.decided_at - 0.01, "{to:?}");
+    eprintln!(
+        "record: suspected +{:.0} ms, decided +{:.0} ms, answered +{:.0} ms after the last heartbeat",
+        (to.suspected_at - to.silent_since) * 1e3,
+        (to.decided_at - to.silent_since) * 1e3,
+        (to.answered_at - to.silent_since) * 1e3
+    );
     // The client moved: its neighbour entry names the new owner.
     let owner = node_of(first.mac).unwrap();
     let mac = neigh_mac(c, IpAddr::V4(vip)).expect("client has an entry");

@@ -78,10 +78,10 @@ pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<C
 }
 
 /// Serves the metrics in Prometheus text format on any path.
-pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Counters>) {
+pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Counters>, cluster: Option<vip_cluster::node::Handle>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let (inbox, counters) = (inbox.clone(), counters.clone());
+        let (inbox, counters, cluster) = (inbox.clone(), counters.clone(), cluster.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             // The request itself does not matter; read until the end of its headers.
@@ -94,7 +94,17 @@ pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Co
             }
             let Some(snap) = snapshot(&inbox).await else { return };
             let per_vip = snap.vips.len() <= PER_VIP_MAX;
-            let Ok(body) = tokio::task::spawn_blocking(move || build(snap, &counters, per_vip).prometheus()).await else { return };
+            let Ok(body) = tokio::task::spawn_blocking(move || {
+                let mut body = build(snap, &counters, per_vip).prometheus();
+                if let Some(st) = cluster.and_then(|h| h.status(std::time::Duration::from_secs(1))) {
+                    body.push_str(&crate::status::cluster_prometheus(&st));
+                }
+                body
+            })
+            .await
+            else {
+                return;
+            };
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()

@@ -427,7 +427,7 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
         tokio::spawn(control::serve_control(listener, inbox.clone(), counters.clone(), cluster.clone()));
         if let (Some(l), Some(addr)) = (metrics_listener, metrics) {
             tracing::info!(%addr, "metrics listening");
-            tokio::spawn(control::serve_metrics(l, inbox.clone(), counters.clone()));
+            tokio::spawn(control::serve_metrics(l, inbox.clone(), counters.clone(), cluster.clone()));
         }
         let hand_over = tokio::select! {
             _ = int.recv() => false,

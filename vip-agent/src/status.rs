@@ -727,12 +727,13 @@ pub fn cluster_human(s: &vip_cluster::node::ClusterStatus) -> String {
         );
     }
     if !s.takeovers.is_empty() {
-        let _ = writeln!(o, "\nRECENT TAKEOVERS (from the node's silence: suspected, decided)");
+        let _ = writeln!(o, "\nRECENT TAKEOVERS (from the node's last heartbeat: suspected, decided, answered by the new owner)");
         for t in s.takeovers.iter().rev().take(10) {
-            let rel = |x: f64| if t.silent_since > 0.0 && x > 0.0 { format!("+{:.0}ms", (x - t.silent_since) * 1e3) } else { "-".into() };
+            let base = if t.silent_since > 0.0 { t.silent_since } else { t.suspected_at };
+            let rel = |x: f64| if base > 0.0 && x > 0.0 { format!("+{:.0}ms", (x - base) * 1e3) } else { "-".into() };
             let _ = writeln!(
                 o,
-                "{:<16} {:<10} {} groups ({} VIPs) -> {}  suspected {}  decided {}  by {}",
+                "{:<16} {:<10} {} groups ({} VIPs) -> {}  suspected {}  decided {}  answered {}  by {}",
                 t.node,
                 t.reason,
                 t.groups,
@@ -740,9 +741,73 @@ pub fn cluster_human(s: &vip_cluster::node::ClusterStatus) -> String {
                 t.to.join(","),
                 rel(t.suspected_at),
                 rel(t.decided_at),
+                rel(t.answered_at),
                 t.leader
             );
         }
     }
     o
+}
+
+/// The cluster's Prometheus metrics, as this node sees it.
+pub fn cluster_prometheus(s: &vip_cluster::node::ClusterStatus) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let g = |o: &mut String, name: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+    };
+    g(&mut o, "vip_cluster_leader", "1 if this node leads the cluster.");
+    let _ = writeln!(o, "vip_cluster_leader {}", u8::from(s.i_lead));
+    g(&mut o, "vip_cluster_etcd_connected", "1 if etcd answered in the last 3 s (0: decisions frozen).");
+    let _ = writeln!(o, "vip_cluster_etcd_connected {}", u8::from(s.etcd_connected));
+    g(&mut o, "vip_cluster_deadline_seconds", "How long this node may still answer its cluster VIPs without new proof (negative: silent).");
+    let _ = writeln!(o, "vip_cluster_deadline_seconds {:.4}", s.deadline_ms / 1e3);
+    g(&mut o, "vip_cluster_groups_held", "Groups of cluster VIPs this node answers.");
+    let _ = writeln!(o, "vip_cluster_groups_held {}", s.holding.len());
+    g(&mut o, "vip_cluster_node_health", "1 for each node's current health (seed 003).");
+    for n in &s.nodes {
+        let _ = writeln!(o, "vip_cluster_node_health{{node=\"{}\",health=\"{}\"}} 1", n.name, n.health);
+    }
+    g(&mut o, "vip_cluster_peer_heard_seconds", "Time since each peer's last heartbeat reached this node.");
+    for n in s.nodes.iter().filter(|n| n.name != s.node) {
+        if let Some(h) = n.heard_ms {
+            let _ = writeln!(o, "vip_cluster_peer_heard_seconds{{node=\"{}\"}} {:.4}", n.name, h / 1e3);
+        }
+    }
+    g(&mut o, "vip_cluster_takeovers", "Takeovers in the cluster's record (the last 64).");
+    let _ = writeln!(o, "vip_cluster_takeovers {}", s.takeovers.len());
+    o
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use vip_cluster::node::{ClusterStatus, NodeStatus};
+
+    #[test]
+    fn cluster_metrics_name_every_node_and_the_deadline() {
+        let s = ClusterStatus {
+            node: "n0".into(),
+            i_lead: true,
+            etcd_connected: true,
+            deadline_ms: 62.5,
+            holding: vec!["192.0.2.50".into()],
+            nodes: vec![
+                NodeStatus { name: "n0".into(), health: "active".into(), heard_ms: Some(0.0), ..Default::default() },
+                NodeStatus { name: "n1".into(), health: "failed".into(), heard_ms: Some(1500.0), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let m = super::cluster_prometheus(&s);
+        for line in [
+            "vip_cluster_leader 1",
+            "vip_cluster_etcd_connected 1",
+            "vip_cluster_deadline_seconds 0.0625",
+            "vip_cluster_groups_held 1",
+            "vip_cluster_node_health{node=\"n1\",health=\"failed\"} 1",
+            "vip_cluster_peer_heard_seconds{node=\"n1\"} 1.5000",
+        ] {
+            assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
+        }
+        assert!(!m.contains("vip_cluster_peer_heard_seconds{node=\"n0\"}"), "a node does not hear itself");
+    }
 }

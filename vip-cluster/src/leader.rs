@@ -47,6 +47,9 @@ pub struct Input<'a> {
     pub previous: &'a AssignRecord,
     /// The status of a group's holder (name, incarnation, group address).
     pub holder: &'a dyn Fn(&str, u64, std::net::IpAddr) -> Holder,
+    /// Whether a group never placed may still wait for its home node, which has not
+    /// registered yet (a cluster starting up): the caller bounds how long.
+    pub waits: &'a dyn Fn(std::net::IpAddr) -> bool,
     pub now: f64,
 }
 
@@ -69,7 +72,7 @@ fn mode(m: Mode) -> placement::Mode {
 }
 
 pub fn decide(input: &Input) -> Decision {
-    let Input { defs, defs_rev, nodes, previous, holder, now } = *input;
+    let Input { defs, defs_rev, nodes, previous, holder, waits, now } = *input;
     // Standby nodes first: their ports come first among takers (seed 003).
     let mut order: Vec<usize> = (0..nodes.len()).collect();
     order.sort_by_key(|&i| (nodes[i].1.record.role != Role::Standby, nodes[i].0));
@@ -182,7 +185,9 @@ pub fn decide(input: &Input) -> Decision {
         let want: Option<usize> = run.filter(|r| !r.stranded && r.allowed != 0).and_then(|r| slots(r.allowed).next()).map(|s| port_of[s as usize].0);
         let want_name = want.map(|ni| nodes[order[ni]].0.to_string());
         let want_inc = want.map_or(0, |ni| nodes[order[ni]].1.incarnation);
-        let cur = current[gi].filter(|c| c.owner.is_some());
+        // A release under way (no owner, a holder letting go): the holder is consulted
+        // as if it still owned the group.
+        let cur = current[gi].filter(|c| c.owner.is_some() || c.from.is_some());
         let keep = |c: &GroupAssign| GroupAssign { address: g.address, owner: c.owner.clone(), incarnation: c.incarnation, from: c.from.clone(), wait_ms: c.wait_ms };
         let give = |from: Option<String>, wait_ms: u64| GroupAssign {
             address: g.address,
@@ -191,7 +196,11 @@ pub fn decide(input: &Input) -> Decision {
             from,
             wait_ms,
         };
-        let home_joining = g.node.as_deref().is_some_and(|h| nodes.iter().any(|(n, st)| *n == h && st.joining));
+        let home_joining = g.node.as_deref().is_some_and(|h| match nodes.iter().find(|(n, _)| *n == h) {
+            Some((_, st)) => st.joining,
+            // Not registered: never seen in the cluster, and still within the wait.
+            None => !previous.nodes.iter().any(|x| x.name == h) && waits(g.address),
+        });
         let ga = match cur {
             // Never placed, and its node is on its way: it waits for it.
             None if home_joining => GroupAssign { address: g.address, owner: None, incarnation: 0, from: None, wait_ms: 0 },
@@ -201,13 +210,13 @@ pub fn decide(input: &Input) -> Decision {
                 }
                 give(None, 0)
             }
-            Some(c) if c.owner == want_name && c.incarnation == want_inc => keep(c),
+            Some(c) if c.owner.is_some() && c.owner == want_name && c.incarnation == want_inc => keep(c),
             Some(c) => {
-                let name = c.owner.clone().unwrap_or_default();
+                let name = c.owner.clone().or_else(|| c.from.clone()).unwrap_or_default();
                 match holder(&name, c.incarnation, g.address) {
                     Holder::Live { holding: true } => {
                         out.released.push(gi);
-                        GroupAssign { address: g.address, owner: None, incarnation: 0, from: Some(name), wait_ms: 0 }
+                        GroupAssign { address: g.address, owner: None, incarnation: c.incarnation, from: Some(name), wait_ms: 0 }
                     }
                     Holder::Live { holding: false } => {
                         if let Some(w) = &want_name {
@@ -222,6 +231,7 @@ pub fn decide(input: &Input) -> Decision {
                         give(Some(name), wait_ms)
                     }
                     Holder::Unknown => keep(c),
+                    // (A release whose holder is gone or let go falls under the arms above.)
                 }
             }
         };
@@ -241,7 +251,8 @@ pub fn decide(input: &Input) -> Decision {
             Health::Failed
         } else if matches!(was.get(name).map(|h| h.health), Some(Health::Failed | Health::Recovered | Health::Down)) && !holds.contains_key(name) {
             Health::Recovered
-        } else if st.record.role == Role::Standby {
+        } else if st.record.role == Role::Standby && !holds.contains_key(name) {
+            // A standby node that took something over is active (seed 003).
             Health::Standby
         } else {
             Health::Active
@@ -265,4 +276,197 @@ pub fn decide(input: &Input) -> Decision {
 /// The assignment record for a decision.
 pub fn record(d: &Decision, leader: &str, term: i64, defs_rev: i64, now: f64) -> AssignRecord {
     AssignRecord { leader: leader.into(), term, defs: defs_rev, groups: d.groups.clone(), nodes: d.nodes.clone(), at: now }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The leader's decision, scenario by scenario: nodes (role, ports, alive, what they
+    //! hold), the previous assignment, and who holds each group after.
+    use super::*;
+    use crate::records::{GroupDef, PortRecord};
+
+    fn node(name: &str, role: Role, ports_up: &[bool], holding: &[&str]) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            role,
+            address: String::new(),
+            heartbeat: vec![],
+            ports: ports_up
+                .iter()
+                .enumerate()
+                .map(|(i, up)| PortRecord { name: format!("eth{i}"), up: *up, subnets: vec!["192.0.2.0/24".into()], vlans: vec![], weight: 1 })
+                .collect(),
+            fenced: false,
+            since: 0.0,
+            holding: holding.iter().map(|a| a.parse().unwrap()).collect(),
+            replaces: None,
+            took: vec![],
+        }
+    }
+
+    fn group(addr: &str, home: Option<&str>, rebalance: bool) -> GroupDef {
+        GroupDef {
+            address: addr.parse().unwrap(),
+            prefix: 24,
+            count: 1,
+            vlan: 0,
+            mode: Mode::Spread,
+            node: home.map(String::from),
+            adapters: vec!["eth0".into(), "eth1".into()],
+            failover: true,
+            rebalance,
+        }
+    }
+
+    fn assigned(groups: &[(&str, Option<&str>)]) -> AssignRecord {
+        AssignRecord {
+            groups: groups
+                .iter()
+                .map(|(a, o)| GroupAssign { address: a.parse().unwrap(), owner: o.map(String::from), incarnation: 1, from: None, wait_ms: 0 })
+                .collect(),
+            nodes: vec![],
+            ..Default::default()
+        }
+    }
+
+    /// (node, alive, joining) and the records; the holder status from `gone`.
+    struct Scn {
+        defs: Defs,
+        records: Vec<NodeRecord>,
+        alive: Vec<(bool, bool)>,
+        previous: AssignRecord,
+        gone: Vec<(&'static str, u64)>,
+        unknown: Vec<&'static str>,
+    }
+
+    fn run(s: &Scn) -> Decision {
+        let nodes: Vec<(&str, NodeState)> = s
+            .records
+            .iter()
+            .zip(&s.alive)
+            .map(|(r, (alive, joining))| (r.name.as_str(), NodeState { incarnation: 1, record: r, alive: *alive, joining: *joining }))
+            .collect();
+        let holder = |name: &str, _inc: u64, addr: std::net::IpAddr| -> Holder {
+            if let Some((_, w)) = s.gone.iter().find(|(n, _)| *n == name) {
+                return Holder::Gone { wait_ms: *w };
+            }
+            if s.unknown.contains(&name) {
+                return Holder::Unknown;
+            }
+            let holding = s.records.iter().any(|r| r.name == name && r.holding.contains(&addr));
+            Holder::Live { holding }
+        };
+        decide(&Input { defs: &s.defs, defs_rev: 1, nodes: &nodes, previous: &s.previous, holder: &holder, waits: &|_| true, now: 0.0 })
+    }
+
+    fn owners(d: &Decision) -> Vec<Option<&str>> {
+        d.groups.iter().map(|g| g.owner.as_deref()).collect()
+    }
+
+    fn defs(groups: Vec<GroupDef>) -> Defs {
+        Defs { source: String::new(), groups }
+    }
+
+    #[test]
+    fn groups_start_at_home_and_wait_for_a_joining_home() {
+        let s = Scn {
+            defs: defs(vec![group("192.0.2.50", Some("n0"), false), group("192.0.2.51", Some("n1"), false), group("192.0.2.52", None, false)]),
+            records: vec![node("n0", Role::Active, &[true, true], &[]), node("n1", Role::Active, &[true, true], &[])],
+            alive: vec![(true, false), (false, true)],
+            previous: AssignRecord::default(),
+            gone: vec![],
+            unknown: vec![],
+        };
+        let d = run(&s);
+        // n1 joining: its group waits; the homeless group starts on the only active node.
+        assert_eq!(owners(&d), [Some("n0"), None, Some("n0")]);
+        // n1 alive: it gets its own group.
+        let s = Scn { alive: vec![(true, false), (true, false)], previous: record(&d, "n0", 1, 1, 0.0), ..s };
+        assert_eq!(owners(&run(&s)), [Some("n0"), Some("n1"), Some("n0")]);
+    }
+
+    #[test]
+    fn a_dead_node_s_groups_move_once_it_is_proved_silent() {
+        let base = || Scn {
+            defs: defs(vec![group("192.0.2.50", Some("n0"), false), group("192.0.2.51", Some("n1"), false)]),
+            records: vec![node("n0", Role::Active, &[true, true], &["192.0.2.50"]), node("n1", Role::Active, &[true, true], &["192.0.2.51"])],
+            alive: vec![(true, false), (false, false)],
+            previous: assigned(&[("192.0.2.50", Some("n0")), ("192.0.2.51", Some("n1"))]),
+            gone: vec![],
+            unknown: vec!["n1"],
+        };
+        // Not proved silent: it stays (nobody else answers it).
+        assert_eq!(owners(&run(&base())), [Some("n0"), Some("n1")]);
+        // Cut, and it had answered on etcd's word: moves, the new owner waits.
+        let d = run(&Scn { gone: vec![("n1", 83)], unknown: vec![], ..base() });
+        assert_eq!(owners(&d), [Some("n0"), Some("n0")]);
+        assert_eq!((d.groups[1].from.as_deref(), d.groups[1].wait_ms), (Some("n1"), 83));
+        assert_eq!(d.moved, [(1, Some("n1".into()), "n0".into())]);
+        assert_eq!(d.nodes.iter().map(|h| (h.name.as_str(), h.health)).collect::<Vec<_>>(), [("n0", Health::Active), ("n1", Health::Failed)]);
+    }
+
+    #[test]
+    fn a_live_holder_lets_go_before_the_group_moves() {
+        // n1 lost both ports: the core moves its group; n1 still holds it.
+        let base = || Scn {
+            defs: defs(vec![group("192.0.2.51", Some("n1"), false)]),
+            records: vec![node("n0", Role::Active, &[true, true], &[]), node("n1", Role::Active, &[false, false], &["192.0.2.51"])],
+            alive: vec![(true, false), (true, false)],
+            previous: assigned(&[("192.0.2.51", Some("n1"))]),
+            gone: vec![],
+            unknown: vec![],
+        };
+        let d = run(&base());
+        assert_eq!(owners(&d), [None], "first nobody: n1 must let go");
+        assert_eq!(d.released, [0]);
+        // Until n1's record says it let go, nobody gets it.
+        let d2 = run(&Scn { previous: record(&d, "n0", 1, 1, 0.0), ..base() });
+        assert_eq!(owners(&d2), [None], "given away while n1 still holds it");
+        // n1 let go (its record no longer holds it): now n0.
+        let mut s = base();
+        s.records[1].holding.clear();
+        s.previous = record(&d, "n0", 1, 1, 0.0);
+        let d = run(&s);
+        assert_eq!(owners(&d), [Some("n0")]);
+        assert_eq!(d.groups[0].wait_ms, 0);
+    }
+
+    #[test]
+    fn a_recovered_node_takes_nothing_back_unless_rebalance() {
+        let s = Scn {
+            defs: defs(vec![group("192.0.2.50", Some("n1"), false), group("192.0.2.51", Some("n1"), true)]),
+            records: vec![node("n0", Role::Active, &[true, true], &["192.0.2.50", "192.0.2.51"]), node("n1", Role::Active, &[true, true], &[])],
+            alive: vec![(true, false), (true, false)],
+            previous: AssignRecord {
+                nodes: vec![NodeHealth { name: "n1".into(), health: Health::Failed, since: 0.0 }],
+                ..assigned(&[("192.0.2.50", Some("n0")), ("192.0.2.51", Some("n0"))])
+            },
+            gone: vec![],
+            unknown: vec![],
+        };
+        let d = run(&s);
+        // The rebalance group is asked back (n0 lets go first); the other stays.
+        assert_eq!(owners(&d), [Some("n0"), None]);
+        assert_eq!(d.nodes.iter().find(|h| h.name == "n1").unwrap().health, Health::Recovered);
+    }
+
+    #[test]
+    fn a_standby_node_takes_over_first() {
+        let s = Scn {
+            defs: defs(vec![group("192.0.2.50", Some("n0"), false)]),
+            records: vec![
+                node("n0", Role::Active, &[true, true], &["192.0.2.50"]),
+                node("n1", Role::Active, &[true, true], &[]),
+                node("s1", Role::Standby, &[true, true], &[]),
+            ],
+            alive: vec![(false, false), (true, false), (true, false)],
+            previous: assigned(&[("192.0.2.50", Some("n0"))]),
+            gone: vec![("n0", 0)],
+            unknown: vec![],
+        };
+        let d = run(&s);
+        assert_eq!(owners(&d), [Some("s1")]);
+        // Having taken over, the standby node is active (seed 003).
+        assert_eq!(d.nodes.iter().find(|h| h.name == "s1").unwrap().health, Health::Active);
+    }
 }

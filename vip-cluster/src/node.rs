@@ -317,6 +317,10 @@ struct Node<A: Agent> {
     replaces: Option<u64>,
     cluster_hash: u64,
     last_tick: u64,
+    /// Takeovers this node completed (for its record).
+    took: Vec<crate::records::Took>,
+    /// When the leader first saw each group (for [`HOME_WAIT`]).
+    unplaced: HashMap<IpAddr, f64>,
 }
 
 async fn run<A: Agent>(cfg: Config, agent: A, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -366,6 +370,8 @@ async fn run<A: Agent>(cfg: Config, agent: A, mut rx: mpsc::UnboundedReceiver<Cm
         last_etcd: 0.0,
         replaces: None,
         last_tick: 0,
+        took: vec![],
+        unplaced: HashMap::new(),
     };
     let mut tick = tokio::time::interval(n.cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -388,7 +394,14 @@ async fn run<A: Agent>(cfg: Config, agent: A, mut rx: mpsc::UnboundedReceiver<Cm
                 if let Ok((len, _)) = r {
                     if let Ok(hb) = Heartbeat::decode(&buf[..len]) {
                         if hb.cluster == n.cluster_hash {
-                            n.peers.receive(&hb, boot_ns());
+                            let now = boot_ns();
+                            let was = n.peers.heard(&hb.from).is_some_and(|h| h.1);
+                            n.peers.receive(&hb, now);
+                            // A peer that just said it stopped answering: its groups may
+                            // move now, not at the next tick.
+                            if hb.flags & crate::wire::FLAG_LEAVING != 0 && !was {
+                                n.lead(now);
+                            }
                         }
                     }
                 }
@@ -439,6 +452,7 @@ impl<A: Agent> Node<A> {
             since: unix_now(),
             holding: self.said.clone(),
             replaces: self.replaces,
+            took: self.took.clone(),
         }
     }
 
@@ -521,6 +535,8 @@ impl<A: Agent> Node<A> {
         tracing::info!("cluster: leaving: stop answering, then tell the cluster");
         self.leaving = true;
         self.set_deadline(0);
+        // The peers hear it at once (the leader acts on it), etcd right after.
+        self.send_heartbeats(boot_ns());
         self.hold(vec![]);
         self.write_state();
     }
@@ -634,9 +650,12 @@ impl<A: Agent> Node<A> {
                 self.record_busy = false;
                 match (r, intent) {
                     (Ok(true), Intent::Acquire { held, at, wait_ns }) => {
+                        tracing::debug!(groups = held.len(), ms = (boot_ns() - at) as f64 / 1e6, "cluster: holding recorded");
                         self.said = held.clone();
                         self.last_etcd = unix_now();
                         self.pending = Some((held, at + wait_ns));
+                        // Answer now if there is nothing to wait for.
+                        self.reconcile();
                     }
                     (Ok(true), Intent::State) => self.last_etcd = unix_now(),
                     (Ok(false), _) => {
@@ -679,7 +698,27 @@ impl<A: Agent> Node<A> {
             }
             Done::Held(h) => {
                 self.hold_busy = false;
+                // Groups that arrived from another node: answered from now on.
+                let mut from: BTreeMap<String, usize> = BTreeMap::new();
+                if let Some((_, a)) = &self.mirror.assign {
+                    for g in a.groups.iter().filter(|g| h.contains(&g.address) && !self.held.contains(&g.address)) {
+                        if let Some(f) = g.from.as_ref().filter(|f| **f != self.cfg.node) {
+                            *from.entry(f.clone()).or_default() += 1;
+                        }
+                    }
+                }
+                let now = unix_now();
+                for (f, groups) in from {
+                    tracing::info!(from = %f, groups, "cluster: took over; answering");
+                    self.took.push(crate::records::Took { from: f, groups, at: now });
+                }
+                let skip = self.took.len().saturating_sub(TOOK_KEPT);
+                self.took.drain(..skip);
+                let took_new = self.held.len() < h.len();
                 self.held = h;
+                if took_new {
+                    self.write_state();
+                }
                 // Released groups: now say so.
                 if self.said.iter().any(|a| !self.held.contains(a)) && self.pending.as_ref().is_none_or(|p| p.0 != self.said) {
                     self.said.retain(|a| self.held.contains(a));
@@ -687,6 +726,7 @@ impl<A: Agent> Node<A> {
                 }
             }
             Done::Lease(lease, _) if lease != 0 && lease != self.lease => {}
+            Done::Lease(_, true) => self.last_etcd = unix_now(),
             Done::Lease(_, alive) => {
                 if !alive {
                     if self.inc != 0 {
@@ -787,7 +827,9 @@ impl<A: Agent> Node<A> {
                             let _ = tx.send(Done::Lease(lease, false));
                             return;
                         }
-                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(Some(_))) => {
+                            let _ = tx.send(Done::Lease(lease, true));
+                        }
                         _ => break,
                     }
                     tokio::time::sleep(every).await;
@@ -822,6 +864,8 @@ impl<A: Agent> Node<A> {
             }
         }
         self.reconcile();
+        // Whatever changed may call for a decision now rather than at the next tick.
+        self.lead(boot_ns());
     }
 
     /// The groups the assignment gives this incarnation (an assignment older than our
@@ -936,28 +980,7 @@ impl<A: Agent> Node<A> {
                 let heard = self.peers.heard(&x).map(|h| (now.saturating_sub(h.0) / 1_000_000) as i64).unwrap_or(-1);
                 tracing::warn!(peer = name.as_deref().unwrap_or("?"), incarnation = x.incarnation, heard_ms_ago = heard, "cluster: peer suspected (silent); no longer acked");
             }
-            let hb = self.peers.heartbeat(self.cluster_hash, self.leaving || self.fenced, now).encode();
-            let targets: Vec<SocketAddr> = self
-                .mirror
-                .nodes
-                .iter()
-                .filter(|(n, _)| **n != self.cfg.node)
-                .flat_map(|(_, (_, _, r))| r.heartbeat.iter().filter_map(|a| a.parse().ok()))
-                .collect();
-            let mut sent = 0;
-            for (_, s, subnets) in &self.socks {
-                for t in targets.iter().filter(|t| subnets.iter().any(|n| n.contains(&t.ip()))) {
-                    // A plain non-blocking send: a heartbeat that does not fit now is
-                    // simply not sent (the next one follows in one period).
-                    match s.send_to(&hb, *t) {
-                        Ok(_) => sent += 1,
-                        Err(e) => tracing::trace!(to = %t, error = %e, "heartbeat not sent"),
-                    }
-                }
-            }
-            if sent == 0 && !targets.is_empty() {
-                tracing::debug!(targets = targets.len(), sockets = self.socks.len(), "cluster: no heartbeat went out");
-            }
+            self.send_heartbeats(now);
         }
         self.keep_deadline(now);
         if self.record_needs_rewrite() {
@@ -967,13 +990,46 @@ impl<A: Agent> Node<A> {
         self.lead(now);
     }
 
+    /// One heartbeat to every peer address an up adapter reaches.
+    fn send_heartbeats(&mut self, now: u64) {
+        if self.inc == 0 {
+            return;
+        }
+        let hb = self.peers.heartbeat(self.cluster_hash, self.leaving || self.fenced, now).encode();
+        let targets: Vec<SocketAddr> = self
+            .mirror
+            .nodes
+            .iter()
+            .filter(|(n, _)| **n != self.cfg.node)
+            .flat_map(|(_, (_, _, r))| r.heartbeat.iter().filter_map(|a| a.parse().ok()))
+            .collect();
+        let mut sent = 0;
+        for (_, s, subnets) in &self.socks {
+            for t in targets.iter().filter(|t| subnets.iter().any(|n| n.contains(&t.ip()))) {
+                // A plain non-blocking send: a heartbeat that does not fit now is
+                // simply not sent (the next one follows in one period).
+                match s.send_to(&hb, *t) {
+                    Ok(_) => sent += 1,
+                    Err(e) => tracing::trace!(to = %t, error = %e, "heartbeat not sent"),
+                }
+            }
+        }
+        if sent == 0 && !targets.is_empty() {
+            tracing::debug!(targets = targets.len(), sockets = self.socks.len(), "cluster: no heartbeat went out");
+        }
+    }
+
     fn record_needs_rewrite(&self) -> bool {
         let Some((c, _, r)) = self.mirror.nodes.get(&self.cfg.node) else { return false };
         if *c != self.inc || self.record_busy {
             return false;
         }
         let now = self.record();
-        r.fenced != now.fenced || r.ports != now.ports || r.heartbeat != now.heartbeat || (r.holding != now.holding && self.pending.is_none())
+        r.fenced != now.fenced
+            || r.ports != now.ports
+            || r.heartbeat != now.heartbeat
+            || r.took != now.took
+            || (r.holding != now.holding && self.pending.is_none())
     }
 
     /// The answering deadline: what the peers prove, or etcd when they cannot.
@@ -1034,10 +1090,19 @@ impl<A: Agent> Node<A> {
 
 /// Takeover records kept in etcd.
 const TAKEOVERS_KEPT: usize = 64;
+/// How long a group never placed waits for its home node to register.
+const HOME_WAIT: Duration = Duration::from_secs(5);
+/// Takeovers a node keeps in its own record.
+const TOOK_KEPT: usize = 8;
 
 impl<A: Agent> Node<A> {
     fn incarnation_of(&self, name: &str) -> Option<u64> {
         self.mirror.nodes.get(name).map(|n| n.0 as u64)
+    }
+
+    /// Its last heartbeat said it stopped answering (it is leaving, or has no adapter).
+    fn said_leaving(&self, name: &str, inc: u64) -> bool {
+        self.peers.heard(&Incarnation { node: name_hash(name), incarnation: inc }).is_some_and(|h| h.1)
     }
 
     fn is_cut(&self, name: &str, inc: u64, now: u64) -> bool {
@@ -1093,9 +1158,9 @@ impl<A: Agent> Node<A> {
                 cut.push((name.clone(), *c));
                 false
             } else {
-                member && heard && !r.fenced
+                member && heard && !r.fenced && !self.said_leaving(name, inc)
             };
-            joining.insert(name.clone(), !a && !r.fenced && !cut.iter().any(|(n, _)| n == name));
+            joining.insert(name.clone(), !a && !r.fenced && !self.said_leaving(name, inc) && !cut.iter().any(|(n, _)| n == name));
             if !a {
                 self.suspected.entry(name.clone()).or_insert_with(unix_now);
             } else {
@@ -1111,18 +1176,30 @@ impl<A: Agent> Node<A> {
             .filter(|(n, _)| !cut_names.contains(n.as_str()))
             .map(|(n, (c, _, r))| (n.as_str(), NodeState { incarnation: *c as u64, record: r, alive: alive[n], joining: joining[n] }))
             .collect();
+        // A group waits at most HOME_WAIT for a home node that has never registered.
+        let t = unix_now();
+        for g in &defs.groups {
+            self.unplaced.entry(g.address).or_insert(t);
+        }
+        self.unplaced.retain(|a, _| defs.groups.iter().any(|g| g.address == *a));
         let previous = self.mirror.assign.as_ref().map(|a| a.1.clone()).unwrap_or_default();
         let mirror = &self.mirror;
         let reasons: std::cell::RefCell<HashMap<String, &'static str>> = Default::default();
+        let relied: std::cell::RefCell<HashSet<String>> = Default::default();
         let holder = |name: &str, inc: u64, addr: IpAddr| -> Holder {
             let (h, why) = match mirror.nodes.get(name) {
                 Some((c, _, r)) if *c as u64 == inc => {
                     if cut_names.contains(name) {
                         (Holder::Gone { wait_ms: if mirror.fences.contains_key(name) { fence_wait_ms } else { 0 } }, "silent")
-                    } else if r.fenced {
+                    } else if r.fenced || self.said_leaving(name, inc) {
                         (Holder::Gone { wait_ms: 0 }, "down")
                     } else {
-                        (Holder::Live { holding: r.holding.contains(&addr) }, "handover")
+                        let holding = r.holding.contains(&addr);
+                        if !holding {
+                            // The move rests on this record: it must still be current.
+                            relied.borrow_mut().insert(name.to_string());
+                        }
+                        (Holder::Live { holding }, "handover")
                     }
                 }
                 Some((_, _, r)) if r.replaces == Some(inc) => (Holder::Gone { wait_ms: 0 }, "restarted"),
@@ -1132,7 +1209,9 @@ impl<A: Agent> Node<A> {
             reasons.borrow_mut().insert(name.to_string(), why);
             h
         };
-        let d = leader::decide(&leader::Input { defs: &defs, defs_rev, nodes: &states, previous: &previous, holder: &holder, now: unix_now() });
+        let unplaced = &self.unplaced;
+        let waits = |a: IpAddr| unplaced.get(&a).is_some_and(|since| t - since < HOME_WAIT.as_secs_f64());
+        let d = leader::decide(&leader::Input { defs: &defs, defs_rev, nodes: &states, previous: &previous, holder: &holder, waits: &waits, now: t });
         let record = leader::record(&d, &self.cfg.node, self.election, defs_rev, unix_now());
         let new_members = MembersRecord {
             members: self
@@ -1180,6 +1259,7 @@ impl<A: Agent> Node<A> {
                     vips,
                     to,
                     leader: self.cfg.node.clone(),
+                    answered_at: 0.0,
                 }
             })
             .collect();
@@ -1198,10 +1278,11 @@ impl<A: Agent> Node<A> {
                 ops.push(TxnOp::delete(self.keys.election(name), None));
             }
         }
-        // The records the decision read (what they hold) must still be current.
-        for (name, (_, m, _)) in &self.mirror.nodes {
-            if !cut_names.contains(name.as_str()) && *name != self.cfg.node {
-                compares.push(Compare::mod_revision(self.keys.node(name), CompareOp::Equal, *m));
+        // The records a move rested on (their holder said it does not hold the group)
+        // must still be current.
+        for name in relied.into_inner() {
+            if let Some((_, m, _)) = self.mirror.nodes.get(&name) {
+                compares.push(Compare::mod_revision(self.keys.node(&name), CompareOp::Equal, *m));
             }
         }
         if assign_changed {
@@ -1221,6 +1302,7 @@ impl<A: Agent> Node<A> {
         }
         let (ekey, term) = (self.keys.election(&self.cfg.node), self.election);
         self.leader_busy = true;
+        tracing::debug!(cut = cut.len(), moved = d.moved.len(), released = d.released.len(), members_changed, "cluster: leader writes");
         self.spawn(async move { Done::Leader(store::leader_txn(&mut client, &ekey, term, compares, ops).await, takeovers) });
     }
 
@@ -1291,7 +1373,22 @@ impl<A: Agent> Node<A> {
             },
             nodes,
             groups,
-            takeovers: self.mirror.takeovers.clone(),
+            takeovers: self
+                .mirror
+                .takeovers
+                .iter()
+                .map(|t| {
+                    // The first answer: the earliest report, by a node it went to, at or
+                    // after the decision (clocks of different nodes: unix time, NTP).
+                    let answered = t
+                        .to
+                        .iter()
+                        .filter_map(|n| self.mirror.nodes.get(n))
+                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - 1.0).map(|k| k.at))
+                        .fold(f64::INFINITY, f64::min);
+                    TakeoverRecord { answered_at: if answered.is_finite() { answered } else { 0.0 }, ..t.clone() }
+                })
+                .collect(),
             holding: self.held.iter().map(|a| a.to_string()).collect(),
         }
     }

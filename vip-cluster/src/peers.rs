@@ -36,6 +36,9 @@ pub fn rate_margin(d: u64) -> u64 {
 
 /// Own heartbeats remembered (for their send times): 4 s at 10 ms.
 const SENT_KEPT: usize = 400;
+/// A member never heard from is suspected only this long after it joined: its first
+/// heartbeats may wait for the network (address resolution) and it holds nothing yet.
+pub const JOIN_GRACE_NS: u64 = 2_000_000_000;
 /// Former members remembered.
 const FORMER_KEPT: usize = 64;
 /// Member lists remembered by version (for peers that still go by an older one).
@@ -188,8 +191,8 @@ impl Peers {
         self.view_since = now;
     }
 
-    /// Suspects the peers silent for `suspect` (never heard: since they joined). Returns
-    /// the ones suspected now.
+    /// Suspects the peers silent for `suspect` (never heard: [`JOIN_GRACE_NS`] after they
+    /// joined, since a new member holds nothing yet). Returns the ones suspected now.
     pub fn tick(&mut self, now: u64) -> Vec<Incarnation> {
         let s = self.timing.suspect_ns;
         let mut new = vec![];
@@ -197,8 +200,11 @@ impl Peers {
             if self.stopped.contains_key(who) {
                 continue;
             }
-            let since = p.heard_at.unwrap_or(p.known_at);
-            if now.saturating_sub(since) >= s {
+            let (since, after) = match p.heard_at {
+                Some(h) => (h, s),
+                None => (p.known_at, s.max(JOIN_GRACE_NS)),
+            };
+            if now.saturating_sub(since) >= after {
                 self.stopped.insert(*who, p.heard_at);
                 new.push(*who);
             }

@@ -51,6 +51,18 @@ pub struct NodeRecord {
     /// (a restarted agent): that one's VIPs may move at once.
     #[serde(default)]
     pub replaces: Option<u64>,
+    /// Groups it took from other nodes, when its data plane started answering them (the
+    /// last few): the "first answer by the new owner" of a takeover.
+    #[serde(default)]
+    pub took: Vec<Took>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Took {
+    pub from: String,
+    pub groups: usize,
+    /// Unix time its data plane answered them.
+    pub at: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,4 +223,8 @@ pub struct TakeoverRecord {
     pub vips: usize,
     pub to: Vec<String>,
     pub leader: String,
+    /// When the new owner first answered (unix time; filled in by `cluster status` from
+    /// the new owner's record, 0 until then).
+    #[serde(default)]
+    pub answered_at: f64,
 }
