@@ -7,9 +7,10 @@
 //!   etcd e0..e2  ── br1 (10.99.0.0/24) ── cl0 of every node
 //! ```
 //!
-//! Node `k`: eth0/eth1 are 192.0.2.(10+10k)/(11+10k), cl0 is 10.99.0.(1+k); etcd member
-//! `m` is 10.99.0.(201+m). Node `k`'s adapter `j` has MAC 02:00:00:1k:00:0j, so a MAC
-//! says which node answered.
+//! Node `k` (up to 40): eth0/eth1 are 192.0.2.(10+2k)/(11+2k), cl0 is 10.99.0.(1+k);
+//! clients are 192.0.2.(150+i); the groups of [`ClusterLab::defs_text`] start at
+//! 192.0.2.(180+k); etcd member `m` is 10.99.0.(201+m). Node `k`'s adapter `j` has MAC
+//! 02:00:00:(0x10+k):00:0j, so a MAC says which node answered.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -42,7 +43,7 @@ pub fn node_of(mac: Mac) -> Option<usize> {
 }
 
 pub fn node_ip(k: usize, j: usize) -> Ipv4Addr {
-    Ipv4Addr::new(192, 0, 2, 10 + 10 * k as u8 + j as u8)
+    Ipv4Addr::new(192, 0, 2, 10 + 2 * k as u8 + j as u8)
 }
 
 pub fn etcd_ip(m: usize) -> Ipv4Addr {
@@ -51,7 +52,7 @@ pub fn etcd_ip(m: usize) -> Ipv4Addr {
 
 /// The group of VIPs homed on node `k` in [`ClusterLab::defs`].
 pub fn vip_of(k: usize) -> Ipv4Addr {
-    Ipv4Addr::new(192, 0, 2, 50 + k as u8)
+    Ipv4Addr::new(192, 0, 2, 180 + k as u8)
 }
 
 pub struct EtcdMember {
@@ -115,8 +116,43 @@ pub struct ClusterLab {
     pub clients: Vec<Client>,
     /// Keeps the pass programs on the switch ports (XDP_TX on a veth needs one there).
     _dp: Dataplane,
+    _neigh: Option<NeighLimit>,
     pub defs: PathBuf,
     _dir: TempDir,
+}
+
+/// The kernel's ARP table is one for all namespaces (`gc_thresh3`, 1024 by default), and
+/// each node resolves every peer address on each adapter of its subnet: about 75 entries a
+/// node at 16 nodes, so a big lab would overflow it and its last nodes could reach nobody.
+/// Raised for big labs and put back on drop.
+struct NeighLimit(Vec<(String, String)>);
+
+impl NeighLimit {
+    fn raise(nodes: usize) -> Option<NeighLimit> {
+        if nodes <= 8 {
+            return None;
+        }
+        let mut old = vec![];
+        for (key, want) in [("gc_thresh3", 16384u32), ("gc_thresh2", 8192), ("gc_thresh1", 1024)] {
+            for family in ["ipv4", "ipv6"] {
+                let path = format!("/proc/sys/net/{family}/neigh/default/{key}");
+                let Ok(v) = std::fs::read_to_string(&path) else { continue };
+                if v.trim().parse::<u32>().is_ok_and(|v| v < want) && std::fs::write(&path, want.to_string()).is_ok() {
+                    old.push((path, v.trim().to_string()));
+                }
+            }
+        }
+        Some(NeighLimit(old))
+    }
+}
+
+impl Drop for NeighLimit {
+    fn drop(&mut self) {
+        // thresh1 <= thresh2 <= thresh3 must hold at each step: put back in reverse.
+        for (path, v) in self.0.iter().rev() {
+            let _ = std::fs::write(path, v);
+        }
+    }
 }
 
 /// Timing the lab's nodes run with (the defaults).
@@ -135,6 +171,8 @@ impl Default for Timing {
 impl ClusterLab {
     /// `nodes` nodes and `clients` clients, etcd up and healthy; agents not started.
     pub fn new(nodes: usize, clients: usize) -> ClusterLab {
+        assert!(nodes <= 40 && clients <= 30, "the lab's address plan");
+        let neigh = NeighLimit::raise(nodes);
         let sw = NetNs::new("csw");
         for br in ["br0", "br1"] {
             sw.ip(&["link", "add", br, "type", "bridge"]);
@@ -210,7 +248,7 @@ impl ClusterLab {
                 let port = format!("cc{i}");
                 veth(&ns, "eth0", &mac_str(&mac), &sw, &port, &format!("02:00:00:00:08:{i:02x}"));
                 sw.ip(&["link", "set", &port, "master", "br0"]);
-                let ip4 = Ipv4Addr::new(192, 0, 2, 100 + i as u8);
+                let ip4 = Ipv4Addr::new(192, 0, 2, 150 + i as u8);
                 ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
                 let ip6 = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100 + i as u16);
                 sw.run(|| dp.attach_pass(&port, XdpMode::Driver).unwrap_or_else(|e| panic!("{e}")));
@@ -218,7 +256,7 @@ impl ClusterLab {
             })
             .collect();
         let defs = dir.0.join("defs.toml");
-        let lab = ClusterLab { sw, etcd, nodes: ns_nodes, clients, _dp: dp, defs, _dir: dir };
+        let lab = ClusterLab { sw, etcd, nodes: ns_nodes, clients, _dp: dp, _neigh: neigh, defs, _dir: dir };
         lab.wait_etcd(Duration::from_secs(20));
         lab
     }
@@ -372,9 +410,13 @@ impl ClusterLab {
 
     /// Pulls every cable of node `k` (its switch ports down).
     pub fn unplug(&self, k: usize) {
-        for p in &self.nodes[k].ports {
-            self.sw.ip(&["link", "set", p, "down"]);
-        }
+        use std::io::Write;
+        // One `ip -batch`: the node drops off every wire within a millisecond, not three
+        // process starts apart.
+        let batch: String = self.nodes[k].ports.iter().map(|p| format!("link set {p} down\n")).collect();
+        let mut c = Command::new("ip").args(["-n", &self.sw.name, "-batch", "-"]).stdin(Stdio::piped()).spawn().expect("ip -batch");
+        c.stdin.take().expect("stdin").write_all(batch.as_bytes()).expect("ip -batch input");
+        assert!(c.wait().expect("ip -batch").success(), "unplugging node {k}");
     }
 
     pub fn agent(&self, k: usize) -> &AgentProc {

@@ -3,6 +3,7 @@
 pub mod agentproc;
 pub mod bench;
 pub mod cluster;
+pub mod cluster_bench;
 pub mod failover;
 pub mod fixtures;
 pub mod netns;

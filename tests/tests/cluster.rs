@@ -325,13 +325,13 @@ fn definitions_change_without_restarts() {
         return;
     }
     let mut lab = running(2, 1);
-    let extra = std::net::Ipv4Addr::new(192, 0, 2, 70);
+    let extra = std::net::Ipv4Addr::new(192, 0, 2, 120);
     let text = format!("{}[[vip]]\naddress = \"{extra}/24\"\ncount = 4\nnode = \"n1\"\nadapters = [\"eth0\", \"eth1\"]\nmode = \"all\"\n", lab.defs_text(1, "spread"));
     let out = lab.apply(0, &text);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     lab.wait_cluster(1, "the new group held by n1", Duration::from_secs(5), |s| s.holding.contains(&extra.to_string()));
     let c = &lab.clients[0];
-    let arp = ArpWatch::start(&c.ns, &c.iface, c.mac, c.ip4, std::net::Ipv4Addr::new(192, 0, 2, 73), ARP_EVERY).unwrap();
+    let arp = ArpWatch::start(&c.ns, &c.iface, c.mac, c.ip4, std::net::Ipv4Addr::new(192, 0, 2, 123), ARP_EVERY).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(arp.seen().iter().any(|a| node_of(a.mac) == Some(1)), "the last address of the new group is not answered by n1");
     // Removed again: no longer answered.
@@ -344,10 +344,65 @@ fn definitions_change_without_restarts() {
     let late: Vec<_> = arp.seen().into_iter().filter(|a| a.at_ns > t).collect();
     assert!(late.is_empty(), "a removed VIP is still answered: {late:?}");
     // A bad file is refused with its line and key, and changes nothing.
-    let out = lab.apply(0, "[[vip]]\naddress = \"192.0.2.80/24\"\nmode = \"sometimes\"\n");
+    let out = lab.apply(0, "[[vip]]\naddress = \"192.0.2.130/24\"\nmode = \"sometimes\"\n");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(":3: vip[0].mode:"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(lab.cluster_status(0).unwrap().groups.len(), 2);
     drop(arp);
     stop_all(&mut lab);
+}
+
+/// `cargo xtask run -- lab --cluster`, as an operator runs it: the example definitions
+/// are applied, a node is killed on the timer and another takes its groups over (printed
+/// with its timings), the node comes back; Ctrl-C stops it and leaves no namespace, etcd
+/// or agent behind.
+#[test]
+fn the_cluster_lab_runs_kills_a_node_and_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    if !root_or_skip("the_cluster_lab_runs_kills_a_node_and_cleans_up") {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vip-lab"))
+        .args(["--cluster", "--kill-every", "6"])
+        .current_dir(&root)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("vip-lab");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen_takeover = false;
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) if l.contains("takeover of") => seen_takeover = true,
+            Ok(l) if l.contains("comes back") && seen_takeover => break,
+            _ => {}
+        }
+    }
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    assert!(status.success(), "vip-lab exited with {status}:\n{out}");
+    for want in ["vip-agent cluster apply", "leader n", "killing n", "takeover of", "first answer by the new owner", "comes back", "removing the lab"] {
+        assert!(out.contains(want), "the lab never printed {want:?}:\n{out}");
+    }
+    // Every group of the example is held by someone at the end.
+    let last = out.lines().rev().find(|l| l.contains("] leader")).unwrap();
+    assert!(!last.contains("-> -"), "a group without an owner: {last}");
+    let left = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(!left.contains(&format!("vipt{pid}-")), "namespaces left behind:\n{left}");
+    let procs = std::process::Command::new("pgrep").args(["-f", &format!("vipt{pid}-")]).output().unwrap();
+    assert!(procs.stdout.is_empty(), "processes left behind: {}", String::from_utf8_lossy(&procs.stdout));
 }

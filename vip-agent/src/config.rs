@@ -154,7 +154,25 @@ pub struct ClusterConfig {
     pub lease_ttl_s: u64,
     /// Every etcd request gives up after this long.
     pub request_timeout_ms: u64,
+    /// Its failover group and pair partner (seed 000): a VIP that leaves this node goes to
+    /// another node of its group other than its partner first.
+    pub group: Option<String>,
+    pub partner: Option<String>,
+    /// `[[cluster.server]]`: hooks per virtual server (by name).
+    pub hooks: Vec<HookConfig>,
     pub line: usize,
+}
+
+/// A virtual server's hooks on this node (seeds 003, 004): executables, never commands
+/// from etcd. See `vip_cluster::hooks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookConfig {
+    pub server: String,
+    pub acquire: Option<PathBuf>,
+    pub release: Option<PathBuf>,
+    pub check: Option<PathBuf>,
+    pub timeout_ms: u64,
+    pub check_interval_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -273,9 +291,15 @@ const CLUSTER_KEYS: &[&str] = &[
     "fence_ms",
     "lease_ttl_s",
     "request_timeout_ms",
+    "group",
+    "partner",
+    "server",
 ];
-const DEFS_ROOT_KEYS: &[&str] = &["vip"];
-const DEF_VIP_KEYS: &[&str] = &["address", "count", "node", "adapters", "vlan", "failover", "mode", "rebalance"];
+/// `[[cluster.server]]`: a virtual server's hooks on this node.
+const HOOK_KEYS: &[&str] = &["name", "acquire", "release", "check", "timeout_ms", "check_interval_ms"];
+const DEFS_ROOT_KEYS: &[&str] = &["vip", "server"];
+const DEF_VIP_KEYS: &[&str] = &["address", "count", "node", "adapters", "vlan", "failover", "mode", "rebalance", "server", "weight"];
+const DEF_SERVER_KEYS: &[&str] = &["name", "node", "priority", "migrate", "rebalance", "weight"];
 const VSERVER_KEYS: &[&str] = &["name", "interface", "vips"];
 const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_interval_ms", "load_interval_ms"];
 const AGENT_KEYS: &[&str] =
@@ -596,17 +620,18 @@ impl<'a> Cx<'a> {
     /// Like [`Cx::tables`], for arrays of tables that may be absent.
     fn optional_tables<'t, 'i>(&mut self, root: &Tbl<'t, 'i>, name: &str, known: &[&str]) -> Vec<Tbl<'t, 'i>> {
         let Some(v) = root.get(name) else { return Vec::new() };
+        let full = root.key(name);
         let Some(items) = v.get_ref().as_array() else {
-            let msg = format!("expected an array of tables ([[{name}]]), found a {}", v.get_ref().type_str());
-            self.err(self.line_of(v), name, msg);
+            let msg = format!("expected an array of tables ([[{full}]]), found a {}", v.get_ref().type_str());
+            self.err(self.line_of(v), full, msg);
             return Vec::new();
         };
         if items.is_empty() {
-            self.err(self.line_of(v), name, format!("at least one [[{name}]] is required"));
+            self.err(self.line_of(v), full.clone(), format!("at least one [[{full}]] is required"));
         }
         let mut out = Vec::new();
         for (j, e) in items.iter().enumerate() {
-            let t = Tbl { t: None, key: format!("{name}[{j}]"), line: self.line_of(e) };
+            let t = Tbl { t: None, key: format!("{full}[{j}]"), line: self.line_of(e) };
             match e.get_ref() {
                 DeValue::Table(x) => {
                     let t = Tbl { t: Some(x), ..t };
@@ -865,6 +890,34 @@ impl<'a> Cx<'a> {
         if endpoints.iter().any(|e| e.starts_with("https://")) && ca.is_none() {
             self.err(self.key_line(&t, "endpoints"), t.key("ca"), "https endpoints need ca (the CA that signed etcd's certificates)");
         }
+        let mut hooks: Vec<HookConfig> = vec![];
+        for h in self.optional_tables(&t, "server", HOOK_KEYS) {
+            let Some(server) = self.req(&h, "name", cluster_name) else { continue };
+            if hooks.iter().any(|x| x.server == server) {
+                self.err(self.key_line(&h, "name"), h.key("name"), format!("hooks for {server:?} are already given"));
+                continue;
+            }
+            let base = self.file.parent().map(Path::to_path_buf).unwrap_or_default();
+            let acquire = self.opt(&h, "acquire", |v| executable(v, &base));
+            let release = self.opt(&h, "release", |v| executable(v, &base));
+            let check = self.opt(&h, "check", |v| executable(v, &base));
+            if acquire.is_none() && release.is_none() && check.is_none() && h.get("acquire").is_none() && h.get("release").is_none() && h.get("check").is_none() {
+                self.err(h.line, h.key("acquire"), "a [[cluster.server]] needs at least one of acquire, release, check");
+            }
+            hooks.push(HookConfig {
+                server,
+                acquire,
+                release,
+                check,
+                timeout_ms: self.opt(&h, "timeout_ms", int(10, 3_600_000)).unwrap_or(30_000),
+                check_interval_ms: self.opt(&h, "check_interval_ms", int(100, 3_600_000)).unwrap_or(5000),
+            });
+        }
+        let group = self.opt(&t, "group", cluster_name);
+        let partner = self.opt(&t, "partner", cluster_name);
+        if partner.is_some() && partner == node {
+            self.err(self.key_line(&t, "partner"), t.key("partner"), "a node cannot be its own partner");
+        }
         let heartbeat_ms = self.opt(&t, "heartbeat_ms", int(1, 1000)).unwrap_or(10);
         let suspect_ms = self.opt(&t, "suspect_ms", int(2, 60_000)).unwrap_or(100);
         let fence_ms = self.opt(&t, "fence_ms", int(1, 60_000)).unwrap_or(80);
@@ -894,12 +947,40 @@ impl<'a> Cx<'a> {
             fence_ms,
             lease_ttl_s: self.opt(&t, "lease_ttl_s", int(1, 3600)).unwrap_or(2),
             request_timeout_ms: self.opt(&t, "request_timeout_ms", int(10, 60_000)).unwrap_or(1000),
+            group,
+            partner,
+            hooks,
             line: t.line,
         })
     }
 
+    /// The `[[server]]` tables of a cluster definitions file (virtual servers, seed 004).
+    fn servers(&mut self, root: &Tbl) -> Vec<(vip_cluster::records::ServerDef, usize)> {
+        let tables = self.optional_tables(root, "server", DEF_SERVER_KEYS);
+        let mut out: Vec<(vip_cluster::records::ServerDef, usize)> = vec![];
+        for t in &tables {
+            let name = self.req(t, "name", cluster_name);
+            if let Some(n) = &name {
+                if let Some((_, line)) = out.iter().find(|(s, _)| s.name == *n) {
+                    self.err(self.key_line(t, "name"), t.key("name"), format!("server {n:?} is already defined at line {line}"));
+                    continue;
+                }
+            }
+            let server = vip_cluster::records::ServerDef {
+                name: name.unwrap_or_default(),
+                node: self.opt(t, "node", cluster_name),
+                priority: self.opt(t, "priority", int(-1000, 1000)).unwrap_or(0),
+                migrate: self.opt(t, "migrate", boolean).unwrap_or(true),
+                rebalance: self.opt(t, "rebalance", boolean).unwrap_or(false),
+                weight: self.opt(t, "weight", int(1, 1_000_000)).unwrap_or(1),
+            };
+            out.push((server, t.line));
+        }
+        out
+    }
+
     /// The `[[vip]]` tables of a cluster definitions file.
-    fn defs(&mut self, root: &Tbl) -> Vec<vip_cluster::records::GroupDef> {
+    fn defs(&mut self, root: &Tbl, servers: &[(vip_cluster::records::ServerDef, usize)]) -> Vec<vip_cluster::records::GroupDef> {
         use vip_cluster::records::{GroupDef, Mode};
         let tables = self.tables(root, "vip", DEF_VIP_KEYS);
         let mut out = Vec::<(GroupDef, usize)>::new();
@@ -938,6 +1019,19 @@ impl<'a> Cx<'a> {
             });
             let mode = self.opt(t, "mode", vip_mode).unwrap_or_default();
             let rebalance = self.opt(t, "rebalance", boolean).unwrap_or(false);
+            let server = self.opt(t, "server", cluster_name);
+            if let Some(sv) = &server {
+                if !servers.iter().any(|(x, _)| x.name == *sv) {
+                    self.err(self.key_line(t, "server"), t.key("server"), format!("no [[server]] is named {sv:?}"));
+                }
+                // Where and when it moves is its server's to say.
+                for k in ["node", "failover", "rebalance", "weight"] {
+                    if t.get(k).is_some() {
+                        self.err(self.key_line(t, k), t.key(k), format!("set on its server ({sv:?}), not on a VIP that belongs to one"));
+                    }
+                }
+            }
+            let weight = self.opt(t, "weight", int(1, 1_000_000)).unwrap_or(1);
             if let Some(a) = address {
                 out.push((
                     GroupDef {
@@ -954,6 +1048,8 @@ impl<'a> Cx<'a> {
                         adapters,
                         failover: self.opt(t, "failover", boolean).unwrap_or(true),
                         rebalance,
+                        server,
+                        weight,
                     },
                     t.line,
                 ));
@@ -1057,6 +1153,20 @@ fn vip_mode(v: &DeValue) -> Result<VipMode, String> {
     }
 }
 
+/// A hook: an executable regular file, absolute or relative to the config's directory
+/// (checked now, so a typo is a config error rather than a failed takeover).
+fn executable(v: &DeValue, base: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = path_value(v)?;
+    let p = if p.is_absolute() { p } else { base.join(p) };
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(p),
+        Ok(m) if m.is_file() => Err(format!("{} is not executable", p.display())),
+        Ok(_) => Err(format!("{} is not a file", p.display())),
+        Err(e) => Err(format!("{}: {e}", p.display())),
+    }
+}
+
 fn path_value(v: &DeValue) -> Result<PathBuf, String> {
     let s = string(v)?;
     if s.is_empty() {
@@ -1153,9 +1263,15 @@ pub fn parse_defs(path: &Path, text: &str) -> Result<vip_cluster::records::Defs,
     }
     let root = Tbl { t: Some(doc.get_ref()), key: String::new(), line: 1 };
     cx.check_keys(&root, DEFS_ROOT_KEYS);
-    let groups = cx.defs(&root);
+    let servers = cx.servers(&root);
+    let groups = cx.defs(&root, &servers);
+    for (sv, line) in &servers {
+        if !groups.iter().any(|g| g.server.as_deref() == Some(sv.name.as_str())) {
+            cx.err(*line, "server", format!("server {:?} has no [[vip]] (a VIP joins it with server = {:?})", sv.name, sv.name));
+        }
+    }
     cx.into_errors()?;
-    Ok(vip_cluster::records::Defs { source: path.display().to_string(), groups })
+    Ok(vip_cluster::records::Defs { source: path.display().to_string(), groups, servers: servers.into_iter().map(|(s, _)| s).collect() })
 }
 
 fn vip_address(s: &str) -> Result<Subnet, String> {
@@ -1576,6 +1692,53 @@ adapters = ["eth0"]
             let c = Config::load(&examples().join(name)).unwrap_or_else(|e| panic!("{e}"));
             assert!(!c.vips.is_empty());
         }
+    }
+
+    /// The four-node pairs-and-groups cluster (seed 000) and the virtual servers (seed
+    /// 004): every node config and both definitions files are accepted, as written.
+    #[test]
+    fn cluster_examples_are_valid() {
+        let pairs: Vec<(String, Option<String>, Option<String>)> = (0..4)
+            .map(|k| {
+                let c = Config::load(&examples().join(format!("cluster-pairs/n{k}.toml"))).unwrap_or_else(|e| panic!("{e}"));
+                let cl = c.cluster.expect("a [cluster] table");
+                (cl.node, cl.group, cl.partner)
+            })
+            .collect();
+        let s = |x: &str| Some(x.to_string());
+        assert_eq!(
+            pairs,
+            [
+                ("n0".into(), s("A"), s("n2")),
+                ("n1".into(), s("A"), s("n3")),
+                ("n2".into(), s("B"), s("n0")),
+                ("n3".into(), s("B"), s("n1")),
+            ]
+        );
+        for k in 0..3 {
+            let c = Config::load(&examples().join(format!("cluster-servers/n{k}.toml"))).unwrap_or_else(|e| panic!("{e}"));
+            let h = &c.cluster.expect("a [cluster] table").hooks;
+            assert_eq!(h.len(), 1);
+            assert_eq!(h[0].server, "db");
+            assert!(h[0].acquire.as_ref().is_some_and(|p| p.ends_with("cluster-servers/hooks/db-acquire") && p.is_file()), "{h:?}");
+            assert_eq!((h[0].timeout_ms, h[0].check_interval_ms), (10_000, 2000));
+        }
+        for f in ["cluster-pairs/defs.toml", "cluster-servers/defs.toml"] {
+            let path = examples().join(f);
+            parse_defs(&path, &std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let path = examples().join("cluster-servers/defs.toml");
+        let d = parse_defs(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        let sv: Vec<_> = d.servers.iter().map(|s| (s.name.as_str(), s.node.as_deref(), s.priority, s.migrate, s.weight)).collect();
+        assert_eq!(sv, [("db", Some("n0"), 100, true, 3), ("web", Some("n1"), 50, true, 1), ("scratch", Some("n2"), 10, false, 1)]);
+        let g: Vec<_> = d.groups.iter().map(|g| (g.address.to_string(), g.server.as_deref())).collect();
+        assert_eq!(g, [("192.0.2.70".into(), Some("db")), ("192.0.2.71".into(), Some("web")), ("192.0.2.75".into(), Some("scratch"))]);
+    }
+
+    #[test]
+    fn a_node_cannot_be_its_own_partner() {
+        let e = parse("[cluster]\nname = 'c'\nnode = 'n1'\npartner = 'n1'\nendpoints = ['http://10.0.0.1:2379']\n[[adapter]]\nname = 'eth0'\n").unwrap_err();
+        assert_eq!(e.0.iter().map(|e| (e.line, e.key.as_str())).collect::<Vec<_>>(), [(4, "cluster.partner")]);
     }
 
     /// Each file in examples/bad lists the errors it must produce as `# expect: LINE [KEY]`.

@@ -89,6 +89,15 @@ enum ClusterCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Ask the leader to even the load: units (virtual servers, and groups of their own)
+    /// whose home node is up go home, standby nodes give back what has a better place,
+    /// and the rest is levelled over the active nodes by weight, moving as few as it can.
+    /// Each move is a handover (the holder lets go first).
+    Rebalance {
+        /// A node's config: its [cluster] table says which cluster and where etcd is.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// The cluster as the local agent sees it: leader, nodes and their health, where each
     /// group of VIPs is answered, recent takeovers with their timings.
     Status {
@@ -129,7 +138,7 @@ fn cluster_apply(file: &std::path::Path, config: &std::path::Path, dry_run: bool
     };
     let vips: u64 = defs.groups.iter().map(|g| g.count as u64).sum();
     if dry_run {
-        println!("{}: ok ({} groups, {vips} VIPs)", file.display(), defs.groups.len());
+        println!("{}: ok ({} groups, {vips} VIPs, {} virtual servers)", file.display(), defs.groups.len(), defs.servers.len());
         return ExitCode::SUCCESS;
     }
     let eps = cluster_endpoints(&cc);
@@ -142,7 +151,45 @@ fn cluster_apply(file: &std::path::Path, config: &std::path::Path, dry_run: bool
     });
     match r {
         Ok(rev) => {
-            println!("{}: applied to cluster {} ({} groups, {vips} VIPs) at revision {rev}", file.display(), cc.name, defs.groups.len());
+            println!(
+                "{}: applied to cluster {} ({} groups, {vips} VIPs, {} virtual servers) at revision {rev}",
+                file.display(),
+                cc.name,
+                defs.groups.len(),
+                defs.servers.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vip-agent: writing to etcd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `vip-agent cluster rebalance`: a request the leader carries out (its revision is the
+/// request's identity; the assignment records the last one done).
+fn cluster_rebalance(config: &std::path::Path) -> ExitCode {
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(cc) = cfg.cluster else {
+        eprintln!("{}: no [cluster] table: this node is not in a cluster", config.display());
+        return ExitCode::from(2);
+    };
+    let eps = cluster_endpoints(&cc);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let keys = vip_cluster::store::Keys::new(&cc.name);
+    let who = format!("{{\"by\":{:?},\"at\":{}}}", cc.node, std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+    let r = rt.block_on(async {
+        let mut c = vip_cluster::store::connect(&eps).await?;
+        let r = c.put(keys.rebalance(), who, None).await?;
+        Ok::<_, vip_cluster::store::StoreError>(r.header().map_or(0, |h| h.revision()))
+    });
+    match r {
+        Ok(rev) => {
+            println!("rebalance requested in cluster {} at revision {rev}; `vip-agent cluster status` shows the moves", cc.name);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -219,6 +266,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Cluster { cmd: ClusterCmd::Apply { file, config, dry_run } } => cluster_apply(&file, &config, dry_run),
+        Cmd::Cluster { cmd: ClusterCmd::Rebalance { config } } => cluster_rebalance(&config),
         Cmd::Cluster { cmd: ClusterCmd::Status { config, socket, json } } => {
             let socket = match control_socket(config, socket) {
                 Ok(s) => s,
@@ -365,6 +413,9 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
         }
     };
     // The cluster: silent until it proves this node holds anything.
+    // Leaving waits for the release hooks (they may run together): at most all their timeouts.
+    let cfg_release_ms: u64 =
+        agent.cfg().cluster.as_ref().map_or(0, |c| c.hooks.iter().filter(|h| h.release.is_some()).map(|h| h.timeout_ms).sum());
     let cluster = match agent.cfg().cluster.clone() {
         Some(cc) => {
             let started = vip_agent::dataplane::Fence::open(&pin_path).map_err(anyhow::Error::from).and_then(|fence| {
@@ -381,6 +432,22 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
                     fence: ms(cc.fence_ms),
                     lease_ttl_s: cc.lease_ttl_s as i64,
                     port: cc.port,
+                    group: cc.group.clone(),
+                    partner: cc.partner.clone(),
+                    hooks: cc
+                        .hooks
+                        .iter()
+                        .map(|h| {
+                            let hooks = vip_cluster::hooks::Hooks {
+                                acquire: h.acquire.clone(),
+                                release: h.release.clone(),
+                                check: h.check.clone(),
+                                timeout: ms(h.timeout_ms),
+                                check_every: ms(h.check_interval_ms),
+                            };
+                            (h.server.clone(), hooks)
+                        })
+                        .collect(),
                 };
                 Ok(vip_cluster::node::start(ccfg, glue)?)
             });
@@ -438,7 +505,9 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
         if let (Some(h), false) = (cluster.clone(), hand_over) {
             // "System down" (seed 003): silent at once, then the cluster is told, so the
             // node's VIPs move without waiting for anyone to notice.
-            let _ = tokio::task::spawn_blocking(move || h.leave(Duration::from_secs(1))).await;
+            // Leaving waits for the virtual servers' `release` hooks too (each bounded).
+            let release_ms = cfg_release_ms;
+            let _ = tokio::task::spawn_blocking(move || h.leave(Duration::from_millis(1000 + release_ms))).await;
         }
         inbox.send(Msg::Stop { hand_over });
         exit_rx.await.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into()))

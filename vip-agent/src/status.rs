@@ -715,16 +715,41 @@ pub fn cluster_human(s: &vip_cluster::node::ClusterStatus) -> String {
             n.holding.join(",")
         );
     }
-    let _ = writeln!(o, "\nVIPS (first address, count)       ANSWERED BY      HOME");
+    if s.nodes.iter().any(|n| n.group.is_some() || n.partner.is_some()) {
+        let pairs: Vec<String> = s
+            .nodes
+            .iter()
+            .filter(|n| n.group.is_some() || n.partner.is_some())
+            .map(|n| format!("{} (group {}, partner {})", n.name, n.group.as_deref().unwrap_or("-"), n.partner.as_deref().unwrap_or("-")))
+            .collect();
+        let _ = writeln!(o, "failover groups: {}", pairs.join(", "));
+    }
+    let _ = writeln!(o, "\nVIPS (first address, count)       ANSWERED BY      HOME             SERVER");
     for g in &s.groups {
         let _ = writeln!(
             o,
-            "{:<24} {:>8}  {:<16} {}",
+            "{:<24} {:>8}  {:<16} {:<16} {}",
             g.address,
             g.count,
             g.owner.as_deref().unwrap_or("-"),
-            g.home.as_deref().unwrap_or("-")
+            g.home.as_deref().unwrap_or("-"),
+            g.server.as_deref().unwrap_or("-")
         );
+    }
+    if !s.servers.is_empty() {
+        let _ = writeln!(o, "\nVIRTUAL SERVERS   PRIORITY  MIGRATE  HOME             ON               GROUPS");
+        for v in &s.servers {
+            let _ = writeln!(
+                o,
+                "{:<17} {:>8}  {:<7}  {:<16} {:<16} {}",
+                v.name,
+                v.priority,
+                if v.migrate { "yes" } else { "no" },
+                v.home.as_deref().unwrap_or("-"),
+                v.owner.as_deref().unwrap_or("-"),
+                v.groups.join(",")
+            );
+        }
     }
     if !s.takeovers.is_empty() {
         let _ = writeln!(o, "\nRECENT TAKEOVERS (from the node's last heartbeat: suspected, decided, answered by the new owner)");
@@ -733,7 +758,7 @@ pub fn cluster_human(s: &vip_cluster::node::ClusterStatus) -> String {
             let rel = |x: f64| if base > 0.0 && x > 0.0 { format!("+{:.0}ms", (x - base) * 1e3) } else { "-".into() };
             let _ = writeln!(
                 o,
-                "{:<16} {:<10} {} groups ({} VIPs) -> {}  suspected {}  decided {}  answered {}  by {}",
+                "{:<16} {:<10} {} groups ({} VIPs) -> {}  suspected {}  decided {}  answered {}{}  by {}",
                 t.node,
                 t.reason,
                 t.groups,
@@ -742,8 +767,19 @@ pub fn cluster_human(s: &vip_cluster::node::ClusterStatus) -> String {
                 rel(t.suspected_at),
                 rel(t.decided_at),
                 rel(t.answered_at),
+                if t.hooks_ms > 0.0 { format!(" (hooks {:.0}ms of it)", t.hooks_ms) } else { String::new() },
                 t.leader
             );
+        }
+    }
+    if !s.hooks.is_empty() || !s.failed_here.is_empty() {
+        let _ = writeln!(o, "\nHOOKS ON THIS NODE (last runs)");
+        if !s.failed_here.is_empty() {
+            let _ = writeln!(o, "failed here (kept off this node for a while): {}", s.failed_here.join(", "));
+        }
+        for r in s.hooks.iter().rev().take(10) {
+            let last = r.output.lines().last().unwrap_or("");
+            let _ = writeln!(o, "{:<16} {:<8} {:<6} {:>7.0}ms  {}  {}", r.server, r.hook.name(), if r.ok { "ok" } else { "FAILED" }, r.ms, r.outcome, last);
         }
     }
     o
@@ -776,6 +812,16 @@ pub fn cluster_prometheus(s: &vip_cluster::node::ClusterStatus) -> String {
     }
     g(&mut o, "vip_cluster_takeovers", "Takeovers in the cluster's record (the last 64).");
     let _ = writeln!(o, "vip_cluster_takeovers {}", s.takeovers.len());
+    if let Some(t) = s.takeovers.last() {
+        // From the last heartbeat the leader heard (or the suspicion, when not known).
+        let from = if t.silent_since > 0.0 { t.silent_since } else { t.suspected_at };
+        g(&mut o, "vip_cluster_last_takeover_seconds", "The last takeover's phases, from the failed node's last heartbeat heard by the leader.");
+        for (phase, at) in [("suspected", t.suspected_at), ("decided", t.decided_at), ("answered", t.answered_at)] {
+            if at > 0.0 {
+                let _ = writeln!(o, "vip_cluster_last_takeover_seconds{{phase=\"{phase}\"}} {:.4}", (at - from).max(0.0));
+            }
+        }
+    }
     o
 }
 
@@ -795,6 +841,14 @@ mod cluster_tests {
                 NodeStatus { name: "n0".into(), health: "active".into(), heard_ms: Some(0.0), ..Default::default() },
                 NodeStatus { name: "n1".into(), health: "failed".into(), heard_ms: Some(1500.0), ..Default::default() },
             ],
+            takeovers: vec![vip_cluster::records::TakeoverRecord {
+                node: "n1".into(),
+                silent_since: 100.0,
+                suspected_at: 100.1,
+                decided_at: 100.11,
+                answered_at: 100.12,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let m = super::cluster_prometheus(&s);
@@ -805,6 +859,9 @@ mod cluster_tests {
             "vip_cluster_groups_held 1",
             "vip_cluster_node_health{node=\"n1\",health=\"failed\"} 1",
             "vip_cluster_peer_heard_seconds{node=\"n1\"} 1.5000",
+            "vip_cluster_last_takeover_seconds{phase=\"suspected\"} 0.1000",
+            "vip_cluster_last_takeover_seconds{phase=\"decided\"} 0.1100",
+            "vip_cluster_last_takeover_seconds{phase=\"answered\"} 0.1200",
         ] {
             assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
         }

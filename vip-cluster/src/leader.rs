@@ -1,20 +1,21 @@
-//! The leader's decision, pure: the registered nodes (their ports, roles, what they hold)
-//! and the definitions in, who holds each group out. The placement core decides at the
-//! node level here exactly as it does at the adapter level on one node: every node's
-//! ports are adapters, a node's health is its [`vip_placement::Node::up`], and a group is
-//! one VIP of the core whose takeover `stay`s (a recovered node takes nothing back unless
-//! the group says `rebalance`).
+//! The leader's decision, pure: the registered nodes (their ports, roles, groups and
+//! partners, what they hold) and the definitions in, who holds each group out. The
+//! placement core's node-level half ([`vip_placement::place_nodes`]) picks a node per
+//! *unit* (a virtual server with its groups, or a group of its own): home, standby, the
+//! node's failover group, its partner, anywhere, in priority order; a node serves a unit
+//! when it has an operative port for every one of its groups. Which adapters of that node
+//! answer is the node's own placement.
 //!
 //! A group never has two holders: it moves from a live holder in two steps (the leader
 //! asks it to let go by naming no owner, the holder stops answering and says so in its
 //! record, then the leader names the new owner), and from a holder that is gone only once
 //! the caller has proved it silent.
 
-use std::{collections::HashMap, str::FromStr, sync::Arc};
+use std::{collections::HashMap, str::FromStr};
 
-use vip_placement::{self as placement, bit, slots, Assignment, Placement, Run, Slot, Subnet};
+use vip_placement::{self as placement, Subnet};
 
-use crate::records::{AssignRecord, Defs, GroupAssign, Health, Mode, NodeHealth, NodeRecord, Role};
+use crate::records::{AssignRecord, Defs, GroupAssign, Health, NodeHealth, NodeRecord, Role};
 
 /// A registered node as the leader sees it.
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct Input<'a> {
     /// registered yet (a cluster starting up): the caller bounds how long.
     pub waits: &'a dyn Fn(std::net::IpAddr) -> bool,
     pub now: f64,
+    /// A `cluster rebalance` is under way: units go home and the load is levelled.
+    pub rebalance: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,128 +66,113 @@ pub struct Decision {
     pub released: Vec<usize>,
 }
 
-fn mode(m: Mode) -> placement::Mode {
-    match m {
-        Mode::All => placement::Mode::All,
-        Mode::Primary => placement::Mode::Primary,
-        Mode::Spread => placement::Mode::Spread,
-    }
-}
-
 pub fn decide(input: &Input) -> Decision {
-    let Input { defs, defs_rev, nodes, previous, holder, waits, now } = *input;
-    // Standby nodes first: their ports come first among takers (seed 003).
-    let mut order: Vec<usize> = (0..nodes.len()).collect();
-    order.sort_by_key(|&i| (nodes[i].1.record.role != Role::Standby, nodes[i].0));
-    let pnodes: Vec<placement::Node> =
-        order.iter().map(|&i| placement::Node { name: nodes[i].0.to_string(), up: nodes[i].1.alive && !nodes[i].1.record.fenced }).collect();
-    let mut adapters = vec![];
-    let mut port_of: Vec<(usize, String)> = vec![];
-    for (ni, &i) in order.iter().enumerate() {
-        for p in &nodes[i].1.record.ports {
-            if adapters.len() >= placement::MAX_SLOTS {
-                break;
+    let Input { defs, defs_rev, nodes, previous, holder, waits, now, rebalance } = *input;
+    // The nodes for placement, in the order given (the caller sorts them by name), then
+    // the holders of the previous assignment that are no longer registered (down: a unit
+    // leaving one of them is leaving a failed node).
+    let mut cnodes: Vec<placement::ClusterNode> = nodes
+        .iter()
+        .map(|(name, st)| placement::ClusterNode {
+            name: name.to_string(),
+            up: st.alive && !st.record.fenced,
+            standby: st.record.role == Role::Standby,
+            group: st.record.group.clone(),
+            partner: st.record.partner.clone(),
+        })
+        .collect();
+    for g in &previous.groups {
+        for name in g.owner.iter().chain(g.from.iter()) {
+            if !cnodes.iter().any(|n| n.name == *name) {
+                cnodes.push(placement::ClusterNode { name: name.clone(), up: false, ..Default::default() });
             }
-            adapters.push(placement::Adapter {
-                name: format!("{}/{}", nodes[i].0, p.name),
-                node: ni,
-                up: p.up,
-                weight: p.weight.max(1),
-                load: 0.0,
-                max_vips: None,
-                vlans: p.vlans.clone(),
-                subnets: p.subnets.iter().filter_map(|s| Subnet::from_str(s).ok()).collect(),
-            });
-            port_of.push((ni, p.name.clone()));
         }
     }
-    let node_index = |name: &str| pnodes.iter().position(|n| n.name == name);
-    let named = |ni: usize, names: &[String]| -> Vec<Slot> {
-        port_of.iter().enumerate().filter(|(_, (n, p))| *n == ni && (names.is_empty() || names.contains(p))).map(|(s, _)| s as Slot).collect()
+    let cnodes = cnodes;
+    let node_index = |name: &str| cnodes.iter().position(|n| n.name == name);
+
+    // Units: each virtual server with its groups, then each group of its own.
+    let mut units: Vec<placement::Unit> = vec![];
+    let mut unit_groups: Vec<Vec<usize>> = vec![];
+    let mut unit_of = vec![0usize; defs.groups.len()];
+    for s in &defs.servers {
+        let members: Vec<usize> = (0..defs.groups.len()).filter(|&gi| defs.groups[gi].server.as_deref() == Some(s.name.as_str())).collect();
+        for &gi in &members {
+            unit_of[gi] = units.len();
+        }
+        units.push(placement::Unit {
+            name: s.name.clone(),
+            home: s.node.as_deref().and_then(node_index),
+            priority: s.priority,
+            migrate: s.migrate,
+            rebalance: s.rebalance,
+            weight: s.weight,
+        });
+        unit_groups.push(members);
+    }
+    for (gi, g) in defs.groups.iter().enumerate() {
+        if g.server.as_ref().is_some_and(|s| defs.servers.iter().any(|x| x.name == *s)) {
+            continue;
+        }
+        unit_of[gi] = units.len();
+        units.push(placement::Unit {
+            name: g.address.to_string(),
+            home: g.node.as_deref().and_then(node_index),
+            priority: 0,
+            migrate: g.failover,
+            rebalance: g.rebalance,
+            weight: g.weight,
+        });
+        unit_groups.push(vec![gi]);
+    }
+    // A group's home: its server's, or its own.
+    let home_of = |gi: usize| -> Option<&str> {
+        let g = &defs.groups[gi];
+        match g.server.as_ref().and_then(|s| defs.servers.iter().find(|x| x.name == *s)) {
+            Some(s) => s.node.as_deref(),
+            None => g.node.as_deref(),
+        }
     };
 
-    // The previous holder of each group, matched by first address.
+    // The previous holder of each group, matched by first address; a unit is where its
+    // first held group is (a holder letting go still counts as holding it).
     let prev_of: HashMap<std::net::IpAddr, &GroupAssign> = previous.groups.iter().map(|g| (g.address, g)).collect();
     let current: Vec<Option<&GroupAssign>> = defs.groups.iter().map(|g| prev_of.get(&g.address).copied()).collect();
+    let unit_current: Vec<Option<usize>> = unit_groups
+        .iter()
+        .map(|gs| gs.iter().find_map(|&gi| current[gi].and_then(|c| c.owner.as_deref().or(c.from.as_deref())).and_then(node_index)))
+        .collect();
 
-    // Groups without a node of their own live where they are, or start on the active node
-    // holding the fewest.
-    let mut held_count: HashMap<&str, usize> = HashMap::new();
-    for c in current.iter().flatten() {
-        if let Some(o) = &c.owner {
-            *held_count.entry(o.as_str()).or_default() += 1;
+    // A node can serve a unit when it has an operative port for each of its groups: up,
+    // reaching the group's subnet, named in its `adapters` (if any), carrying its VLAN.
+    // A group that must not fail over fits only its home.
+    let port_fits = |p: &crate::records::PortRecord, g: &crate::records::GroupDef| {
+        p.up && (g.adapters.is_empty() || g.adapters.contains(&p.name))
+            && (g.vlan == 0 || p.vlans.contains(&g.vlan))
+            && p.subnets.iter().filter_map(|s| Subnet::from_str(s).ok()).any(|s| s.contains(&g.address))
+    };
+    let is_server: Vec<bool> = (0..units.len()).map(|u| u < defs.servers.len()).collect();
+    let fits = |n: usize, u: usize| -> bool {
+        if n >= nodes.len() {
+            return false;
         }
-    }
-    let mut vips = vec![];
-    for (gi, g) in defs.groups.iter().enumerate() {
-        let home = match &g.node {
-            Some(n) => node_index(n),
-            None => match current[gi].and_then(|c| c.owner.as_deref()) {
-                Some(o) => node_index(o),
-                None => {
-                    let pick = pnodes
-                        .iter()
-                        .enumerate()
-                        .filter(|(ni, n)| n.up && nodes[order[*ni]].1.record.role == Role::Active)
-                        .min_by_key(|(_, n)| (held_count.get(n.name.as_str()).copied().unwrap_or(0), n.name.clone()))
-                        .map(|(ni, _)| ni);
-                    if let Some(ni) = pick {
-                        *held_count.entry(nodes[order[ni]].0).or_default() += 1;
-                    }
-                    pick
-                }
-            },
-        };
-        let homes: Arc<[Slot]> = home.map_or(vec![], |ni| named(ni, &g.adapters)).into();
-        let takers = (!g.adapters.is_empty()).then(|| (0..pnodes.len()).flat_map(|ni| named(ni, &g.adapters)).collect::<Arc<[Slot]>>());
-        vips.push(placement::Vip {
-            addr: g.address,
-            vlan: g.vlan,
-            homes,
-            mode: mode(g.mode),
-            failover: g.failover,
-            rebalance: g.rebalance,
-            stay: !g.rebalance,
-            takers,
-        });
-    }
-    let classes = placement::classify(&vips, 0..vips.len() as u32, &adapters);
-
-    // The assignment in force, as the core would have made it: a group held by a node
-    // other than its home is a takeover by that node's fit adapters.
-    let owner_node = |gi: usize| current[gi].and_then(|c| c.owner.as_deref()).and_then(node_index);
-    let mut prev = Assignment { classes: vec![Placement::default(); classes.len()], heirs: vec![None; adapters.len()], up: 0 };
-    for (ci, c) in classes.list.iter().enumerate() {
-        let home_mask = c.key.home_mask();
-        let mut runs: Vec<Run> = vec![];
-        for (pos, &gi) in c.members.iter().enumerate() {
-            let (allowed, away) = match owner_node(gi as usize) {
-                Some(ni) => {
-                    let on: u64 = port_of.iter().enumerate().filter(|(_, (n, _))| *n == ni).fold(0, |m, (s, _)| m | bit(s as Slot));
-                    if on & home_mask != 0 {
-                        (on & home_mask, false)
-                    } else {
-                        (on & c.key.fit, true)
-                    }
-                }
-                None => (0, false),
-            };
-            match runs.last_mut() {
-                Some(r) if r.allowed == allowed && r.away == away => r.len += 1,
-                _ => runs.push(Run { start: pos as u32, len: 1, allowed, away, stranded: allowed == 0, buckets: None }),
-            }
+        // A virtual server that failed on a node (a hook said so) is not given back to it.
+        if is_server[u] && nodes[n].1.record.failed.contains(&units[u].name) {
+            return false;
         }
-        prev.classes[ci].runs = runs;
-    }
-    let d = placement::place(&placement::Input { nodes: &pnodes, adapters: &adapters, classes: &classes, previous: &prev });
+        unit_groups[u].iter().all(|&gi| {
+            let g = &defs.groups[gi];
+            let own_only = g.server.is_none() && !g.failover;
+            (!own_only || home_of(gi) == Some(nodes[n].0)) && nodes[n].1.record.ports.iter().any(|p| port_fits(p, g))
+        })
+    };
+    let placed = placement::place_nodes(&placement::NodesInput { nodes: &cnodes, units: &units, current: &unit_current, fits: &fits, rebalance });
 
     let mut out = Decision { groups: vec![], nodes: vec![], moved: vec![], released: vec![] };
     for (gi, g) in defs.groups.iter().enumerate() {
-        let (ci, pos) = classes.of_vip[gi];
-        let run = d.assignment.classes[ci as usize].run_at(pos);
-        let want: Option<usize> = run.filter(|r| !r.stranded && r.allowed != 0).and_then(|r| slots(r.allowed).next()).map(|s| port_of[s as usize].0);
-        let want_name = want.map(|ni| nodes[order[ni]].0.to_string());
-        let want_inc = want.map_or(0, |ni| nodes[order[ni]].1.incarnation);
+        let want: Option<usize> = placed.owner[unit_of[gi]].filter(|&n| n < nodes.len());
+        let want_name = want.map(|ni| nodes[ni].0.to_string());
+        let want_inc = want.map_or(0, |ni| nodes[ni].1.incarnation);
         // A release under way (no owner, a holder letting go): the holder is consulted
         // as if it still owned the group.
         let cur = current[gi].filter(|c| c.owner.is_some() || c.from.is_some());
@@ -196,19 +184,22 @@ pub fn decide(input: &Input) -> Decision {
             from,
             wait_ms,
         };
-        let home_joining = g.node.as_deref().is_some_and(|h| match nodes.iter().find(|(n, _)| *n == h) {
+        let home_joining = home_of(gi).is_some_and(|h| match nodes.iter().find(|(n, _)| *n == h) {
             Some((_, st)) => st.joining,
             // Not registered: never seen in the cluster, and still within the wait.
             None => !previous.nodes.iter().any(|x| x.name == h) && waits(g.address),
         });
+        // A group nobody holds keeps the wait its last holder called for (counted again
+        // from whenever it is given: later is only safer).
+        let wait_left = current[gi].map_or(0, |c| c.wait_ms);
         let ga = match cur {
             // Never placed, and its node is on its way: it waits for it.
-            None if home_joining => GroupAssign { address: g.address, owner: None, incarnation: 0, from: None, wait_ms: 0 },
+            None if home_joining => GroupAssign { address: g.address, owner: None, incarnation: 0, from: None, wait_ms: wait_left },
             None => {
                 if let Some(w) = &want_name {
                     out.moved.push((gi, None, w.clone()));
                 }
-                give(None, 0)
+                give(None, wait_left)
             }
             Some(c) if c.owner.is_some() && c.owner == want_name && c.incarnation == want_inc => keep(c),
             Some(c) => {
@@ -224,12 +215,15 @@ pub fn decide(input: &Input) -> Decision {
                         }
                         give(Some(name), 0)
                     }
-                    Holder::Gone { wait_ms } => {
-                        if let Some(w) = &want_name {
+                    Holder::Gone { wait_ms } => match &want_name {
+                        Some(w) => {
                             out.moved.push((gi, Some(name.clone()), w.clone()));
+                            give(Some(name), wait_ms)
                         }
-                        give(Some(name), wait_ms)
-                    }
+                        // Nobody takes it (it stays down with its node, or no node can
+                        // serve it): its holder is proved silent, so nobody holds it now.
+                        None => GroupAssign { address: g.address, owner: None, incarnation: 0, from: None, wait_ms },
+                    },
                     Holder::Unknown => keep(c),
                     // (A release whose holder is gone or let go falls under the arms above.)
                 }
@@ -247,13 +241,17 @@ pub fn decide(input: &Input) -> Decision {
     for (name, st) in nodes {
         let health = if st.record.fenced {
             Health::Down
+        } else if !st.alive && st.joining && !was.contains_key(name) {
+            // Never seen before: joining, not failed (status shows it as joining).
+            continue;
         } else if !st.alive {
             Health::Failed
+        } else if st.record.role == Role::Standby && !holds.contains_key(name) {
+            // A standby node that took something over is active (seed 003); one that
+            // holds nothing is a standby, whatever happened to it before.
+            Health::Standby
         } else if matches!(was.get(name).map(|h| h.health), Some(Health::Failed | Health::Recovered | Health::Down)) && !holds.contains_key(name) {
             Health::Recovered
-        } else if st.record.role == Role::Standby && !holds.contains_key(name) {
-            // A standby node that took something over is active (seed 003).
-            Health::Standby
         } else {
             Health::Active
         };
@@ -274,8 +272,8 @@ pub fn decide(input: &Input) -> Decision {
 }
 
 /// The assignment record for a decision.
-pub fn record(d: &Decision, leader: &str, term: i64, defs_rev: i64, now: f64) -> AssignRecord {
-    AssignRecord { leader: leader.into(), term, defs: defs_rev, groups: d.groups.clone(), nodes: d.nodes.clone(), at: now }
+pub fn record(d: &Decision, leader: &str, term: i64, defs_rev: i64, now: f64, rebalanced: i64) -> AssignRecord {
+    AssignRecord { leader: leader.into(), term, defs: defs_rev, groups: d.groups.clone(), nodes: d.nodes.clone(), at: now, rebalanced }
 }
 
 #[cfg(test)]
@@ -283,7 +281,7 @@ mod tests {
     //! The leader's decision, scenario by scenario: nodes (role, ports, alive, what they
     //! hold), the previous assignment, and who holds each group after.
     use super::*;
-    use crate::records::{GroupDef, PortRecord};
+    use crate::records::{GroupDef, Mode, PortRecord};
 
     fn node(name: &str, role: Role, ports_up: &[bool], holding: &[&str]) -> NodeRecord {
         NodeRecord {
@@ -301,6 +299,9 @@ mod tests {
             holding: holding.iter().map(|a| a.parse().unwrap()).collect(),
             replaces: None,
             took: vec![],
+            group: None,
+            partner: None,
+            failed: vec![],
         }
     }
 
@@ -315,6 +316,8 @@ mod tests {
             adapters: vec!["eth0".into(), "eth1".into()],
             failover: true,
             rebalance,
+            server: None,
+            weight: 1,
         }
     }
 
@@ -356,7 +359,7 @@ mod tests {
             let holding = s.records.iter().any(|r| r.name == name && r.holding.contains(&addr));
             Holder::Live { holding }
         };
-        decide(&Input { defs: &s.defs, defs_rev: 1, nodes: &nodes, previous: &s.previous, holder: &holder, waits: &|_| true, now: 0.0 })
+        decide(&Input { defs: &s.defs, defs_rev: 1, nodes: &nodes, previous: &s.previous, holder: &holder, waits: &|_| true, now: 0.0, rebalance: false })
     }
 
     fn owners(d: &Decision) -> Vec<Option<&str>> {
@@ -364,7 +367,7 @@ mod tests {
     }
 
     fn defs(groups: Vec<GroupDef>) -> Defs {
-        Defs { source: String::new(), groups }
+        Defs { source: String::new(), groups, servers: vec![] }
     }
 
     #[test]
@@ -381,7 +384,7 @@ mod tests {
         // n1 joining: its group waits; the homeless group starts on the only active node.
         assert_eq!(owners(&d), [Some("n0"), None, Some("n0")]);
         // n1 alive: it gets its own group.
-        let s = Scn { alive: vec![(true, false), (true, false)], previous: record(&d, "n0", 1, 1, 0.0), ..s };
+        let s = Scn { alive: vec![(true, false), (true, false)], previous: record(&d, "n0", 1, 1, 0.0, 0), ..s };
         assert_eq!(owners(&run(&s)), [Some("n0"), Some("n1"), Some("n0")]);
     }
 
@@ -420,12 +423,12 @@ mod tests {
         assert_eq!(owners(&d), [None], "first nobody: n1 must let go");
         assert_eq!(d.released, [0]);
         // Until n1's record says it let go, nobody gets it.
-        let d2 = run(&Scn { previous: record(&d, "n0", 1, 1, 0.0), ..base() });
+        let d2 = run(&Scn { previous: record(&d, "n0", 1, 1, 0.0, 0), ..base() });
         assert_eq!(owners(&d2), [None], "given away while n1 still holds it");
         // n1 let go (its record no longer holds it): now n0.
         let mut s = base();
         s.records[1].holding.clear();
-        s.previous = record(&d, "n0", 1, 1, 0.0);
+        s.previous = record(&d, "n0", 1, 1, 0.0, 0);
         let d = run(&s);
         assert_eq!(owners(&d), [Some("n0")]);
         assert_eq!(d.groups[0].wait_ms, 0);
@@ -468,5 +471,110 @@ mod tests {
         assert_eq!(owners(&d), [Some("s1")]);
         // Having taken over, the standby node is active (seed 003).
         assert_eq!(d.nodes.iter().find(|h| h.name == "s1").unwrap().health, Health::Active);
+    }
+
+    fn in_group(mut r: NodeRecord, group: &str, partner: &str) -> NodeRecord {
+        r.group = Some(group.into());
+        r.partner = Some(partner.into());
+        r
+    }
+
+    #[test]
+    fn seed_000_a_port_failure_moves_to_the_group_not_the_partner() {
+        // Pairs n0+n2, n1+n3; groups A = n0, n1 and B = n2, n3. n0 loses both ports.
+        let s = Scn {
+            defs: defs(vec![group("192.0.2.50", Some("n0"), false)]),
+            records: vec![
+                in_group(node("n0", Role::Active, &[false, false], &[]), "A", "n2"),
+                in_group(node("n1", Role::Active, &[true, true], &[]), "A", "n3"),
+                in_group(node("n2", Role::Active, &[true, true], &[]), "B", "n0"),
+                in_group(node("n3", Role::Active, &[true, true], &[]), "B", "n1"),
+            ],
+            alive: vec![(true, false); 4],
+            previous: assigned(&[("192.0.2.50", Some("n0"))]),
+            gone: vec![],
+            unknown: vec![],
+        };
+        assert_eq!(owners(&run(&s)), [Some("n1")]);
+        // n1 has no port left either: the partner n2 (the wider rule).
+        let mut s2 = Scn { previous: assigned(&[("192.0.2.50", Some("n0"))]), ..s };
+        s2.records[1].ports.iter_mut().for_each(|p| p.up = false);
+        assert_eq!(owners(&run(&s2)), [Some("n2")]);
+    }
+
+    #[test]
+    fn seed_004_servers_move_whole_in_priority_order_and_pinned_ones_stay_down() {
+        use crate::records::ServerDef;
+        let server = |name: &str, priority: i32, migrate: bool| ServerDef {
+            name: name.into(),
+            node: Some("n0".into()),
+            priority,
+            migrate,
+            rebalance: false,
+            weight: 1,
+        };
+        let mut gs = vec![group("192.0.2.70", None, false), group("192.0.2.71", None, false), group("192.0.2.72", None, false), group("192.0.2.75", None, false)];
+        for (g, sv) in gs.iter_mut().zip(["hi", "hi", "lo", "pinned"]) {
+            g.node = None;
+            g.server = Some(sv.into());
+        }
+        let all = ["192.0.2.70", "192.0.2.71", "192.0.2.72", "192.0.2.75"];
+        let s = Scn {
+            defs: Defs { source: String::new(), groups: gs, servers: vec![server("lo", 1, true), server("hi", 9, true), server("pinned", 5, false)] },
+            records: vec![
+                node("n0", Role::Active, &[true, true], &all),
+                node("n1", Role::Active, &[true, true], &[]),
+                node("n2", Role::Active, &[true, true], &[]),
+            ],
+            alive: vec![(false, false), (true, false), (true, false)],
+            previous: assigned(&all.iter().map(|a| (*a, Some("n0"))).collect::<Vec<_>>()),
+            gone: vec![("n0", 0)],
+            unknown: vec![],
+        };
+        let d = run(&s);
+        // hi (both its groups) first to n1, lo to the less loaded n2, pinned down with n0.
+        assert_eq!(owners(&d), [Some("n1"), Some("n1"), Some("n2"), None]);
+    }
+
+    #[test]
+    fn a_rebalance_sends_units_home_and_levels_the_rest() {
+        let mut gs: Vec<GroupDef> = (0..4).map(|i| group(&format!("192.0.2.{}", 80 + i), None, false)).collect();
+        gs[0].node = Some("n1".into());
+        let held: Vec<(String, Option<&str>)> = gs.iter().map(|g| (g.address.to_string(), Some("n0"))).collect();
+        let held_ref: Vec<(&str, Option<&str>)> = held.iter().map(|(a, o)| (a.as_str(), *o)).collect();
+        let base = || Scn {
+            defs: defs(gs.clone()),
+            records: vec![node("n0", Role::Active, &[true, true], &["192.0.2.80", "192.0.2.81", "192.0.2.82", "192.0.2.83"]), node("n1", Role::Active, &[true, true], &[])],
+            alive: vec![(true, false), (true, false)],
+            previous: assigned(&held_ref),
+            gone: vec![],
+            unknown: vec![],
+        };
+        // Without a request nothing moves (n1 recovered: it takes nothing back).
+        assert_eq!(owners(&run(&base())), [Some("n0"); 4]);
+        // With one: .80 home to n1, and one more to level 2 and 2; each a handover (n0
+        // lets go first).
+        let nodes_ = base();
+        let states: Vec<(&str, NodeState)> =
+            nodes_.records.iter().map(|r| (r.name.as_str(), NodeState { incarnation: 1, record: r, alive: true, joining: false })).collect();
+        let holder = |name: &str, _: u64, addr: std::net::IpAddr| Holder::Live { holding: nodes_.records.iter().any(|r| r.name == name && r.holding.contains(&addr)) };
+        let d = decide(&Input { defs: &nodes_.defs, defs_rev: 1, nodes: &states, previous: &nodes_.previous, holder: &holder, waits: &|_| true, now: 0.0, rebalance: true });
+        assert_eq!(d.released.len(), 2, "{:?}", owners(&d));
+        assert!(d.released.contains(&0));
+    }
+
+    #[test]
+    fn a_node_no_longer_registered_is_still_what_its_units_leave() {
+        // n0's key is gone (cut, or its lease expired): its groups go to the standby whole,
+        // not to the least loaded node.
+        let s = Scn {
+            defs: defs(vec![group("192.0.2.50", Some("n0"), false), group("192.0.2.51", Some("n0"), false)]),
+            records: vec![node("n1", Role::Active, &[true, true], &[]), node("s1", Role::Standby, &[true, true], &[])],
+            alive: vec![(true, false), (true, false)],
+            previous: assigned(&[("192.0.2.50", Some("n0")), ("192.0.2.51", Some("n0"))]),
+            gone: vec![("n0", 0)],
+            unknown: vec![],
+        };
+        assert_eq!(owners(&run(&s)), [Some("s1"), Some("s1")]);
     }
 }

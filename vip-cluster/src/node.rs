@@ -9,7 +9,7 @@
 //! holder answering: an outage freezes, it does not black out.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -41,6 +41,11 @@ pub struct Config {
     pub fence: Duration,
     pub lease_ttl_s: i64,
     pub port: u16,
+    /// Failover group and pair partner (seed 000).
+    pub group: Option<String>,
+    pub partner: Option<String>,
+    /// Hooks by virtual server name (this node's own configuration, never etcd's).
+    pub hooks: BTreeMap<String, crate::hooks::Hooks>,
 }
 
 /// One of the node's adapters, as the cluster needs it.
@@ -124,9 +129,29 @@ pub struct ClusterStatus {
     pub deadline_from: String,
     pub nodes: Vec<NodeStatus>,
     pub groups: Vec<GroupStatus>,
+    /// Virtual servers (seed 004) and where each is.
+    #[serde(default)]
+    pub servers: Vec<ServerStatus>,
     pub takeovers: Vec<TakeoverRecord>,
     /// Groups this node answers now.
     pub holding: Vec<String>,
+    /// This node's recent hook runs, and the virtual servers that failed here.
+    #[serde(default)]
+    pub hooks: Vec<crate::hooks::HookRun>,
+    #[serde(default)]
+    pub failed_here: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ServerStatus {
+    pub name: String,
+    pub priority: i32,
+    pub migrate: bool,
+    pub home: Option<String>,
+    /// The node holding its groups (None: down, or between two owners).
+    pub owner: Option<String>,
+    /// Its groups, by first address.
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -140,6 +165,11 @@ pub struct NodeStatus {
     pub heard_ms: Option<f64>,
     pub holding: Vec<String>,
     pub ports: Vec<(String, bool)>,
+    /// Its failover group and pair partner (seed 000).
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub partner: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -148,6 +178,8 @@ pub struct GroupStatus {
     pub count: u32,
     pub owner: Option<String>,
     pub home: Option<String>,
+    #[serde(default)]
+    pub server: Option<String>,
 }
 
 /// CLOCK_BOOTTIME in ns: the data plane's `bpf_ktime_get_boot_ns`.
@@ -195,6 +227,8 @@ struct Mirror {
     defs: Option<(i64, Arc<Defs>)>,
     assign: Option<(i64, AssignRecord)>,
     takeovers: Vec<TakeoverRecord>,
+    /// Mod revision of the last `cluster rebalance` request (0: none).
+    rebalance: i64,
 }
 
 impl Mirror {
@@ -230,6 +264,8 @@ impl Mirror {
             self.defs = if deleted { None } else { decode(kv).map_err(warn).ok().map(|d| (kv.mod_revision(), Arc::new(d))) };
         } else if key == keys.assign() {
             self.assign = if deleted { None } else { decode(kv).map_err(warn).ok().map(|a| (kv.mod_revision(), a)) };
+        } else if key == keys.rebalance() {
+            self.rebalance = if deleted { 0 } else { kv.mod_revision() };
         } else if key == keys.takeovers() {
             self.takeovers = if deleted { vec![] } else { decode(kv).map_err(warn).unwrap_or_default() };
         }
@@ -254,6 +290,10 @@ enum Done {
     Marker(Result<bool, StoreError>),
     Leader(Result<Option<i64>, StoreError>, Vec<TakeoverRecord>),
     Held(Vec<IpAddr>),
+    /// `acquire` hooks run before answering these groups, in priority order.
+    Acquired(Vec<IpAddr>, Vec<crate::hooks::HookRun>),
+    /// A `release` or `check` hook ended.
+    HookRan(crate::hooks::HookRun),
     /// The lease (0: none yet, retry registering) is alive or not.
     Lease(i64, bool),
 }
@@ -321,6 +361,18 @@ struct Node<A: Agent> {
     took: Vec<crate::records::Took>,
     /// When the leader first saw each group (for [`HOME_WAIT`]).
     unplaced: HashMap<IpAddr, f64>,
+    /// Virtual servers with hooks that this node holds (their `acquire` succeeded), and
+    /// the ones that failed here (a hook said so; boot ns), which it must not be given.
+    acquired: BTreeSet<String>,
+    failed: BTreeMap<String, u64>,
+    hooks_busy: bool,
+    /// `release` hooks still running (leaving waits for them).
+    releasing: usize,
+    checking: BTreeSet<String>,
+    last_check: BTreeMap<String, u64>,
+    /// The last acquire batch's own time (ms), for the takeover's record.
+    hooks_ms: f64,
+    hook_runs: std::collections::VecDeque<crate::hooks::HookRun>,
 }
 
 async fn run<A: Agent>(cfg: Config, agent: A, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -372,6 +424,14 @@ async fn run<A: Agent>(cfg: Config, agent: A, mut rx: mpsc::UnboundedReceiver<Cm
         last_tick: 0,
         took: vec![],
         unplaced: HashMap::new(),
+        acquired: BTreeSet::new(),
+        failed: BTreeMap::new(),
+        hooks_busy: false,
+        releasing: 0,
+        checking: BTreeSet::new(),
+        last_check: BTreeMap::new(),
+        hooks_ms: 0.0,
+        hook_runs: Default::default(),
     };
     let mut tick = tokio::time::interval(n.cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -382,7 +442,7 @@ async fn run<A: Agent>(cfg: Config, agent: A, mut rx: mpsc::UnboundedReceiver<Cm
             _ = tick.tick() => {
                 n.on_tick();
                 if let Some(tx) = leave_done.take() {
-                    if n.said.is_empty() && !n.record_busy {
+                    if n.said.is_empty() && !n.record_busy && n.releasing == 0 {
                         n.revoke();
                         let _ = tx.send(());
                         return;
@@ -453,6 +513,9 @@ impl<A: Agent> Node<A> {
             holding: self.said.clone(),
             replaces: self.replaces,
             took: self.took.clone(),
+            group: self.cfg.group.clone(),
+            partner: self.cfg.partner.clone(),
+            failed: self.failed.keys().cloned().collect(),
         }
     }
 
@@ -696,6 +759,39 @@ impl<A: Agent> Node<A> {
                     Err(e) => tracing::warn!(error = %e, "cluster: leader write failed"),
                 }
             }
+            Done::Acquired(groups, runs) => {
+                self.hooks_busy = false;
+                self.hooks_ms = runs.iter().map(|r| r.ms).sum();
+                let mut failed = vec![];
+                for r in runs {
+                    if r.ok {
+                        self.acquired.insert(r.server.clone());
+                    } else {
+                        failed.push(r.server.clone());
+                    }
+                    self.keep_run(r);
+                }
+                for f in failed {
+                    // Its release undoes whatever the failed acquire left behind.
+                    self.run_hook(crate::hooks::Hook::Release, &f);
+                    self.server_failed(&f);
+                }
+                let _ = groups;
+                self.reconcile();
+            }
+            Done::HookRan(r) => {
+                if r.hook == crate::hooks::Hook::Release {
+                    self.releasing = self.releasing.saturating_sub(1);
+                } else {
+                    self.checking.remove(&r.server);
+                }
+                let failed_check = r.hook == crate::hooks::Hook::Check && !r.ok && self.acquired.contains(&r.server);
+                let server = r.server.clone();
+                self.keep_run(r);
+                if failed_check {
+                    self.server_failed(&server);
+                }
+            }
             Done::Held(h) => {
                 self.hold_busy = false;
                 // Groups that arrived from another node: answered from now on.
@@ -708,9 +804,29 @@ impl<A: Agent> Node<A> {
                     }
                 }
                 let now = unix_now();
+                let hooks_ms = std::mem::take(&mut self.hooks_ms);
                 for (f, groups) in from {
-                    tracing::info!(from = %f, groups, "cluster: took over; answering");
-                    self.took.push(crate::records::Took { from: f, groups, at: now });
+                    tracing::info!(from = %f, groups, hooks_ms, "cluster: took over; answering");
+                    self.took.push(crate::records::Took { from: f, groups, at: now, hooks_ms });
+                }
+                // Servers no longer answered here at all: their `release` now.
+                if let Some(defs) = self.mirror.defs.as_ref().map(|d| d.1.clone()) {
+                    let gone: Vec<String> = self
+                        .acquired
+                        .iter()
+                        .filter(|s| !defs.groups.iter().any(|g| g.server.as_ref() == Some(*s) && h.contains(&g.address)))
+                        .cloned()
+                        .collect();
+                    for s in gone {
+                        self.acquired.remove(&s);
+                        self.run_hook(crate::hooks::Hook::Release, &s);
+                    }
+                    // Servers with hooks but no acquire hook count as acquired once answered.
+                    for s in &defs.servers {
+                        if self.cfg.hooks.contains_key(&s.name) && defs.groups.iter().any(|g| g.server.as_ref() == Some(&s.name) && h.contains(&g.address)) {
+                            self.acquired.insert(s.name.clone());
+                        }
+                    }
                 }
                 let skip = self.took.len().saturating_sub(TOOK_KEPT);
                 self.took.drain(..skip);
@@ -877,8 +993,12 @@ impl<A: Agent> Node<A> {
         }
         let mut wait_ms = 0;
         let mut v = vec![];
+        let defs = self.mirror.defs.as_ref().map(|d| d.1.clone()).unwrap_or_default();
+        let failed_here = |addr: IpAddr| {
+            defs.groups.iter().find(|d| d.address == addr).and_then(|d| d.server.as_ref()).is_some_and(|s| self.failed.contains_key(s))
+        };
         for g in &a.groups {
-            if g.owner.as_deref() == Some(self.cfg.node.as_str()) && g.incarnation == self.inc as u64 {
+            if g.owner.as_deref() == Some(self.cfg.node.as_str()) && g.incarnation == self.inc as u64 && !failed_here(g.address) {
                 if !self.held.contains(&g.address) {
                     wait_ms = wait_ms.max(g.wait_ms);
                 }
@@ -901,6 +1021,14 @@ impl<A: Agent> Node<A> {
                 // Changed while waiting: what was said stays said; start over.
                 self.pending = None;
             } else if boot_ns() >= at {
+                // A virtual server's `acquire` runs before its VIPs are answered here.
+                let need = self.to_acquire(&p);
+                if !need.is_empty() {
+                    if !self.hooks_busy {
+                        self.acquire(p, need);
+                    }
+                    return;
+                }
                 self.pending = None;
                 self.hold(p);
                 return;
@@ -940,6 +1068,88 @@ impl<A: Agent> Node<A> {
         }
     }
 
+    /// The virtual servers with an `acquire` hook that `groups` would start answering here,
+    /// highest priority first.
+    fn to_acquire(&self, groups: &[IpAddr]) -> Vec<String> {
+        let Some((_, defs)) = &self.mirror.defs else { return vec![] };
+        let mut v: Vec<&crate::records::ServerDef> = defs
+            .servers
+            .iter()
+            .filter(|s| self.cfg.hooks.get(&s.name).is_some_and(|h| h.acquire.is_some()))
+            .filter(|s| !self.acquired.contains(&s.name) && !self.failed.contains_key(&s.name))
+            .filter(|s| defs.groups.iter().any(|g| g.server.as_ref() == Some(&s.name) && groups.contains(&g.address) && !self.held.contains(&g.address)))
+            .collect();
+        v.sort_by_key(|s| std::cmp::Reverse(s.priority));
+        v.into_iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// A server's addresses, for its hooks (at most 4096).
+    fn server_addresses(&self, server: &str) -> Vec<String> {
+        let Some((_, defs)) = &self.mirror.defs else { return vec![] };
+        defs.groups.iter().filter(|g| g.server.as_deref() == Some(server)).flat_map(|g| g.addresses()).take(4096).map(|a| a.to_string()).collect()
+    }
+
+    /// Runs the `acquire` hooks of `servers` one after another (priority order), then
+    /// reports for `groups`.
+    fn acquire(&mut self, groups: Vec<IpAddr>, servers: Vec<String>) {
+        self.hooks_busy = true;
+        let jobs: Vec<(String, crate::hooks::Hooks, Vec<String>)> =
+            servers.iter().filter_map(|s| Some((s.clone(), self.cfg.hooks.get(s)?.clone(), self.server_addresses(s)))).collect();
+        let (cluster, node) = (self.cfg.cluster.clone(), self.cfg.node.clone());
+        self.spawn(async move {
+            let mut runs = vec![];
+            for (server, hooks, addresses) in &jobs {
+                let cx = crate::hooks::Context { cluster: &cluster, node: &node, server, addresses };
+                runs.push(crate::hooks::run(crate::hooks::Hook::Acquire, hooks, &cx).await);
+            }
+            Done::Acquired(groups, runs)
+        });
+    }
+
+    /// Runs one `release` or `check` hook in the background.
+    fn run_hook(&mut self, hook: crate::hooks::Hook, server: &str) {
+        let Some(hooks) = self.cfg.hooks.get(server).cloned() else { return };
+        if hook.path(&hooks).is_none() {
+            return;
+        }
+        let addresses = self.server_addresses(server);
+        if hook == crate::hooks::Hook::Release {
+            self.releasing += 1;
+        }
+        let (cluster, node, server) = (self.cfg.cluster.clone(), self.cfg.node.clone(), server.to_string());
+        self.spawn(async move {
+            let cx = crate::hooks::Context { cluster: &cluster, node: &node, server: &server, addresses: &addresses };
+            Done::HookRan(crate::hooks::run(hook, &hooks, &cx).await)
+        });
+    }
+
+    fn keep_run(&mut self, r: crate::hooks::HookRun) {
+        if r.ok {
+            tracing::info!(server = %r.server, hook = r.hook.name(), ms = r.ms, "cluster: hook done");
+        } else {
+            tracing::warn!(server = %r.server, hook = r.hook.name(), outcome = %r.outcome, ms = r.ms, "cluster: hook failed");
+        }
+        self.hook_runs.push_back(r);
+        while self.hook_runs.len() > HOOK_RUNS_KEPT {
+            self.hook_runs.pop_front();
+        }
+    }
+
+    /// A server failed here: it is given up (the leader places it elsewhere) for a while.
+    fn server_failed(&mut self, server: &str) {
+        tracing::warn!(server, "cluster: virtual server failed on this node; it goes elsewhere");
+        self.failed.insert(server.to_string(), boot_ns());
+        // What was said but never answered is unsaid now (answered groups go through the
+        // usual release: stop answering, then say so).
+        if let Some((_, defs)) = &self.mirror.defs {
+            let mine: Vec<IpAddr> = defs.groups.iter().filter(|g| g.server.as_deref() == Some(server)).map(|g| g.address).collect();
+            let held = &self.held;
+            self.said.retain(|a| !mine.contains(a) || held.contains(a));
+        }
+        self.write_state();
+        self.reconcile();
+    }
+
     /// Hands the data plane a new set of groups.
     fn hold(&mut self, held: Vec<IpAddr>) {
         let defs = self.mirror.defs.as_ref().map(|d| d.1.clone()).unwrap_or_default();
@@ -967,8 +1177,34 @@ impl<A: Agent> Node<A> {
         self.spawn(async move { Done::Record(store::update_own(&mut c, &key, inc, encode(&rec), lease).await, Intent::State) });
     }
 
+    /// Periodic `check` hooks of the servers held here; failed marks that expired.
+    fn hook_tick(&mut self, now: u64) {
+        let due: Vec<String> = self
+            .acquired
+            .iter()
+            .filter(|s| !self.checking.contains(*s) && !self.failed.contains_key(*s))
+            .filter(|s| {
+                self.cfg.hooks.get(*s).is_some_and(|h| {
+                    h.check.is_some() && self.last_check.get(*s).is_none_or(|t| now.saturating_sub(*t) >= h.check_every.as_nanos() as u64)
+                })
+            })
+            .cloned()
+            .collect();
+        for s in due {
+            self.checking.insert(s.clone());
+            self.last_check.insert(s.clone(), now);
+            self.run_hook(crate::hooks::Hook::Check, &s);
+        }
+        let before = self.failed.len();
+        self.failed.retain(|_, at| now.saturating_sub(*at) < FAILED_FOR.as_nanos() as u64);
+        if self.failed.len() != before {
+            self.write_state();
+        }
+    }
+
     fn on_tick(&mut self) {
         let now = boot_ns();
+        self.hook_tick(now);
         let gap = now.saturating_sub(self.last_tick);
         if self.last_tick != 0 && gap > 3 * self.cfg.heartbeat.as_nanos() as u64 {
             tracing::warn!(gap_ms = gap / 1_000_000, "cluster: heartbeat loop stalled");
@@ -1040,14 +1276,20 @@ impl<A: Agent> Node<A> {
         }
         let fence = self.cfg.fence.as_nanos() as u64;
         let peer = self.peers.deadline().unwrap_or(0);
-        let short = peer < now + fence / 2;
+        let marker = self.mirror.fences.contains_key(&self.cfg.node);
+        // A member-list change leaves no majority on the new list until the peers have it
+        // too (a heartbeat or two): for that long the deadline in force (the peers' last)
+        // is the measure, so a change alone does not send this node to etcd (and make the
+        // leader wait out its fence should it die in the next second).
+        let settling = now.saturating_sub(self.peers.view_moved_at()) < 4 * self.cfg.heartbeat.as_nanos() as u64;
+        let basis = if !marker && settling { peer.max(self.deadline) } else { peer };
+        let short = basis < now + fence / 2;
         let holds = !self.held.is_empty() || !self.said.is_empty();
         if short {
             self.peers_fine_since = None;
         } else if self.peers_fine_since.is_none() {
             self.peers_fine_since = Some(now);
         }
-        let marker = self.mirror.fences.contains_key(&self.cfg.node);
         if short && holds {
             if !marker && !self.marker_busy {
                 // Say we answer on etcd's word before we do (the leader then waits).
@@ -1092,6 +1334,10 @@ impl<A: Agent> Node<A> {
 const TAKEOVERS_KEPT: usize = 64;
 /// How long a group never placed waits for its home node to register.
 const HOME_WAIT: Duration = Duration::from_secs(5);
+/// Hook runs kept for status.
+const HOOK_RUNS_KEPT: usize = 32;
+/// How long a virtual server that failed on this node is kept off it.
+pub const FAILED_FOR: Duration = Duration::from_secs(60);
 /// Takeovers a node keeps in its own record.
 const TOOK_KEPT: usize = 8;
 
@@ -1173,7 +1419,8 @@ impl<A: Agent> Node<A> {
             .mirror
             .nodes
             .iter()
-            .filter(|(n, _)| !cut_names.contains(n.as_str()))
+            // Cut nodes stay in (not alive): placement needs to know what a unit leaves
+            // (a standby takes a failed node whole; its group and partner come next).
             .map(|(n, (c, _, r))| (n.as_str(), NodeState { incarnation: *c as u64, record: r, alive: alive[n], joining: joining[n] }))
             .collect();
         // A group waits at most HOME_WAIT for a home node that has never registered.
@@ -1211,8 +1458,12 @@ impl<A: Agent> Node<A> {
         };
         let unplaced = &self.unplaced;
         let waits = |a: IpAddr| unplaced.get(&a).is_some_and(|since| t - since < HOME_WAIT.as_secs_f64());
-        let d = leader::decide(&leader::Input { defs: &defs, defs_rev, nodes: &states, previous: &previous, holder: &holder, waits: &waits, now: t });
-        let record = leader::record(&d, &self.cfg.node, self.election, defs_rev, unix_now());
+        let rebalance = self.mirror.rebalance > previous.rebalanced;
+        let d = leader::decide(&leader::Input { defs: &defs, defs_rev, nodes: &states, previous: &previous, holder: &holder, waits: &waits, now: t, rebalance });
+        // A rebalance is carried out over several decisions (a live holder lets go first):
+        // done once a decision under it moves nothing more.
+        let rebalanced = if rebalance && d.moved.is_empty() && d.released.is_empty() { self.mirror.rebalance } else { previous.rebalanced };
+        let record = leader::record(&d, &self.cfg.node, self.election, defs_rev, unix_now(), rebalanced);
         let new_members = MembersRecord {
             members: self
                 .mirror
@@ -1222,7 +1473,7 @@ impl<A: Agent> Node<A> {
                 .map(|(n, (c, _, _))| (n.clone(), *c as u64))
                 .collect(),
         };
-        let assign_changed = self.mirror.assign.as_ref().is_none_or(|(_, a)| a.groups != record.groups || a.nodes != record.nodes || a.term != record.term || a.defs != record.defs);
+        let assign_changed = self.mirror.assign.as_ref().is_none_or(|(_, a)| a.groups != record.groups || a.nodes != record.nodes || a.term != record.term || a.defs != record.defs || a.rebalanced != record.rebalanced);
         let members_changed = self.mirror.members.as_ref().is_none_or(|(_, m)| *m != new_members);
         if !assign_changed && !members_changed && cut.is_empty() && ahead.is_empty() {
             return;
@@ -1260,6 +1511,7 @@ impl<A: Agent> Node<A> {
                     to,
                     leader: self.cfg.node.clone(),
                     answered_at: 0.0,
+                    hooks_ms: 0.0,
                 }
             })
             .collect();
@@ -1334,6 +1586,8 @@ impl<A: Agent> Node<A> {
                 },
                 holding: r.holding.iter().map(|a| a.to_string()).collect(),
                 ports: r.ports.iter().map(|p| (p.name.clone(), p.up)).collect(),
+                group: r.group.clone(),
+                partner: r.partner.clone(),
             })
             .collect();
         for h in assign.map(|a| a.nodes.as_slice()).unwrap_or_default() {
@@ -1342,14 +1596,33 @@ impl<A: Agent> Node<A> {
             }
         }
         let defs = self.mirror.defs.as_ref().map(|d| d.1.clone()).unwrap_or_default();
+        let owner_of = |g: &crate::records::GroupDef| assign.and_then(|a| a.groups.iter().find(|x| x.address == g.address)).and_then(|x| x.owner.clone());
         let groups = defs
             .groups
             .iter()
             .map(|g| GroupStatus {
                 address: g.address.to_string(),
                 count: g.count,
-                owner: assign.and_then(|a| a.groups.iter().find(|x| x.address == g.address)).and_then(|x| x.owner.clone()),
-                home: g.node.clone(),
+                owner: owner_of(g),
+                home: g.server.as_ref().and_then(|s| defs.servers.iter().find(|x| x.name == *s)).map_or(g.node.clone(), |s| s.node.clone()),
+                server: g.server.clone(),
+            })
+            .collect();
+        let servers = defs
+            .servers
+            .iter()
+            .map(|sv| {
+                let mine: Vec<&crate::records::GroupDef> = defs.groups.iter().filter(|g| g.server.as_deref() == Some(sv.name.as_str())).collect();
+                let owners: Vec<Option<String>> = mine.iter().map(|g| owner_of(g)).collect();
+                ServerStatus {
+                    name: sv.name.clone(),
+                    priority: sv.priority,
+                    migrate: sv.migrate,
+                    home: sv.node.clone(),
+                    // One owner for all its groups, or none yet.
+                    owner: owners.first().cloned().flatten().filter(|o| owners.iter().all(|x| x.as_ref() == Some(o))),
+                    groups: mine.iter().map(|g| g.address.to_string()).collect(),
+                }
             })
             .collect();
         let (peer, etcd) = (self.peers.deadline().unwrap_or(0), if self.mirror.fences.contains_key(&self.cfg.node) { self.etcd_deadline } else { 0 });
@@ -1373,6 +1646,7 @@ impl<A: Agent> Node<A> {
             },
             nodes,
             groups,
+            servers,
             takeovers: self
                 .mirror
                 .takeovers
@@ -1386,10 +1660,18 @@ impl<A: Agent> Node<A> {
                         .filter_map(|n| self.mirror.nodes.get(n))
                         .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - 1.0).map(|k| k.at))
                         .fold(f64::INFINITY, f64::min);
-                    TakeoverRecord { answered_at: if answered.is_finite() { answered } else { 0.0 }, ..t.clone() }
+                    let hooks_ms = t
+                        .to
+                        .iter()
+                        .filter_map(|n| self.mirror.nodes.get(n))
+                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - 1.0).map(|k| k.hooks_ms))
+                        .fold(0.0, f64::max);
+                    TakeoverRecord { answered_at: if answered.is_finite() { answered } else { 0.0 }, hooks_ms, ..t.clone() }
                 })
                 .collect(),
             holding: self.held.iter().map(|a| a.to_string()).collect(),
+            hooks: self.hook_runs.iter().cloned().collect(),
+            failed_here: self.failed.keys().cloned().collect(),
         }
     }
 }

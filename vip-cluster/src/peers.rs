@@ -283,6 +283,12 @@ impl Peers {
         Some(sent + self.timing.fence_ns)
     }
 
+    /// When this node or one of its peers last moved to another member list (acks
+    /// count only between nodes on the same one, so support pauses for a heartbeat or two).
+    pub fn view_moved_at(&self) -> u64 {
+        self.peers.values().map(|p| p.version_seen_at).fold(self.view_since, u64::max)
+    }
+
     /// The peer heard last (for status): when, and whether it said it is leaving.
     pub fn heard(&self, who: &Incarnation) -> Option<(u64, bool)> {
         self.peers.get(who).or_else(|| self.former.get(who)).and_then(|p| Some((p.heard_at?, p.leaving)))
@@ -409,6 +415,26 @@ mod tests {
                 assert!(s.nodes[i].my_votes(s.now).is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_member_list_change_pauses_support_for_a_heartbeat_or_two_and_says_when() {
+        let mut s = Sim::new(3);
+        s.run(200, |_| true, |_, _| true);
+        let before = s.nodes[0].view_moved_at();
+        // Node 0 gets the new list first: its peers' acks stop counting for it until they
+        // have the list too, and view_moved_at says so (the runtime then keeps the
+        // deadline in force rather than turning to etcd).
+        let v8 = View { version: 8, members: (1..=3).map(inc).collect() };
+        s.nodes[0].set_view(v8.clone(), s.now);
+        assert!(s.nodes[0].view_moved_at() > before);
+        assert_eq!(s.nodes[0].deadline(), None, "no peer on list 8 yet");
+        for i in 1..3 {
+            s.nodes[i].set_view(v8.clone(), s.now + MS);
+        }
+        s.run(20, |_| true, |_, _| true);
+        assert!(s.answering(0, s.now), "support back within two heartbeats");
+        assert!(s.nodes[0].view_moved_at() >= s.now - 20 * MS, "peers seen moving count too");
     }
 
     /// The safety property, scenario by scenario: whenever the leader (node 0) may cut a

@@ -9,6 +9,7 @@
 //! | `assign` | the leader | [`AssignRecord`]: who answers each group of VIPs |
 //! | `fence/<name>` | the node | present while it answers on etcd's word rather than its peers' |
 //! | `takeovers` | the leader | [`TakeoverRecord`]s, the last 64 |
+//! | `rebalance` | `vip-agent cluster rebalance` | a request: its mod revision, once newer than [`AssignRecord::rebalanced`], has the leader even the load |
 //!
 //! Nothing read from etcd names a command, a path or a script: a node only ever applies
 //! addresses to its own adapters.
@@ -55,6 +56,14 @@ pub struct NodeRecord {
     /// last few): the "first answer by the new owner" of a takeover.
     #[serde(default)]
     pub took: Vec<Took>,
+    /// Its failover group and pair partner (seed 000), from its config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    /// Virtual servers that failed here (a hook said so): not to be given to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +72,9 @@ pub struct Took {
     pub groups: usize,
     /// Unix time its data plane answered them.
     pub at: f64,
+    /// Of that, the time its virtual servers' `acquire` hooks took (ms).
+    #[serde(default)]
+    pub hooks_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,10 +135,40 @@ pub struct GroupDef {
     /// Goes back to its own node when that node returns (otherwise it stays put).
     #[serde(default)]
     pub rebalance: bool,
+    /// The virtual server it belongs to (it then moves with it, and `node`, `failover`
+    /// and `rebalance` are the server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Its share of a node's load, for balancing (a server's groups count as the server).
+    #[serde(default = "one")]
+    pub weight: u32,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// A virtual server (seed 004): a name for VIP groups that move together, exclusively
+/// on one node, with a priority for takeovers. What it runs (hooks) is each node's own
+/// configuration, never the cluster's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerDef {
+    pub name: String,
+    /// Its home node while that node is up (None: placed by the leader).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Higher moves first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Moves to another node when its node fails (`false`: stays down with it; a port
+    /// failure still moves it).
+    #[serde(default = "yes")]
+    pub migrate: bool,
+    /// Goes back home when its home returns.
+    #[serde(default)]
+    pub rebalance: bool,
+    #[serde(default = "one")]
+    pub weight: u32,
 }
 
 /// The cluster's VIPs (what `vip-agent cluster apply` writes).
@@ -136,6 +178,8 @@ pub struct Defs {
     #[serde(default)]
     pub source: String,
     pub groups: Vec<GroupDef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ServerDef>,
 }
 
 impl GroupDef {
@@ -205,10 +249,13 @@ pub struct AssignRecord {
     pub nodes: Vec<NodeHealth>,
     /// Unix time.
     pub at: f64,
+    /// The revision of the last `cluster rebalance` request carried out.
+    #[serde(default)]
+    pub rebalanced: i64,
 }
 
 /// One node's VIPs moving to others, with its timings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct TakeoverRecord {
     pub node: String,
     /// suspected (silent), left, down, lease expired, rebalance...
@@ -227,4 +274,7 @@ pub struct TakeoverRecord {
     /// the new owner's record, 0 until then).
     #[serde(default)]
     pub answered_at: f64,
+    /// Of the time to the first answer, what the new owners' `acquire` hooks took (ms).
+    #[serde(default)]
+    pub hooks_ms: f64,
 }

@@ -78,6 +78,9 @@ impl Keys {
     pub fn takeovers(&self) -> String {
         format!("{}takeovers", self.prefix)
     }
+    pub fn rebalance(&self) -> String {
+        format!("{}rebalance", self.prefix)
+    }
     /// `nodes/n1` -> `n1` for keys under `under` (one of the prefixes above).
     pub fn name_in<'a>(&self, key: &'a str, under: &str) -> Option<&'a str> {
         key.strip_prefix(under)

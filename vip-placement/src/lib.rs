@@ -23,6 +23,7 @@
 
 mod classify;
 mod diff;
+mod nodes;
 mod place;
 mod spread;
 mod subnet;
@@ -31,6 +32,7 @@ use std::{net::IpAddr, sync::Arc};
 
 pub use classify::{classify, Class, ClassKey, Classes};
 pub use diff::{diff, Diff, Segment};
+pub use nodes::{place_nodes, ClusterNode, NodesDecision, NodesInput, Rule, Unit};
 pub use place::{heir, place, up_mask, Decision, Input};
 pub use spread::weighted_table;
 pub use subnet::Subnet;

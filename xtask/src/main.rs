@@ -15,7 +15,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the build, the tests, the lab and the benchmarks use: iproute2 and ethtool for the lab; etcd for the cluster; protoc and its well-known types for
 /// the etcd client's build; nftables for the cluster tests' partitions.
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "etcd-server", "protobuf-compiler", "libprotobuf-dev", "nftables"];
-/// Only `cargo xtask bench failover` needs it: the comparison runs the real daemon.
+/// Only `cargo xtask bench failover` and `bench cluster` need it: the comparison runs the real daemon.
 const BENCH_PACKAGES: &[&str] = &["keepalived"];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
@@ -73,6 +73,15 @@ enum Bench {
     /// shaped alike), and the egress steering program's cost per frame.
     Steering {
         /// Fewer rounds, for a quick look (the docs are not rewritten).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Node kills on the cluster lab (real etcd, 3 nodes; 120 at the default timing, 60 at
+    /// a tight one): suspected, decided, answered by the new owner, client outage, overlap;
+    /// etcd's request rate at 3 and 16 nodes; keepalived's VRRP in the same run; a table
+    /// and a plot (docs/cluster.svg).
+    Cluster {
+        /// Fewer kills, for a quick look (the docs are not rewritten).
         #[arg(long)]
         quick: bool,
     },
@@ -375,6 +384,19 @@ fn bench(which: Bench) -> Result<()> {
             cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "scale"]);
             if quick {
                 cmd.args(["--sizes", "1000,10000", "--pulls", "5"]);
+            } else {
+                cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            sh(cmd.current_dir(workspace_root()).env("VIP_EBPF_OBJECT", &obj).env("VIP_AGENT_BIN", &agent))
+        }
+        Bench::Cluster { quick } => {
+            println!("==> set-up: benchmark packages");
+            ensure_packages(BENCH_PACKAGES)?;
+            let agent = build_agent(true)?;
+            let mut cmd = Command::new("cargo");
+            cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "cluster"]);
+            if quick {
+                cmd.args(["--kills", "10", "--ka-pulls", "2", "--ka-min-pulls", "10"]);
             } else {
                 cmd.args(["--write", "docs/benchmarks.md"]);
             }

@@ -48,6 +48,20 @@ enum Which {
         #[arg(long)]
         write: Option<String>,
     },
+    Cluster {
+        /// Node kills on the cluster lab at the default timing (and half as many at a tight one).
+        #[arg(long, default_value_t = 120)]
+        kills: usize,
+        /// Node failures with keepalived at advert_int 1 (each takes several seconds).
+        #[arg(long, default_value_t = 20)]
+        ka_pulls: usize,
+        /// Node failures with keepalived at its smallest advert_int.
+        #[arg(long, default_value_t = 100)]
+        ka_min_pulls: usize,
+        /// Write the report into this Markdown file (its `cluster` section) and the plot beside it.
+        #[arg(long)]
+        write: Option<String>,
+    },
     Steering {
         #[arg(long)]
         quick: bool,
@@ -71,6 +85,15 @@ enum Which {
 fn main() {
     let (quick, write) = match Cli::parse().which {
         Which::Dataplane { quick, write } => (quick, write),
+        Which::Cluster { kills, ka_pulls, ka_min_pulls, write } => {
+            let report = vip_tests::cluster_bench::run(kills, ka_pulls, ka_min_pulls, write.as_deref());
+            println!("{report}");
+            if let Some(path) = write {
+                write_section(&path, "cluster", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+                println!("written to {path}");
+            }
+            return;
+        }
         Which::Steering { quick, write } => {
             let report = steering_report(quick);
             println!("{report}");

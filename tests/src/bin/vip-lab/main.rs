@@ -2,7 +2,10 @@
 //! adapters, 3 clients, and the real agent on the node with `examples/lab.toml`. Shows
 //! which adapter each client resolved each VIP to, pulls a cable and plugs it back on a
 //! timer, and prints the agent's status and each failover's timings until interrupted;
-//! then stops the agent and removes the lab.
+//! then stops the agent and removes the lab. With `--cluster`, the cluster lab instead
+//! (see `cluster.rs`).
+
+mod cluster;
 
 use std::{
     net::UdpSocket,
@@ -21,6 +24,18 @@ use vip_tests::{
 #[derive(Parser)]
 #[command(about = "vip lab: the agent on a node with 3 adapters and 3 clients, in network namespaces")]
 struct Cli {
+    /// The cluster lab instead: etcd (3 members), 3 nodes with 2 client adapters and a
+    /// cluster adapter each, 3 clients; the node holding the first group is killed (cables pulled,
+    /// agent SIGKILLed) every --kill-every seconds and comes back as long after.
+    #[arg(long)]
+    cluster: bool,
+    /// With --cluster: the cluster definitions to apply (node names n0..n2, adapters eth0
+    /// and eth1, addresses in 192.0.2.0/24 outside .10-.89 and .150-.179).
+    #[arg(long, default_value = "examples/cluster-defs.toml")]
+    defs: PathBuf,
+    /// With --cluster: kill a node, and bring it back, every this many seconds (0: never).
+    #[arg(long, default_value_t = 10)]
+    kill_every: u64,
     /// The agent's config; its adapters must be vip0..vip2 (the lab's).
     #[arg(long, default_value = "examples/lab.toml")]
     config: PathBuf,
@@ -32,7 +47,7 @@ struct Cli {
     pull_every: u64,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
@@ -43,6 +58,14 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    if cli.cluster {
+        let o = cluster::Opts { defs: &cli.defs, duration: cli.duration, kill_every: cli.kill_every };
+        if let Err(e) = cluster::run(o) {
+            eprintln!("vip-lab: {e}");
+            std::process::exit(1);
+        }
+        return;
     }
     let lab = Lab::bridged(3, 3);
     // A veth delivers XDP_TX frames only to a peer with an XDP program; a switch port
