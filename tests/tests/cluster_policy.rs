@@ -247,10 +247,12 @@ fn hooks_start_a_service_on_takeover_and_failed_or_hung_ones_move_the_server() {
         // The service's output is detached: a hook's own output ends when it exits.
         script(&d.join("svc-acquire"), &format!("echo starting the service on n{k}\n{svc_bin} {}:{PORT} n{k} >/dev/null 2>&1 &\necho $! > {}", ip(120), pid.display()));
         script(&d.join("svc-release"), &format!("kill $(cat {}) 2>/dev/null; rm -f {}; echo stopped", pid.display(), pid.display()));
+        // Its storage "breaks" when the test drops a file next to it.
+        script(&d.join("svc-check"), &format!("test ! -e {}", d.join("broken").display()));
         script(&d.join("bad-acquire"), if k == 0 { "echo no storage here >&2; exit 3" } else { "exit 0" });
         script(&d.join("slow-acquire"), if k == 0 { "sleep 30" } else { "exit 0" });
         extra.push(format!(
-            "[[cluster.server]]\nname = \"svc\"\nacquire = \"{0}/svc-acquire\"\nrelease = \"{0}/svc-release\"\ntimeout_ms = 5000\n\n\
+            "[[cluster.server]]\nname = \"svc\"\nacquire = \"{0}/svc-acquire\"\nrelease = \"{0}/svc-release\"\ncheck = \"{0}/svc-check\"\ncheck_interval_ms = 200\ntimeout_ms = 5000\n\n\
              [[cluster.server]]\nname = \"bad\"\nacquire = \"{0}/bad-acquire\"\ntimeout_ms = 5000\n\n\
              [[cluster.server]]\nname = \"slow\"\nacquire = \"{0}/slow-acquire\"\ntimeout_ms = 500\n",
             d.display()
@@ -288,7 +290,7 @@ fn hooks_start_a_service_on_takeover_and_failed_or_hung_ones_move_the_server() {
     lab.nodes[0].agent.take().unwrap().kill();
     let s = lab.wait_cluster(1, "svc moved", Duration::from_secs(10), |s| {
         s.servers.iter().any(|v| v.name == "svc" && v.owner.as_deref().is_some_and(|o| o != "n0"))
-            && s.takeovers.iter().any(|t| t.node == "n0" && t.answered_at > 0.0)
+            && s.takeovers.iter().rev().find(|t| t.node == "n0").is_some_and(|t| t.reason == "silent" && t.answered_at > 0.0)
     });
     let owner = s.servers.iter().find(|v| v.name == "svc").unwrap().owner.clone().unwrap();
     let k: usize = owner[1..].parse().unwrap();
@@ -303,6 +305,24 @@ fn hooks_start_a_service_on_takeover_and_failed_or_hung_ones_move_the_server() {
         (t.answered_at - t.silent_since) * 1e3,
         t.hooks_ms
     );
+    let o = overlaps(&w.seen(), ARP_EVERY, owner_of);
+    assert!(o.is_empty(), "two nodes answered at once: {o:?}");
+    drop(w);
+
+    // Seed 004's lost storage: svc's check fails on its node; it is released there (the
+    // service stopped) and moves to the last node, where acquire starts it again.
+    let other = 3 - k;
+    let w = ArpWatch::start(&c.ns, &c.iface, c.mac, c.ip4, ip(120), ARP_EVERY).unwrap();
+    std::fs::write(dir.0.join(format!("n{k}/broken")), "").unwrap();
+    expect_at(&lab, other, ip(120), other, "svc moved off the node whose check failed");
+    assert_eq!(ask(&lab, ip(120), PORT), Some(format!("n{other}")), "the service did not answer from its third node");
+    let s = lab.wait_cluster(k, "svc failed on its node", Duration::from_secs(5), |s| s.failed_here.contains(&"svc".to_string()));
+    assert!(vip_agent::status::cluster_human(&s).contains("check"), "{}", vip_agent::status::cluster_human(&s));
+    let released = std::time::Instant::now() + Duration::from_secs(3);
+    while dir.0.join(format!("n{k}/svc.pid")).exists() && std::time::Instant::now() < released {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!dir.0.join(format!("n{k}/svc.pid")).exists(), "n{k}: release did not stop the service after its check failed");
     let o = overlaps(&w.seen(), ARP_EVERY, owner_of);
     assert!(o.is_empty(), "two nodes answered at once: {o:?}");
     drop(w);

@@ -1334,6 +1334,9 @@ impl<A: Agent> Node<A> {
 const TAKEOVERS_KEPT: usize = 64;
 /// How long a group never placed waits for its home node to register.
 const HOME_WAIT: Duration = Duration::from_secs(5);
+/// How far before a takeover's decision a new owner's "took" may be stamped and still be
+/// its first answer (the two stamps come from two nodes' clocks, NTP-close).
+const TOOK_SLACK_S: f64 = 0.05;
 /// Hook runs kept for status.
 const HOOK_RUNS_KEPT: usize = 32;
 /// How long a virtual server that failed on this node is kept off it.
@@ -1658,13 +1661,13 @@ impl<A: Agent> Node<A> {
                         .to
                         .iter()
                         .filter_map(|n| self.mirror.nodes.get(n))
-                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - 1.0).map(|k| k.at))
+                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - TOOK_SLACK_S).map(|k| k.at))
                         .fold(f64::INFINITY, f64::min);
                     let hooks_ms = t
                         .to
                         .iter()
                         .filter_map(|n| self.mirror.nodes.get(n))
-                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - 1.0).map(|k| k.hooks_ms))
+                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - TOOK_SLACK_S).map(|k| k.hooks_ms))
                         .fold(0.0, f64::max);
                     TakeoverRecord { answered_at: if answered.is_finite() { answered } else { 0.0 }, hooks_ms, ..t.clone() }
                 })
