@@ -127,6 +127,22 @@ impl AgentProc {
         }
     }
 
+    /// Starts `vip-agent run` with the XDP object built into the binary (no
+    /// `--bpf-object`, no `VIP_EBPF_OBJECT`), as an operator runs it, and waits for it.
+    pub fn start_self_contained(ns: &NetNs, files: &AgentFiles) -> AgentProc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&files.log).expect("log");
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--config"]).arg(&files.config).args(["--netns", &ns.name]).env_remove("VIP_EBPF_OBJECT");
+        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").stdout(Stdio::null()).stderr(log);
+        let p = AgentProc { child: cmd.spawn().expect("spawning vip-agent"), socket: files.socket.clone(), log: files.log.clone() };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while p.try_status().is_none() {
+            assert!(Instant::now() < deadline, "agent did not come up; log:\n{}", p.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
     /// Starts `vip-agent run` without waiting for it.
     pub fn spawn(ns: &NetNs, files: &AgentFiles, extra: &[&str]) -> AgentProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&files.log).expect("log");

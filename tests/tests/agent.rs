@@ -1019,3 +1019,52 @@ fn restart_and_return_do_not_herd_clients() {
     reach("after the return");
     assert!(agent.stop().success());
 }
+
+/// The agent is one file: started without `--bpf-object` or `VIP_EBPF_OBJECT`, it loads
+/// the XDP object built into it and answers. A SIGHUP (an operator's `systemctl reload`)
+/// no longer ends it: it checks the file, says so, and keeps answering; a broken file
+/// changes nothing. `vip-agent status | head -1` ends quietly on the closed pipe.
+#[test]
+fn the_agent_is_one_file_and_a_sighup_does_not_end_it() {
+    if !root_or_skip("the_agent_is_one_file_and_a_sighup_does_not_end_it") {
+        return;
+    }
+    let (lab, _dp) = lab(1);
+    let files = AgentFiles::new("onefile");
+    files.write("", &default_body(&lab));
+    let agent = AgentProc::start_self_contained(&lab.node, &files);
+    let c = &lab.clients[0];
+    resolve(&lab, c, VIP4.into());
+    // SIGHUP with the good file, then with a broken one: still running, still answering.
+    let pid = agent.child.id() as i32;
+    // SAFETY: a signal to the agent this test started.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    let good = std::fs::read_to_string(&files.config).unwrap();
+    std::fs::write(&files.config, format!("{good}\n[[vip]]\naddress = \"not an address\"\n")).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agent.try_status().is_some(), "the agent ended on SIGHUP; log:\n{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(log.contains("SIGHUP: the config is valid"), "{log}");
+    assert!(log.contains("SIGHUP: the config is not valid; nothing changes"), "{log}");
+    lab.clients[0].ns.ip(&["neigh", "flush", "all"]);
+    resolve(&lab, c, VIP4.into());
+    // Output into a pipe nobody reads any more (`| head` once it has its line): the
+    // command ends by SIGPIPE as Unix tools do, with no panic and no message.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(agent_bin())
+        .args(["status", "--socket"])
+        .arg(&files.socket)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&files.config, good).unwrap();
+    assert!(agent.stop().success());
+}

@@ -37,6 +37,24 @@ fn stop_all(lab: &mut ClusterLab) {
     }
 }
 
+fn examples() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// `vip-agent check --netns` of examples/DIR/nK.toml on each node of the lab: the
+/// example's adapters are the lab's.
+fn check_examples(lab: &ClusterLab, dir: &str) {
+    for n in &lab.nodes {
+        let cfg = examples().join(format!("{dir}/{}.toml", n.name));
+        let out = std::process::Command::new(vip_tests::agentproc::agent_bin())
+            .args(["check", "--netns", &n.ns.name, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "check {}: {}{}", cfg.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// Pulls node `k`'s client cables (eth0, eth1), leaving its cluster link up.
 fn pull_ports(lab: &ClusterLab, k: usize) {
     for p in &lab.nodes[k].ports[..2] {
@@ -72,7 +90,12 @@ fn pairs_and_groups_lose_ports_one_by_one() {
     }
     let (groups, partners) = (["A", "A", "B", "B"], ["n2", "n3", "n0", "n1"]);
     let mut lab = start(4, |k| format!("group = \"{}\"\npartner = \"{}\"\n", groups[k], partners[k]));
-    apply(&lab, &lab.defs_text(1, "spread"));
+    // The example of this cluster (examples/cluster-pairs) is what runs: each node's
+    // config passes `check` on the node, and its definitions are the ones applied.
+    check_examples(&lab, "cluster-pairs");
+    let defs = std::fs::read_to_string(examples().join("cluster-pairs/defs.toml")).unwrap();
+    assert_eq!(defs.matches("[[vip]]").count(), 4);
+    apply(&lab, &defs);
     lab.wait_settled(Duration::from_secs(15));
     let c = &lab.clients[0];
     let w0 = ArpWatch::start(&c.ns, &c.iface, c.mac, c.ip4, vip_of(0), ARP_EVERY).unwrap();
@@ -259,6 +282,13 @@ fn hooks_start_a_service_on_takeover_and_failed_or_hung_ones_move_the_server() {
         ));
     }
     let mut lab = start(3, |k| extra[k].clone());
+    check_examples(&lab, "cluster-servers");
+    let out = lab.apply(0, &std::fs::read_to_string(examples().join("cluster-servers/defs.toml")).unwrap());
+    assert!(out.status.success(), "the example definitions: {}", String::from_utf8_lossy(&out.stderr));
+    lab.wait_settled(Duration::from_secs(15));
+    let s = lab.cluster_status(0).unwrap();
+    let sv: Vec<(&str, Option<&str>)> = s.servers.iter().map(|v| (v.name.as_str(), v.owner.as_deref())).collect();
+    assert_eq!(sv, [("db", Some("n0")), ("web", Some("n1")), ("scratch", Some("n2"))], "the example's servers at home");
     let defs = "[[server]]\nname = \"svc\"\nnode = \"n0\"\npriority = 10\n\n\
                 [[server]]\nname = \"bad\"\nnode = \"n0\"\n\n\
                 [[server]]\nname = \"slow\"\nnode = \"n0\"\n\n\

@@ -27,14 +27,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent until SIGINT or SIGTERM, then take back everything it changed. On
-    /// SIGUSR1 it exits leaving the data plane answering for the next agent to adopt.
+    /// SIGUSR1 it exits leaving the data plane answering for the next agent to adopt. On
+    /// SIGHUP it checks the config file and logs the result (it keeps running).
     Run {
         /// The TOML config (see docs/configuration.md).
         #[arg(long, short)]
         config: PathBuf,
-        /// The built XDP object (`cargo xtask build-ebpf` prints its path).
+        /// Another XDP object than the one built into this binary (for development).
         #[arg(long, env = "VIP_EBPF_OBJECT")]
-        bpf_object: PathBuf,
+        bpf_object: Option<PathBuf>,
         /// Replace the program of pinned attachments a previous agent left (an upgrade)
         /// instead of adopting them as they are.
         #[arg(long)]
@@ -61,6 +62,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), generated from these very definitions.
+    Manpage,
     /// Show a running agent's adapters, VIPs, recent failovers and refusals.
     Status {
         /// The agent's config (its control_socket is used).
@@ -237,7 +242,25 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        // A command's output piped into `head` ends quietly when the pipe closes, as a
+        // Unix tool's does (Rust ignores SIGPIPE and println! would panic instead). The
+        // agent itself keeps ignoring it: a closed client socket must not kill it.
+        // SAFETY: restores the default action of one signal before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vip-agent", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Cmd::Manpage => match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vip-agent: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Check { config, netns } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -353,12 +376,20 @@ fn lock_instance(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> anyhow::Result<()> {
+/// The XDP object built with this binary (see build.rs); empty when built without one.
+static EMBEDDED_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vip.o"));
+
+fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>) -> anyhow::Result<()> {
     // Before any thread exists: every thread the agent starts inherits the namespace.
     if let Some(ns) = &netns {
         enter_netns(ns)?;
     }
-    let object = std::fs::read(&object).with_context(|| format!("reading the XDP object {}", object.display()))?;
+    let cfg_path = cfg.path.clone();
+    let object = match &object {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading the XDP object {}", p.display()))?,
+        None if EMBEDDED_OBJECT.is_empty() => anyhow::bail!("this vip-agent was built without its XDP object (build it with `cargo xtask`): pass --bpf-object"),
+        None => EMBEDDED_OBJECT.to_vec(),
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let socket_path = cfg.agent.control_socket.clone();
     let metrics = cfg.agent.metrics_listen;
@@ -371,6 +402,10 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    // SIGHUP used to end the agent without taking anything back. Until a reload applies
+    // a changed config live, it checks the file and says what a restart would change.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let config_path = cfg_path.clone();
     let _ = std::fs::remove_file(&socket_path);
     let listener = tokio::net::UnixListener::bind(&socket_path).with_context(|| format!("control socket {}", socket_path.display()))?;
     let metrics_listener = match metrics {
@@ -496,11 +531,17 @@ fn run(cfg: Config, object: PathBuf, reload: bool, netns: Option<String>) -> any
             tracing::info!(%addr, "metrics listening");
             tokio::spawn(control::serve_metrics(l, inbox.clone(), counters.clone(), cluster.clone()));
         }
-        let hand_over = tokio::select! {
-            _ = int.recv() => false,
-            _ = term.recv() => false,
-            _ = usr1.recv() => true,
-            exit = &mut exit_rx => return exit.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into())),
+        let hand_over = loop {
+            tokio::select! {
+                _ = int.recv() => break false,
+                _ = term.recv() => break false,
+                _ = usr1.recv() => break true,
+                _ = hup.recv() => match Config::load(&config_path) {
+                    Ok(_) => tracing::warn!(config = %config_path.display(), "SIGHUP: the config is valid; it is applied at the next start (live reload is not implemented yet)"),
+                    Err(e) => tracing::error!(config = %config_path.display(), "SIGHUP: the config is not valid; nothing changes:\n{e}"),
+                },
+                exit = &mut exit_rx => return exit.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into())),
+            }
         };
         if let (Some(h), false) = (cluster.clone(), hand_over) {
             // "System down" (seed 003): silent at once, then the cluster is told, so the
