@@ -524,6 +524,11 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime::event_loop(agent, inbox_rx, ring)));
         let _ = exit_tx.send(r.unwrap_or_else(|_| Exit::Fatal("the event loop panicked".into())));
     })?;
+    // systemd (Type=notify): ready now, the maps written and the first announcements
+    // queued by Agent::start, every thread running. Outside systemd this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "telling systemd we are ready");
+    }
 
     let exit = rt.block_on(async {
         tokio::spawn(control::serve_control(listener, inbox.clone(), counters.clone(), cluster.clone()));
@@ -543,6 +548,7 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
                 exit = &mut exit_rx => return exit.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into())),
             }
         };
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         if let (Some(h), false) = (cluster.clone(), hand_over) {
             // "System down" (seed 003): silent at once, then the cluster is told, so the
             // node's VIPs move without waiting for anyone to notice.

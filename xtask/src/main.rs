@@ -2,7 +2,7 @@
 //! external command is printed before it runs; every failure says what was being done.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -46,6 +46,10 @@ enum Verb {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The Debian package (cargo-deb): the agent with its XDP object built in,
+    /// /etc/vip/agent.toml (a conffile), the systemd unit, completions and the man page.
+    /// Prints the .deb's path.
+    Package,
     /// Benchmarks; results are written to docs/benchmarks.md.
     Bench {
         #[command(subcommand)]
@@ -105,6 +109,7 @@ fn main() -> Result<()> {
         Verb::Run { args } => run(&args),
         Verb::Test { args } => test(&args),
         Verb::Bench { which } => bench(which),
+        Verb::Package => package().map(|deb| println!("{}", deb.display())),
     }
 }
 
@@ -302,6 +307,45 @@ fn build_agent(release: bool) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// cargo-deb, pinned: installed once into cargo's bin directory.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// Builds the .deb and returns its path.
+fn package() -> Result<PathBuf> {
+    setup()?;
+    build_ebpf()?;
+    let agent = build_agent(true)?;
+    println!("==> package: completions and man page from the agent's own definitions");
+    let out = workspace_root().join("target/package");
+    std::fs::create_dir_all(&out)?;
+    for (shell, file) in [("bash", "vip-agent.bash"), ("zsh", "_vip-agent"), ("fish", "vip-agent.fish")] {
+        let text = output(Command::new(&agent).args(["completions", shell]))?;
+        std::fs::write(out.join(file), text)?;
+    }
+    let man = Command::new(&agent).arg("manpage").output().context("vip-agent manpage")?;
+    if !man.status.success() {
+        bail!("vip-agent manpage failed");
+    }
+    let gz = std::fs::File::create(out.join("vip-agent.1.gz"))?;
+    let mut gzip = Command::new("gzip").args(["-9n", "-c"]).stdin(Stdio::piped()).stdout(gz).spawn().context("gzip")?;
+    gzip.stdin.take().expect("piped").write_all(&man.stdout)?;
+    if !gzip.wait()?.success() {
+        bail!("gzip failed");
+    }
+    let have = Command::new("cargo").args(["deb", "--version"]).output().is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION));
+    if !have {
+        println!("==> set-up: cargo-deb {CARGO_DEB_VERSION}");
+        sh(Command::new("cargo").args(["install", "cargo-deb", "--locked", "--version", CARGO_DEB_VERSION]))?;
+    }
+    println!("==> package: cargo deb");
+    let listing = output(Command::new("cargo").args(["deb", "-p", "vip-agent", "--no-build"]).current_dir(workspace_root()))?;
+    let deb = listing.lines().rev().map(str::trim).find(|l| l.ends_with(".deb")).map(PathBuf::from).context("cargo deb printed no .deb path")?;
+    if !deb.exists() {
+        bail!("{} was not written", deb.display());
+    }
+    Ok(deb)
+}
+
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     let obj = build_ebpf()?;
@@ -311,6 +355,11 @@ fn test(args: &[String]) -> Result<()> {
     println!("==> test: XDP and namespace tests (root)");
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "-p", "vip-tests", "--", "--test-threads=1", "--nocapture"]).args(args).env("VIP_EBPF_OBJECT", &obj).env("VIP_AGENT_BIN", &agent);
+    if is_root() {
+        // The package test installs the .deb as an operator would.
+        let deb = package()?;
+        cmd.env("VIP_DEB", deb);
+    }
     if is_root() {
         // As root nothing has a reason to be skipped: make any skip a failure.
         cmd.env("VIP_NO_SKIP", "1");
