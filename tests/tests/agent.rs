@@ -132,7 +132,9 @@ fn cable_pull_moves_clients_and_return_is_announced() {
         out
     });
     assert!(metrics.contains(&format!("vip_failover_maps_written_seconds_count {}", pulled.len())), "{metrics}");
-    assert!(metrics.contains(&format!("vip_adapter_up{{adapter=\"{}\",state=\"down\"}} 0", lab.adapters[j].name)), "{metrics}");
+    assert!(metrics.contains(&format!("vip_adapter_up{{adapter=\"{}\"}} 0", lab.adapters[j].name)), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "vip_send_errors_total 0"), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("vip_refusals_total ")), "{metrics}");
 
     // Cables back: each adapter answers again and announces itself.
     let back = realtime_ns();
@@ -1067,4 +1069,34 @@ fn the_agent_is_one_file_and_a_sighup_does_not_end_it() {
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(&files.config, good).unwrap();
     assert!(agent.stop().success());
+}
+
+/// Started under `ip netns exec` (a mount namespace of its own, with its own /sys), the
+/// agent would pin on a bpffs that vanishes with it: it refuses, names `--netns`, and
+/// changes nothing. With `--netns` from the host's mount namespace it runs (every other
+/// test).
+#[test]
+fn under_ip_netns_exec_the_agent_refuses_pins_that_would_vanish() {
+    if !root_or_skip("under_ip_netns_exec_the_agent_refuses_pins_that_would_vanish") {
+        return;
+    }
+    let (lab, _dp) = lab(1);
+    let files = AgentFiles::new("privbpf");
+    files.write("", &default_body(&lab));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node.name])
+        .arg(agent_bin())
+        .args(["run", "--config"])
+        .arg(&files.config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("mount namespace of its own") && err.contains("--netns"), "{err}");
+    assert!(!files.pin_path.exists() || std::fs::read_dir(&files.pin_path).unwrap().next().is_none(), "it pinned something");
+    // Nothing attached to the adapters.
+    for a in &lab.adapters {
+        assert!(!lab.node.ip(&["-d", "link", "show", &a.name]).contains("prog/xdp"), "{} has a program", a.name);
+    }
 }

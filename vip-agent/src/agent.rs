@@ -157,6 +157,8 @@ pub struct Agent {
     /// Refusals in force (to say each once), and the last ones said.
     pub(crate) refusals_now: HashSet<placement::Refusal>,
     pub(crate) refusals: VecDeque<Refusal>,
+    /// Refusals ever made (the list above keeps only the last few).
+    pub(crate) refusals_total: u64,
     pub(crate) vservers: Vec<VserverRt>,
     pub(crate) failovers: VecDeque<FailoverStatus>,
     /// Failover records waiting for their first announcement: tag -> event instant.
@@ -316,8 +318,38 @@ fn ensure_bpffs(pin_path: &Path) -> anyhow::Result<()> {
         unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
     };
     let parent = pin_path.parent().unwrap_or(root);
+    // Under `ip netns exec` the agent has a mount namespace of its own: a bpffs mounted
+    // there (or one that is not the host's) goes with the agent, and the pins with it, so
+    // the data plane would not outlive a SIGKILL as promised. Refuse rather than pretend.
+    // The host's mount namespace: kthreadd's (kernel threads never leave the initial one),
+    // or PID 1's where kthreadd is not visible.
+    let host_pid = if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") { 2 } else { 1 };
+    let own_ns = match (std::fs::metadata("/proc/self/ns/mnt"), std::fs::metadata(format!("/proc/{host_pid}/ns/mnt"))) {
+        (Ok(a), Ok(b)) => std::os::unix::fs::MetadataExt::ino(&a) != std::os::unix::fs::MetadataExt::ino(&b),
+        // Not readable: nothing to compare with.
+        _ => false,
+    };
+    let private = || {
+        anyhow::anyhow!(
+            "pin_path {}: this agent runs in a mount namespace of its own (started under `ip netns exec`?) \
+             and the bpffs there is not the host's: its pins would vanish with it. Run `vip-agent run --netns NAME` \
+             from the host's mount namespace instead",
+            pin_path.display()
+        )
+    };
     if is_bpffs(parent) {
+        if own_ns {
+            // The same bpffs as the host's at that path, or refuse.
+            let host = Path::new(&format!("/proc/{host_pid}/root")).join(parent.strip_prefix("/").unwrap_or(parent));
+            let dev = |p: &Path| std::fs::metadata(p).ok().map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+            if dev(&host).is_some_and(|d| Some(d) != dev(parent)) || !is_bpffs(&host) {
+                return Err(private());
+            }
+        }
         return Ok(());
+    }
+    if own_ns {
+        return Err(private());
     }
     if parent.starts_with(root) && !is_bpffs(root) {
         let r = unsafe { libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
@@ -476,6 +508,7 @@ impl Agent {
             vip_policy: vec![u32::MAX; n],
             refusals_now: HashSet::new(),
             refusals: VecDeque::new(),
+            refusals_total: 0,
             vservers,
             failovers: VecDeque::new(),
             tags: HashMap::new(),
@@ -919,6 +952,7 @@ impl Agent {
     }
 
     fn push_refusal(&mut self, r: Refusal) {
+        self.refusals_total += 1;
         self.refusals.push_back(r);
         while self.refusals.len() > MAX_REFUSALS_KEPT {
             self.refusals.pop_front();

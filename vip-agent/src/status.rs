@@ -191,7 +191,7 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     pub config: String,
     pub pin_path: String,
@@ -205,6 +205,12 @@ pub struct Status {
     pub groups: Vec<GroupStatus>,
     pub failovers: Vec<FailoverStatus>,
     pub refusals: Vec<Refusal>,
+    /// Refusals ever made (`refusals` keeps the last few).
+    #[serde(default)]
+    pub refusals_total: u64,
+    /// Announcements and corrections the kernel refused to send.
+    #[serde(default)]
+    pub send_errors: u64,
     pub decisions: Vec<(String, u64)>,
     pub announcements_sent: u64,
     pub announcements_queued: u64,
@@ -250,10 +256,12 @@ impl Status {
     pub fn prometheus(&self) -> String {
         use std::fmt::Write;
         let mut o = String::new();
+        // One series per adapter: its state in a label would start a new series at every
+        // change (the state itself is in `vip-agent status`).
         let _ = writeln!(o, "# HELP vip_adapter_up 1 if the adapter answers (up or in hold-down), else 0.\n# TYPE vip_adapter_up gauge");
         for a in &self.adapters {
             let up = matches!(a.state.as_str(), "up" | "hold-down") as u8;
-            let _ = writeln!(o, "vip_adapter_up{{adapter=\"{}\",state=\"{}\"}} {up}", a.name, a.state);
+            let _ = writeln!(o, "vip_adapter_up{{adapter=\"{}\"}} {up}", a.name);
         }
         let per_vip = self.vips.len() <= PER_VIP_MAX;
         if per_vip {
@@ -285,7 +293,9 @@ impl Status {
         let _ = writeln!(o, "# HELP vip_failovers_total Adapter state changes acted on.\n# TYPE vip_failovers_total counter");
         let _ = writeln!(o, "vip_failovers_total {}", self.maps_written.count);
         let _ = writeln!(o, "# HELP vip_refusals_total VIP placements refused.\n# TYPE vip_refusals_total counter");
-        let _ = writeln!(o, "vip_refusals_total {}", self.refusals.len());
+        let _ = writeln!(o, "vip_refusals_total {}", self.refusals_total);
+        let _ = writeln!(o, "# HELP vip_send_errors_total Announcements and corrections the kernel refused to send.\n# TYPE vip_send_errors_total counter");
+        let _ = writeln!(o, "vip_send_errors_total {}", self.send_errors);
         let _ = writeln!(o, "# HELP vip_announcements_sent_total Gratuitous ARPs and unsolicited NAs sent.\n# TYPE vip_announcements_sent_total counter");
         let _ = writeln!(o, "vip_announcements_sent_total {}", self.announcements_sent);
         let _ = writeln!(o, "# HELP vip_egress_total Frames leaving adapters, by egress steering decision.\n# TYPE vip_egress_total counter");
@@ -412,11 +422,13 @@ pub struct Snapshot {
     pub assignment: Arc<Assignment>,
     pub failovers: Vec<FailoverStatus>,
     pub refusals: Vec<Refusal>,
+    pub refusals_total: u64,
     pub maps_written: Histogram,
     pub first_announcement: Histogram,
     pub announcements_sent: u64,
     pub announcements_queued: u64,
     pub announcements_dropped: u64,
+    pub send_errors: u64,
     pub clients: Arc<ClientIndex>,
     pub clients_moved: u64,
     pub corrections_sent: u64,
@@ -474,11 +486,13 @@ impl Agent {
             assignment: self.assignment.clone(),
             failovers: self.failovers.iter().cloned().collect(),
             refusals: self.refusals.iter().cloned().collect(),
+            refusals_total: self.refusals_total,
             maps_written: self.hist_maps.clone(),
             first_announcement: self.hist_announce.clone(),
             announcements_sent: self.ann.sent(),
             announcements_queued: self.ann.queued(),
             announcements_dropped: self.ann.stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            send_errors: self.ann.stats.send_errors.load(std::sync::atomic::Ordering::Relaxed),
             clients: self.clients.clone(),
             clients_moved: self.clients_moved,
             corrections_sent: self.corrections_sent,
@@ -609,6 +623,8 @@ impl<'a> View<'a> {
             groups: self.groups.clone(),
             failovers: s.failovers.clone(),
             refusals: s.refusals.clone(),
+            refusals_total: s.refusals_total,
+            send_errors: s.send_errors,
             decisions: vip_common::decision::NAMES.iter().zip(counters.decisions()).map(|(n, v)| (n.to_string(), v)).collect(),
             announcements_sent: s.announcements_sent,
             announcements_queued: s.announcements_queued,
@@ -866,5 +882,42 @@ mod cluster_tests {
             assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
         }
         assert!(!m.contains("vip_cluster_peer_heard_seconds{node=\"n0\"}"), "a node does not hear itself");
+    }
+}
+
+#[cfg(test)]
+mod dashboard_tests {
+    /// Every metric the shipped Grafana dashboard queries is one the agent exports (its
+    /// HELP/TYPE lines are written whatever the data).
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/grafana/vip-dashboard.json");
+        let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut exprs = vec![];
+        for p in dash["panels"].as_array().expect("panels") {
+            for t in p["targets"].as_array().expect("targets") {
+                exprs.push(t["expr"].as_str().expect("expr").to_string());
+            }
+        }
+        for v in dash["templating"]["list"].as_array().unwrap() {
+            if let Some(q) = v["query"].as_str() {
+                exprs.push(q.to_string());
+            }
+        }
+        // A cluster that has seen a takeover (its phases are exported only then).
+        let cluster = vip_cluster::node::ClusterStatus {
+            takeovers: vec![vip_cluster::records::TakeoverRecord { suspected_at: 1.0, decided_at: 1.1, answered_at: 1.2, ..Default::default() }],
+            ..Default::default()
+        };
+        let exported = format!("{}{}", super::Status::default().prometheus(), super::cluster_prometheus(&cluster));
+        let mut seen = 0;
+        for e in &exprs {
+            for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("vip_")) {
+                let name = ["_bucket", "_sum", "_count"].iter().find_map(|s| word.strip_suffix(s)).unwrap_or(word);
+                assert!(exported.contains(&format!("# TYPE {name} ")), "the dashboard queries {word}, which the agent does not export");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 15, "only {seen} metric references found");
     }
 }
