@@ -1067,6 +1067,21 @@ fn the_agent_is_one_file_and_a_sighup_does_not_end_it() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Filters: one adapter, one VIP.
+    let query = |args: &[&str]| -> vip_agent::status::Status {
+        let out = std::process::Command::new(agent_bin()).args(["status", "--json", "--socket"]).arg(&files.socket).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let all = query(&[]);
+    assert_eq!(all.adapters.len(), 3);
+    let one = query(&["--adapter", "vip1"]);
+    assert_eq!(one.adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["vip1"]);
+    let v = query(&["--vip", &VIP4.to_string()]);
+    assert!(!v.groups.is_empty() && v.groups.iter().all(|g| g.first == VIP4.to_string() || g.last == VIP4.to_string()), "{:?}", v.groups);
+    assert_eq!(v.adapters.len(), 3, "the adapters of its group");
+    let none = query(&["--vip", "192.0.2.250"]);
+    assert!(none.groups.is_empty() && none.adapters.is_empty(), "a VIP nobody has: {:?}", none.groups);
     std::fs::write(&files.config, good).unwrap();
     assert!(agent.stop().success());
 }
@@ -1099,4 +1114,106 @@ fn under_ip_netns_exec_the_agent_refuses_pins_that_would_vanish() {
     for a in &lab.adapters {
         assert!(!lab.node.ip(&["-d", "link", "show", &a.name]).contains("prog/xdp"), "{} has a program", a.name);
     }
+}
+
+fn arp_ignore(lab: &Lab, dev: &str) -> String {
+    lab.node.exec("cat", &[&format!("/proc/sys/net/ipv4/conf/{dev}/arp_ignore")]).trim().to_string()
+}
+
+/// The record of host changes is never taken on trust: an unreadable one stops the agent
+/// before any change; a lost one (after a SIGKILL) makes the next agent put the sysctls
+/// back to the kernel's defaults rather than to its predecessor's values. `vip-agent
+/// cleanup` undoes a killed agent's changes (sysctls, routes, pins and programs) without
+/// running one, and refuses while one runs.
+#[test]
+fn host_changes_are_undone_even_when_the_record_is_lost_or_the_agent_is_gone() {
+    if !root_or_skip("host_changes_are_undone_even_when_the_record_is_lost_or_the_agent_is_gone") {
+        return;
+    }
+    let (lab, _dp) = lab(1);
+    assert_eq!(arp_ignore(&lab, "vip0"), "0", "the lab starts from the kernel's default");
+    let files = AgentFiles::new("record");
+    files.write("", &default_body(&lab));
+    let mut state = files.socket.as_os_str().to_owned();
+    state.push(".state.json");
+    let state = std::path::PathBuf::from(state);
+
+    // An unreadable record: refused, nothing changed.
+    std::fs::write(&state, "{ not json").unwrap();
+    let mut p = AgentProc::spawn(&lab.node, &files, &[]);
+    let st = wait_timeout(&mut p.child, 15 * SECOND);
+    assert_eq!(st.code(), Some(1), "{}", p.log_text());
+    assert!(p.log_text().contains("unreadable"), "{}", p.log_text());
+    assert_eq!(arp_ignore(&lab, "vip0"), "0", "changed the host despite the unreadable record");
+    std::mem::forget(p);
+    std::fs::remove_file(&state).unwrap();
+
+    // Killed, and its record lost: the next agent restores the defaults, not "1".
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    assert_eq!(arp_ignore(&lab, "vip0"), "1");
+    agent.kill();
+    std::fs::remove_file(&state).unwrap();
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    assert!(agent.log_text().contains("record of host changes is not"), "{}", agent.log_text());
+    assert!(agent.stop().success());
+    assert_eq!(arp_ignore(&lab, "vip0"), "0", "the lost record's sysctl was restored to the agent's own value");
+
+    // Killed for good: cleanup undoes it all. Not while an agent runs.
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let cleanup = |lab: &Lab| {
+        std::process::Command::new(agent_bin())
+            .args(["cleanup", "--config"])
+            .arg(&files.config)
+            .args(["--netns", &lab.node.name])
+            .output()
+            .unwrap()
+    };
+    let out = cleanup(&lab);
+    assert_eq!(out.status.code(), Some(1), "cleanup ran under a live agent");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("an agent is running"), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.kill();
+    assert!(lab.node.ip(&["-d", "link", "show", "vip0"]).contains("prog/xdp"), "a killed agent's program stays attached");
+    let out = cleanup(&lab);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(arp_ignore(&lab, "vip0"), "0");
+    assert!(!files.pin_path.exists(), "pins left");
+    for a in &lab.adapters {
+        assert!(!lab.node.ip(&["-d", "link", "show", &a.name]).contains("prog/xdp"), "{} still has the program", a.name);
+    }
+    let local = lab.node.ip(&["route", "show", "table", "local"]);
+    assert!(!local.contains(&VIP4.to_string()), "the VIP's route is still there:\n{local}");
+    assert!(!state.exists(), "the record is still there");
+}
+
+/// Pinned maps carry their layout version: pins without it (or of another layout) are
+/// refused with a message that says what to do, not misread; after `vip-agent cleanup`
+/// the agent starts.
+#[test]
+fn pins_of_another_layout_are_refused() {
+    if !root_or_skip("pins_of_another_layout_are_refused") {
+        return;
+    }
+    let (lab, _dp) = lab(1);
+    let files = AgentFiles::new("layout");
+    files.write("", &default_body(&lab));
+    AgentProc::start(&lab.node, &files, &[]).kill();
+    assert!(files.pin_path.join(vip_common::names::LAYOUT).exists(), "no layout pin");
+    // As if an agent from before layout versions had pinned these.
+    std::fs::remove_file(files.pin_path.join(vip_common::names::LAYOUT)).unwrap();
+    let mut p = AgentProc::spawn(&lab.node, &files, &[]);
+    let st = wait_timeout(&mut p.child, 15 * SECOND);
+    let log = p.log_text();
+    std::mem::forget(p);
+    assert_eq!(st.code(), Some(1), "{log}");
+    assert!(log.contains("layout 0") && log.contains("vip-agent cleanup"), "{log}");
+    let out = std::process::Command::new(agent_bin())
+        .args(["cleanup", "--config"])
+        .arg(&files.config)
+        .args(["--netns", &lab.node.name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    resolve(&lab, &lab.clients[0], VIP4.into());
+    assert!(agent.stop().success());
 }

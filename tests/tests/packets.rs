@@ -210,11 +210,27 @@ fn steering_rows() {
     env.dp.remove_flow(&flow).unwrap();
     let (_, d) = env.within(|env| decided(env, &req, Arrival::Up));
     assert_eq!(d, "passed_spread_other", "without its entry the bucket decides again");
-    // Traffic is learned on the adapter whose MAC it was sent to.
+    // Traffic alone enters nobody: its source address could be forged (only an answered
+    // request enters a client, and switch ARP inspection vets requests).
     let (r, d) = env.within(|env| decided(env, &ipv4_to(UP_MAC, VIP4), Arrival::Up));
     assert_eq!((r.action, d), (XDP_PASS, "passed_vip_traffic"));
-    let f = env.dp.flow(&flow).expect("learned from traffic");
+    assert!(env.dp.flow(&flow).is_none(), "traffic alone entered a client");
+    // Answered (on slot 2), then its traffic to the Up adapter's MAC moves its entry there
+    // and counts.
+    env.dp.set_buckets(1, &[2; SPREAD_BUCKETS as usize]).unwrap();
+    let (_, d) = env.within(|env| decided(env, &req, Arrival::NotAllowed));
+    assert_eq!(d, "answered_arp");
+    let (r, d) = env.within(|env| decided(env, &ipv4_to(UP_MAC, VIP4), Arrival::Up));
+    assert_eq!((r.action, d), (XDP_PASS, "passed_vip_traffic"));
+    let f = env.dp.flow(&flow).expect("the answered client");
     assert_eq!((f.ifindex, f.packets), (env.ifindex(Arrival::Up), 1));
+    // The same source address from another MAC (a forgery) changes nothing.
+    let mut forged = ipv4_to(arrival_mac(Arrival::NotAllowed), VIP4);
+    forged[6..12].copy_from_slice(&[0x02, 0xee, 0, 0, 0, 0x66]);
+    let (r, d) = env.within(|env| decided(env, &forged, Arrival::NotAllowed));
+    assert_eq!((r.action, d), (XDP_PASS, "passed_vip_traffic"));
+    let f = env.dp.flow(&flow).expect("the answered client");
+    assert_eq!((f.ifindex, f.packets, f.mac), (env.ifindex(Arrival::Up), 1, CLIENT_MAC), "a forged frame moved the client's replies");
     env.dp.set_vip(key, VipInfo { policy: 0, id: 0, flags: 0, _pad: 0 }).unwrap();
     env.dp.remove_flow(&flow).unwrap();
 
@@ -236,8 +252,8 @@ fn steering_rows() {
     assert_eq!(r.output[6..], frame[6..], "nothing else changes");
     assert_eq!(env.dp.flow(&flow).unwrap().ifindex, down, "the client uses the moved MAC: replies leave from it");
 
-    // Without move_mac the same frame is a straggler: accepted, and the agent told.
-    env.dp.remove_flow(&flow).unwrap();
+    // Without move_mac the same frame is a straggler: accepted, and the agent told (the
+    // client is in the table, from the request answered above).
     env.dp.set_adapter(down, AdapterInfo { mac: DOWN_MAC, slot: 1, state: ADAPTER_DOWN, heir: up, flags: 0 }).unwrap();
     let mut events = env.dp.take_events().expect("event ring");
     let (r, d) = env.within(|env| decided(env, &frame, Arrival::Up));
@@ -250,11 +266,17 @@ fn steering_rows() {
     let (_, d) = env.within(|env| decided(env, &frame, Arrival::Up));
     assert_eq!(d, "accepted_straggler");
     assert!(events.next().is_none(), "a second straggler within 20 ms sends no second event");
+    // A straggler not in the table (a forged source, say): accepted, nobody told.
+    env.dp.remove_flow(&flow).unwrap();
+    let (_, d) = env.within(|env| decided(env, &frame, Arrival::Up));
+    assert_eq!(d, "accepted_straggler");
+    assert!(events.next().is_none(), "an unknown client's straggler frame reached the agent");
+    assert!(env.dp.flow(&flow).is_none(), "a straggler frame entered a client");
     let (_, d) = env.within(|env| decided(env, &frame, Arrival::NotAllowed));
     assert_eq!(d, "passed_not_for_us", "only the heir takes stragglers");
     let (_, d) = env.within(|env| decided(env, &ipv4_to(BROADCAST, VIP4), Arrival::Up));
     assert_eq!(d, "passed_not_for_us");
-    let _ = arrival_mac;
+
 }
 
 /// A cluster VIP (`VIP_CLUSTER`) is answered only while the node's deadline in `FENCE`

@@ -221,7 +221,9 @@ fn spread_shares_clients_steers_replies_and_moves_only_the_failed_adapters() {
 
 /// MAC move: a client whose cache holds vip1's MAC (permanently: it sends no ARP at all)
 /// keeps its TCP connection when vip1 fails; vip0 takes vip1's MAC, and the replies leave
-/// from it. When vip1 returns, the MAC goes back.
+/// from it. When vip1 returns, the MAC goes back. A client that never asks is known only
+/// from its traffic, which takes `learn_from_traffic` (off by default: see
+/// `a_forged_source_redirects_nobody`).
 #[test]
 fn move_mac_keeps_tcp_without_arp() {
     if !root_or_skip("move_mac_keeps_tcp_without_arp") {
@@ -234,7 +236,7 @@ fn move_mac_keeps_tcp_without_arp() {
     files.write(
         "",
         &format!(
-            "[announce]\ncount = 2\ninterval_ms = 50\n[probe]\nenabled = false\n{tables}\
+            "[announce]\ncount = 2\ninterval_ms = 50\n[probe]\nenabled = false\n[steering]\nlearn_from_traffic = true\n{tables}\
              [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\"]\n"
         ),
     );
@@ -325,7 +327,7 @@ fn straggler_is_served_and_corrected() {
     files.write(
         "",
         &format!(
-            "[announce]\ncount = 1\ninterval_ms = 50\n[probe]\nenabled = false\n[steering]\ncorrection_interval_ms = 500\n{}\
+            "[announce]\ncount = 1\ninterval_ms = 50\n[probe]\nenabled = false\n[steering]\ncorrection_interval_ms = 500\nlearn_from_traffic = true\n{}\
              [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\n",
             lab.adapter_tables_with("move_mac = false\n")
         ),
@@ -429,5 +431,62 @@ fn virtual_server_receives_its_vips_and_no_other() {
     assert!(!lab.node.ip(&["addr", "show", "dev", "lo"]).contains(&vs_ip.to_string()), "the node holds the virtual server's VIP");
     let d: HashMap<_, _> = agent.status().decisions.iter().cloned().collect();
     assert!(d["redirected_to_vserver"] >= 5 && d["redirected_from_vserver"] >= 5 && d["answered_vserver_arp"] >= 1, "{d:?}");
+    agent.stop();
+}
+
+/// The security review's spoof: a host on the client segment sends VIP traffic with a
+/// victim's source address from its own MAC, to another adapter. By default nothing is
+/// learned from it: the victim's entry (from its answered request) keeps its adapter and
+/// MAC, so its replies still go to it, past the attacker.
+#[test]
+fn a_forged_source_redirects_nobody() {
+    if !root_or_skip("a_forged_source_redirects_nobody") {
+        return;
+    }
+    let (lab, _dp) = lab(3, 2);
+    let files = AgentFiles::new("spoof");
+    files.write(
+        "",
+        &format!(
+            "[announce]\ncount = 1\ninterval_ms = 50\n[probe]\nenabled = false\n[steering]\nload_interval_ms = 100\n{}\
+             [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"all\"\n",
+            lab.adapter_tables_with("move_mac = false\n")
+        ),
+    );
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let (victim, attacker) = (&lab.clients[0], &lab.clients[1]);
+    let entry = |agent: &AgentProc| {
+        agent.status().clients.into_iter().find(|c| c.client == victim.ip4.to_string()).map(|c| (c.adapter, c.mac))
+    };
+    // The victim asks and is answered: entered with its MAC.
+    victim.ns.run(|| UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"hi", (VIP4, 9)))).unwrap();
+    let m = wait_neigh(victim, IpAddr::V4(VIP4), "resolving", Duration::from_secs(2), |m| lab.adapters.iter().any(|a| a.mac == m));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while entry(&agent).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = entry(&agent).expect("the answered victim is in the table");
+    assert_eq!(before.1, mac_str(&victim.mac));
+    // The attacker's forgeries, to every adapter's MAC, from its own MAC.
+    let raw = attacker.ns.run(|| RawSocket::open(&attacker.iface)).unwrap();
+    for a in &lab.adapters {
+        let mut f = vec![];
+        f.extend_from_slice(&a.mac);
+        f.extend_from_slice(&attacker.mac);
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&victim.ip4.octets());
+        f.extend_from_slice(&VIP4.octets());
+        f.extend_from_slice(&[0x30, 0x39, 0x00, 0x09, 0, 12, 0, 0, b'e', b'v', b'i', b'l']);
+        // A valid header checksum: the bridge (br_netfilter) drops bad ones.
+        let sum = f[14..34].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        f[24..26].copy_from_slice(&sum.to_be_bytes());
+        raw.send_many(&f, 20).unwrap();
+    }
+    // The client table in status is rebuilt every load_interval_ms (100 ms here).
+    std::thread::sleep(Duration::from_millis(600));
+    let after = entry(&agent).expect("the victim's entry is gone");
+    assert_eq!(after, before, "a forged source moved the victim's entry (its replies would go to {})", after.1);
+    let _ = m;
     agent.stop();
 }

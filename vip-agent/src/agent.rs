@@ -433,6 +433,9 @@ impl Agent {
             anyhow::bail!("{} adapters configured; the data plane supports {MAX_ADAPTERS}", cfg.adapters.len());
         }
         let lo = nh.links.iter().find(|l| l.name == "lo").map(|l| l.ifindex).unwrap_or(1);
+        // The record of host changes first: an unreadable one stops us before any change.
+        let after_agent = names::PINNED_MAPS.iter().any(|n| cfg.agent.pin_path.join(n).exists());
+        let host = Host::open(state_file(&cfg), after_agent)?;
         ensure_bpffs(&cfg.agent.pin_path)?;
         let pin = cfg.agent.pin_path.clone();
         let fresh_pins = !pin.exists();
@@ -449,7 +452,8 @@ impl Agent {
                 return Err(e.into());
             }
         };
-        let host = Host::open(state_file(&cfg));
+        let mut dp = dp;
+        dp.set_learn_from_traffic(cfg.steering.learn_from_traffic)?;
         let now = unix_now();
         let names: Vec<String> = cfg.adapters.iter().map(|a| a.name.clone()).collect();
         let padapters = placement_adapters(&cfg, nh.subnets_of(&names));

@@ -71,6 +71,10 @@ pub struct SteeringConfig {
     pub correction_interval_ms: u64,
     /// How often per-adapter traffic is sampled for load-based placement.
     pub load_interval_ms: u64,
+    /// Learn a client's adapter and MAC from any VIP frame (off: only from requests
+    /// answered, its known MAC, or a MAC the kernel's neighbour table agrees with, so a
+    /// forged source address cannot redirect anyone's replies).
+    pub learn_from_traffic: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -246,7 +250,7 @@ impl Default for ProbeConfig {
 
 impl Default for SteeringConfig {
     fn default() -> Self {
-        Self { egress: true, client_timeout_s: 300, correction_interval_ms: 500, load_interval_ms: 1000 }
+        Self { egress: true, client_timeout_s: 300, correction_interval_ms: 500, load_interval_ms: 1000, learn_from_traffic: false }
     }
 }
 
@@ -301,7 +305,7 @@ const DEFS_ROOT_KEYS: &[&str] = &["vip", "server"];
 const DEF_VIP_KEYS: &[&str] = &["address", "count", "node", "adapters", "vlan", "failover", "mode", "rebalance", "server", "weight"];
 const DEF_SERVER_KEYS: &[&str] = &["name", "node", "priority", "migrate", "rebalance", "weight"];
 const VSERVER_KEYS: &[&str] = &["name", "interface", "vips"];
-const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_interval_ms", "load_interval_ms"];
+const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_interval_ms", "load_interval_ms", "learn_from_traffic"];
 const AGENT_KEYS: &[&str] =
     &["xdp_mode", "hold_down_ms", "up_delay_ms", "control_socket", "metrics_listen", "pin_path"];
 const ANNOUNCE_KEYS: &[&str] = &["count", "interval_ms", "max_per_second"];
@@ -378,6 +382,7 @@ impl Config {
             client_timeout_s: cx.opt(&t, "client_timeout_s", int(1, 86_400)).unwrap_or(d.client_timeout_s),
             correction_interval_ms: cx.opt(&t, "correction_interval_ms", int(1, 60_000)).unwrap_or(d.correction_interval_ms),
             load_interval_ms: cx.opt(&t, "load_interval_ms", int(10, 60_000)).unwrap_or(d.load_interval_ms),
+            learn_from_traffic: cx.opt(&t, "learn_from_traffic", boolean).unwrap_or(d.learn_from_traffic),
         };
 
         let cluster = cx.cluster(&root);

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -44,6 +44,11 @@ pub enum DataplaneError {
     Batch { map: &'static str, source: std::io::Error },
     #[error("policy {0} is out of range (the data plane holds {MAX_POLICIES})")]
     PolicyOutOfRange(u32),
+    #[error(
+        "the maps pinned in {dir} have layout {found} (0: before versions), this agent's have {want}: \
+         reusing them would misread them. Stop the agent that pinned them (SIGTERM) or run `vip-agent cleanup`, then start again"
+    )]
+    Layout { dir: String, found: u32, want: u32 },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -64,6 +69,7 @@ pub struct Dataplane {
     flows_fd: std::os::fd::OwnedFd,
     macs: HashMap<MapData, MacKey, u32>,
     events: Option<aya::maps::RingBuf<MapData>>,
+    settings: Array<MapData, u32>,
 }
 
 /// An array map mapped into our memory (BPF_F_MMAPABLE): entries are whole 8-byte words,
@@ -230,15 +236,34 @@ impl Dataplane {
     /// there (by an agent that was killed or is being replaced) are reused with their
     /// contents, so answering never stops; missing ones are created and pinned.
     pub fn load_pinned(object: &[u8], pin_dir: &Path) -> Result<Self> {
+        // Pins of another layout are refused before anything reuses them.
+        let others = names::PINNED_MAPS.iter().any(|n| *n != names::LAYOUT && pin_dir.join(n).exists());
+        if others {
+            let found = Self::read_layout(&pin_dir.join(names::LAYOUT));
+            if found != Some(vip_common::LAYOUT_VERSION) {
+                return Err(DataplaneError::Layout { dir: pin_dir.display().to_string(), found: found.unwrap_or(0), want: vip_common::LAYOUT_VERSION });
+            }
+        }
         let paths: Vec<(&'static str, PathBuf)> = names::PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        Self::finish(loader.load(object)?)
+        let mut ebpf = loader.load(object)?;
+        let mut layout: Array<_, u32> = Array::try_from(ebpf.map_mut(names::LAYOUT).ok_or(DataplaneError::MissingMap(names::LAYOUT))?)
+            .map_err(map_err(names::LAYOUT))?;
+        layout.set(0, vip_common::LAYOUT_VERSION, 0).map_err(map_err(names::LAYOUT))?;
+        Self::finish(ebpf)
     }
 
-    /// Loads both programs (the verifier runs here) and takes the maps the agent writes.
+    /// The layout version pinned at `path` (None: no such pin, or unreadable).
+fn read_layout(path: &Path) -> Option<u32> {
+    let data = MapData::from_pin(path).ok()?;
+    let arr: Array<_, u32> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    arr.get(&0, 0).ok()
+}
+
+/// Loads both programs (the verifier runs here) and takes the maps the agent writes.
     fn finish(mut ebpf: Ebpf) -> Result<Self> {
         for name in [names::PROGRAM, names::PASS_PROGRAM] {
             let prog: &mut Xdp = ebpf
@@ -269,7 +294,13 @@ impl Dataplane {
         let flows = HashMap::try_from(flows_map).map_err(map_err(names::FLOWS))?;
         let macs = HashMap::try_from(take(&mut ebpf, names::MACS)?).map_err(map_err(names::MACS))?;
         let events = Some(aya::maps::RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?);
-        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events })
+        let settings = Array::try_from(take(&mut ebpf, names::SETTINGS)?).map_err(map_err(names::SETTINGS))?;
+        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events, settings })
+    }
+
+    /// `[steering] learn_from_traffic` (`vip_common::SETTING_LEARN_TRAFFIC`).
+    pub fn set_learn_from_traffic(&mut self, on: bool) -> Result<()> {
+        self.settings.set(vip_common::SETTING_LEARN_TRAFFIC, u32::from(on), 0).map_err(map_err(names::SETTINGS))
     }
 
     /// Attaches a TC program (`names::EGRESS_PROGRAM` on egress, `names::INGRESS_PROGRAM`

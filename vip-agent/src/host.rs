@@ -144,6 +144,24 @@ mod prefixes_as_text {
 pub struct Host {
     pub changes: HostChanges,
     state_file: PathBuf,
+    /// The record of a previous agent is gone although its pins are here: what the
+    /// sysctls read now may be that agent's values, so the kernel's defaults are recorded
+    /// as the originals instead.
+    assume_defaults: bool,
+}
+
+/// What every sysctl the agent sets is on a kernel nobody changed.
+const SYSCTL_DEFAULT: &str = "0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "{path}: the record of this host's changes is unreadable ({why}); it is what lets the agent undo \
+         them. Fix it, or run `vip-agent cleanup` to undo them from the kernel's defaults"
+    )]
+    Corrupt { path: String, why: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
 }
 
 /// The fewest aligned prefixes whose union is exactly `addrs` (either family). A range of
@@ -195,18 +213,73 @@ pub fn cover(addrs: &[IpAddr]) -> Vec<Subnet> {
     out
 }
 
+/// Every sysctl the agent sets, on every device there is, back to the kernel's default.
+fn reset_sysctls_to_defaults() {
+    let devs: Vec<String> = fs::read_dir("/proc/sys/net/ipv4/conf")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    for dev in devs.iter().filter(|d| *d != "default") {
+        for (template, _) in ADAPTER_SYSCTLS.iter().chain(HOST_SYSCTLS) {
+            let p = sysctl_path(template, dev);
+            if p.exists() && (template.contains("{}") || dev == "all") {
+                let _ = fs::write(&p, SYSCTL_DEFAULT);
+            }
+        }
+    }
+    for (template, _) in IPV6_SYSCTLS {
+        let _ = fs::write(sysctl_path(template, ""), SYSCTL_DEFAULT);
+    }
+}
+
 fn sysctl_path(template: &str, dev: &str) -> PathBuf {
     Path::new("/proc/sys/net").join(template.replace("{}", dev))
 }
 
 impl Host {
-    /// Picks up the record a previous agent left (it was killed), or starts empty.
-    pub fn open(state_file: PathBuf) -> Host {
-        let changes = fs::read(&state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<HostChanges>(&b).ok())
-            .unwrap_or_default();
-        Host { changes, state_file }
+    /// Picks up the record a previous agent left (it was killed), or starts empty. A
+    /// record that cannot be read is refused, never taken as empty: the next agent would
+    /// record its predecessor's values as the originals. `after_agent`: a previous agent's
+    /// pins are here, so a missing record was lost, not never written.
+    pub fn open(state_file: PathBuf, after_agent: bool) -> Result<Host, StateError> {
+        let path = state_file.display().to_string();
+        let (changes, assume_defaults) = match fs::read(&state_file) {
+            Ok(b) => match serde_json::from_slice::<HostChanges>(&b) {
+                Ok(c) => (c, false),
+                Err(e) => return Err(StateError::Corrupt { path, why: e.to_string() }),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if after_agent {
+                    tracing::warn!(
+                        state = %path,
+                        "a previous agent's pins are here but its record of host changes is not: the sysctls it set will be put back to the kernel's defaults"
+                    );
+                }
+                (HostChanges::default(), after_agent)
+            }
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        Ok(Host { changes, state_file, assume_defaults })
+    }
+
+    /// Undoes what the record says and removes it (`vip-agent cleanup`).
+    pub fn undo_recorded(state_file: PathBuf, rtnl: &mut Rtnl) -> Result<bool, StateError> {
+        let path = state_file.display().to_string();
+        let mut host = match Host::open(state_file.clone(), false) {
+            Ok(h) => h,
+            Err(StateError::Corrupt { .. }) => {
+                // Unreadable: the agent's sysctls go back to the kernel's defaults on
+                // every device, and the record goes.
+                tracing::warn!(state = %path, "unreadable record: sysctls put back to the kernel's defaults");
+                reset_sysctls_to_defaults();
+                let _ = fs::remove_file(&state_file);
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        };
+        let had = host.adopted();
+        host.restore(rtnl);
+        let _ = fs::remove_file(&state_file);
+        Ok(had)
     }
 
     pub fn adopted(&self) -> bool {
@@ -260,7 +333,8 @@ impl Host {
             let Ok(current) = fs::read_to_string(&path) else { continue };
             let current = current.trim().to_string();
             if !self.changes.sysctls.iter().any(|s| s.path == path) {
-                self.changes.sysctls.push(SavedSysctl { path: path.clone(), original: current.clone() });
+                let original = if self.assume_defaults { SYSCTL_DEFAULT.to_string() } else { current.clone() };
+                self.changes.sysctls.push(SavedSysctl { path: path.clone(), original });
                 self.save()?;
             }
             if current != *value {
@@ -292,6 +366,11 @@ impl Host {
             for (p, r) in new.iter().zip(results) {
                 match r {
                     Ok(()) => {}
+                    // A predecessor's pins are here and its record is lost: the route is
+                    // most likely its own (proto 86), left by its SIGKILL; it is ours now.
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.assume_defaults => {
+                        tracing::info!(prefix = %p, "VIP route already there, left by the previous agent; taken over");
+                    }
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                         tracing::info!(prefix = %p, "VIP route already there; using it and leaving it there");
                         not_ours.insert(p.clone());

@@ -62,6 +62,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Undo what an agent changed on this host when no agent will run again (it was
+    /// killed, its package is being removed): its recorded routes, addresses and sysctls
+    /// (the kernel's defaults when the record is unreadable), and its pins, which detaches
+    /// its programs. Refuses while an agent runs. Needs no config: the defaults, or the
+    /// paths of --config.
+    Cleanup {
+        /// The config whose control_socket and pin_path to clean up after.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Run in this network namespace (a name under /run/netns).
+        #[arg(long)]
+        netns: Option<String>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), generated from these very definitions.
@@ -76,6 +89,15 @@ enum Cmd {
         socket: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Only this VIP (its group, adapters, clients and refusals).
+        #[arg(long)]
+        vip: Option<std::net::IpAddr>,
+        /// Only this adapter (the VIPs it answers, its clients, failovers and refusals).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Show it again every this many seconds until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
 }
 
@@ -250,6 +272,22 @@ fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     match cli.cmd {
+        Cmd::Cleanup { config, netns } => {
+            let (socket, pin) = match &config {
+                Some(c) => match load_config(c) {
+                    Ok(cfg) => (cfg.agent.control_socket.clone(), cfg.agent.pin_path.clone()),
+                    Err(code) => return code,
+                },
+                None => (PathBuf::from("/run/vip-agent.sock"), PathBuf::from("/sys/fs/bpf/vip")),
+            };
+            match cleanup(&socket, &pin, netns.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vip-agent: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vip-agent", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -311,24 +349,34 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Status { config, socket, json } => {
+        Cmd::Status { config, socket, json, vip, adapter, watch } => {
             let socket = match control_socket(config, socket) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            match rt.block_on(control::query_status(&socket)) {
-                Ok(s) if json => {
-                    println!("{}", serde_json::to_string_pretty(&s).expect("serialisable"));
-                    ExitCode::SUCCESS
+            loop {
+                match rt.block_on(control::query_status(&socket)) {
+                    Ok(s) => {
+                        let s = s.filtered(vip, adapter.as_deref());
+                        if watch.is_some() && !json {
+                            // Home and clear, as `watch` does.
+                            print!("\x1b[H\x1b[2J");
+                        }
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&s).expect("serialisable"));
+                        } else {
+                            print!("{}", s.human());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("vip-agent: {e:#}");
+                        return ExitCode::from(1);
+                    }
                 }
-                Ok(s) => {
-                    print!("{}", s.human());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("vip-agent: {e:#}");
-                    ExitCode::from(1)
+                match watch {
+                    Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
+                    _ => return ExitCode::SUCCESS,
                 }
             }
         }
@@ -374,6 +422,33 @@ fn lock_instance(socket: &std::path::Path) -> anyhow::Result<std::fs::File> {
         anyhow::bail!("another vip-agent is running with control socket {}", socket.display());
     }
     Ok(f)
+}
+
+/// `vip-agent cleanup`.
+fn cleanup(socket: &std::path::Path, pin: &std::path::Path, netns: Option<&str>) -> anyhow::Result<()> {
+    if let Some(ns) = netns {
+        enter_netns(ns)?;
+    }
+    let _lock = lock_instance(socket).context("an agent is running: stop it (it undoes its own changes) instead")?;
+    let mut state = socket.as_os_str().to_owned();
+    state.push(".state.json");
+    let mut rtnl = Rtnl::open()?;
+    let had = vip_agent::host::Host::undo_recorded(PathBuf::from(&state), &mut rtnl)?;
+    println!("{}: {}", PathBuf::from(&state).display(), if had { "host changes undone" } else { "no host changes recorded" });
+    // The pins: removing the links detaches the programs; the maps go with the last user.
+    let mut removed = 0;
+    if let Ok(rd) = std::fs::read_dir(pin) {
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            removed += 1;
+        }
+        std::fs::remove_dir(pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    println!("{}: {removed} pins removed", pin.display());
+    let mut lock = socket.as_os_str().to_owned();
+    lock.push(".lock");
+    let _ = std::fs::remove_file(lock);
+    Ok(())
 }
 
 /// The XDP object built with this binary (see build.rs); empty when built without one.

@@ -318,6 +318,35 @@ impl Status {
         o
     }
 
+    /// Only what concerns one VIP and/or one adapter (`status --vip`, `--adapter`): the
+    /// adapters, VIPs, groups, clients, failovers and refusals that name them.
+    pub fn filtered(mut self, vip: Option<std::net::IpAddr>, adapter: Option<&str>) -> Status {
+        if let Some(a) = adapter {
+            self.adapters.retain(|x| x.name == a);
+            self.vips.retain(|v| v.answering.iter().any(|x| x == a) || v.taken_over_by.iter().any(|x| x == a));
+            self.groups.retain(|g| g.adapters.iter().any(|x| x == a) || g.answering.iter().any(|x| x == a));
+            self.clients.retain(|c| c.adapter == a);
+            self.failovers.retain(|f| f.adapter == a);
+            self.refusals.retain(|r| r.adapter.as_deref() == Some(a));
+        }
+        if let Some(ip) = vip {
+            let s = ip.to_string();
+            // A group is a run of VIPs placed alike: its ends, or between them when both
+            // are of the VIP's family (a run may mix families).
+            let within = |g: &GroupStatus| match (g.first.parse::<std::net::IpAddr>(), g.last.parse::<std::net::IpAddr>()) {
+                (Ok(f), Ok(l)) => f == ip || l == ip || (f.is_ipv4() == ip.is_ipv4() && l.is_ipv4() == ip.is_ipv4() && f <= ip && ip <= l),
+                _ => false,
+            };
+            self.vips.retain(|v| v.address == s);
+            self.groups.retain(within);
+            let answering: Vec<String> = self.groups.iter().flat_map(|g| g.adapters.iter().cloned()).collect();
+            self.adapters.retain(|a| answering.contains(&a.name));
+            self.clients.retain(|c| c.vip == s);
+            self.refusals.retain(|r| r.vip == s);
+        }
+        self
+    }
+
     /// The human-readable form of `vip-agent status`.
     pub fn human(&self) -> String {
         use std::fmt::Write;

@@ -47,10 +47,28 @@ pub mod names {
     pub const VS_MACS: &str = "VS_MACS";
     pub const POLICIES: &str = "POLICIES";
     pub const FENCE: &str = "FENCE";
+    /// One u32: the [`super::LAYOUT_VERSION`] of the maps pinned beside it.
+    pub const LAYOUT: &str = "LAYOUT";
+    /// The agent's switches for the data plane ([`super::SETTING_LEARN_TRAFFIC`], ...).
+    pub const SETTINGS: &str = "SETTINGS";
     /// Every map the agent pins (and removes on a full stop).
-    pub const PINNED_MAPS: [&str; 14] =
-        [VIPS, POLICIES, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS, FENCE];
+    pub const PINNED_MAPS: [&str; 16] = [
+        VIPS, POLICIES, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS, FENCE, LAYOUT, SETTINGS,
+    ];
 }
+
+/// The layout of the pinned maps (their keys, values and sizes). An agent refuses pins of
+/// another layout rather than misread them. Raise it with any change to a pinned map's
+/// key or value type, or its size.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Entries of `SETTINGS` (u32 each).
+pub const SETTINGS_LEN: u32 = 4;
+/// 1: a client's adapter and MAC are learned from any VIP frame (`[steering]
+/// learn_from_traffic`). 0 (the default): only from answered requests, frames from a MAC
+/// already known for the client, or a MAC the kernel's neighbour table agrees with: a
+/// frame with a forged source address cannot redirect a client's replies.
+pub const SETTING_LEARN_TRAFFIC: u32 = 0;
 
 /// Address families as stored in [`VipKey::family`].
 pub const FAMILY_IPV4: u8 = 4;

@@ -16,6 +16,21 @@ use vip_common::{
 #[map(name = "FENCE")]
 pub static FENCE: Array<u64> = Array::with_max_entries(vip_common::FENCE_LEN, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
+/// The layout version of the maps pinned with it (`vip_common::LAYOUT_VERSION`), written
+/// by the agent; no program reads it.
+#[map(name = "LAYOUT")]
+pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The agent's switches (`vip_common::SETTING_*`).
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(vip_common::SETTINGS_LEN, 0);
+
+/// `[steering] learn_from_traffic`: any VIP frame may enter or move a client.
+#[inline(always)]
+pub fn learn_any_traffic() -> bool {
+    SETTINGS.get(vip_common::SETTING_LEARN_TRAFFIC).is_some_and(|v| *v != 0)
+}
+
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 

@@ -70,14 +70,15 @@ pub struct Answerer {
 pub fn answerer(q: &Question) -> Result<Answerer, u32> {
     let hit = maps::lookup(q.ifindex, &q.dst, &q.key)?;
     let fk = flow_key(&q.key, q.client);
-    if hit.vip.flags & VIP_SPREAD != 0 {
-        if !hit.moved && spread_owner(&hit.vip, hit.allowed, &fk) != hit.adapter.slot {
-            return Err(decision::PASSED_SPREAD_OTHER);
-        }
-        // The one adapter that answers a spread client is the one it will use.
-        if !q.probe {
-            learn(&fk, hit.via, hit.via_slot, &q.requester, 0);
-        }
+    if hit.vip.flags & VIP_SPREAD != 0 && !hit.moved && spread_owner(&hit.vip, hit.allowed, &fk) != hit.adapter.slot {
+        return Err(decision::PASSED_SPREAD_OTHER);
+    }
+    // A client is entered in the table only from a request answered here: a frame of any
+    // other kind could carry a forged source address (ARP requests are what switch ARP
+    // inspection checks). In spread mode this adapter is the one it will use; in the other
+    // modes its traffic then tells which one it does.
+    if !q.probe {
+        learn(&fk, hit.via, hit.via_slot, &q.requester, 0);
     }
     Ok(Answerer { mac: hit.adapter.mac, slot: hit.adapter.slot, vip_id: hit.vip.id })
 }
@@ -114,27 +115,69 @@ pub fn learn(fk: &FlowKey, ifindex: u32, slot: u8, mac: &[u8; 6], bytes: u64) {
     let _ = FLOWS.insert(fk, &f, 0);
 }
 
-/// A straggler reached the failed adapter's heir: tell the agent (at most once per
-/// EVENT_GAP_NS per client). A client not yet in the table is entered on the heir.
+/// VIP traffic from a client in the table: which adapter it uses now, and its counters.
+/// Only from the MAC it was entered with (from an answered request): a frame with a
+/// forged source address changes nothing, so it cannot redirect anyone's replies.
 // Its own BPF function: the stack of each path stays within the 512-byte limit.
 #[inline(never)]
-fn straggler(fk: &FlowKey, ifindex: u32, slot: u8, client_mac: &[u8; 6], to_mac: &[u8; 6]) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    match FLOWS.get_ptr_mut(fk) {
-        Some(f) => {
-            let f = unsafe { &mut *f };
-            if now.wrapping_sub(f.event_ns) < EVENT_GAP_NS {
-                return;
-            }
-            f.event_ns = now;
-        }
-        None => {
-            learn(fk, ifindex, slot, client_mac, 0);
-            if let Some(f) = FLOWS.get_ptr_mut(fk) {
-                unsafe { (*f).event_ns = now };
-            }
-        }
+pub fn refresh(fk: &FlowKey, ifindex: u32, slot: u8, mac: &[u8; 6], bytes: u64) -> bool {
+    let Some(f) = FLOWS.get_ptr_mut(fk) else { return false };
+    let f = unsafe { &mut *f };
+    if !eq6(&f.mac, mac) {
+        return false;
     }
+    f.ifindex = ifindex;
+    f.slot = slot;
+    f.seen_ns = unsafe { bpf_ktime_get_ns() };
+    f.packets += 1;
+    f.bytes += bytes;
+    true
+}
+
+/// Whether the kernel's own neighbour table agrees that traffic from `client` to `vip`
+/// comes from `mac`: the next hop it would send a reply to (the client itself, or its
+/// router) has that MAC. A forged source address fails this (unless the MAC is forged too).
+/// Not resolved yet (the kernel has not replied once): no.
+// Its own BPF function: the lookup's parameters are 64 bytes of stack.
+#[inline(never)]
+pub fn kernel_agrees(ctx: &XdpContext, vip: &VipKey, client: &[u32; 4], mac: &[u8; 6], ifindex: u32) -> bool {
+    use aya_ebpf::bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS};
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.ifindex = ifindex;
+    if vip.family == vip_common::FAMILY_IPV4 {
+        p.family = 2; // AF_INET
+        p.__bindgen_anon_3.ipv4_src = vip.addr[0];
+        p.__bindgen_anon_4.ipv4_dst = client[0];
+    } else {
+        p.family = 10; // AF_INET6
+        p.__bindgen_anon_3.ipv6_src = vip.addr;
+        p.__bindgen_anon_4.ipv6_dst = *client;
+    }
+    // An output lookup through the arrival adapter (an input lookup would need forwarding
+    // on): it vouches when the kernel replies through the adapter the client uses.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            aya_ebpf::EbpfContext::as_ptr(ctx),
+            &mut p as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            aya_ebpf::bindings::BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && eq6(&p.dmac, mac)
+}
+
+/// A straggler reached the failed adapter's heir: tell the agent (at most once per
+/// EVENT_GAP_NS per client). Only for a client in the table, from its own MAC.
+// Its own BPF function: the stack of each path stays within the 512-byte limit.
+#[inline(never)]
+fn straggler(fk: &FlowKey, ifindex: u32, client_mac: &[u8; 6], to_mac: &[u8; 6]) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(f) = FLOWS.get_ptr_mut(fk) else { return };
+    let f = unsafe { &mut *f };
+    if !eq6(&f.mac, client_mac) || now.wrapping_sub(f.event_ns) < EVENT_GAP_NS {
+        return;
+    }
+    f.event_ns = now;
     if let Some(mut e) = EVENTS.reserve::<Straggler>(0) {
         let s = Straggler { flow: *fk, ifindex, client_mac: *client_mac, to_mac: *to_mac };
         e.write(s);
@@ -210,7 +253,12 @@ fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32>
     let len = (ctx.data_end() - ctx.data()) as u64;
     let fk = flow_key(vip, client);
     if eq6(&eth.dst, &adapter.mac) {
-        learn(&fk, ifindex, adapter.slot, &eth.src, len);
+        let src = eth.src;
+        // A known client refreshes its entry; another is entered only if the kernel's
+        // neighbour table vouches for its MAC.
+        if !refresh(&fk, ifindex, adapter.slot, &src, len) && (maps::learn_any_traffic() || kernel_agrees(ctx, vip, &client, &src, ifindex)) {
+            learn(&fk, ifindex, adapter.slot, &src, len);
+        }
         maps::count_traffic(adapter.slot, len, false);
         return deliver(decision::PASSED_VIP_TRAFFIC);
     }
@@ -226,9 +274,16 @@ fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32>
     if maps::mac_moved(&owner) {
         // The client still uses the failed adapter's MAC, and may: its replies go out
         // from that MAC too (see the egress program).
-        learn(&fk, owner_ix, owner.slot, &eth.src, len);
+        let src = eth.src;
+        if !refresh(&fk, owner_ix, owner.slot, &src, len) && (maps::learn_any_traffic() || kernel_agrees(ctx, vip, &client, &src, ifindex)) {
+            learn(&fk, owner_ix, owner.slot, &src, len);
+        }
         return deliver(decision::ACCEPTED_MOVED_MAC);
     }
-    straggler(&fk, ifindex, adapter.slot, &eth.src, &to);
+    let src = eth.src;
+    if FLOWS.get_ptr_mut(&fk).is_none() && (maps::learn_any_traffic() || kernel_agrees(ctx, vip, &client, &src, ifindex)) {
+        learn(&fk, ifindex, adapter.slot, &src, 0);
+    }
+    straggler(&fk, ifindex, &src, &to);
     deliver(decision::ACCEPTED_STRAGGLER)
 }
