@@ -141,13 +141,9 @@ enum ClusterCmd {
 
 /// `vip-agent cluster apply`.
 fn cluster_apply(file: &std::path::Path, config: &std::path::Path, dry_run: bool) -> ExitCode {
-    let cfg = match load_config(config) {
+    let cc = match cluster_config(config) {
         Ok(c) => c,
         Err(code) => return code,
-    };
-    let Some(cc) = cfg.cluster else {
-        eprintln!("{}: no [cluster] table: this node is not in a cluster", config.display());
-        return ExitCode::from(2);
     };
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
@@ -168,15 +164,7 @@ fn cluster_apply(file: &std::path::Path, config: &std::path::Path, dry_run: bool
         println!("{}: ok ({} groups, {vips} VIPs, {} virtual servers)", file.display(), defs.groups.len(), defs.servers.len());
         return ExitCode::SUCCESS;
     }
-    let eps = cluster_endpoints(&cc);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let keys = vip_cluster::store::Keys::new(&cc.name);
-    let r = rt.block_on(async {
-        let mut c = vip_cluster::store::connect(&eps).await?;
-        let r = c.put(keys.defs(), vip_cluster::store::encode(&defs), None).await?;
-        Ok::<_, vip_cluster::store::StoreError>(r.header().map_or(0, |h| h.revision()))
-    });
-    match r {
+    match etcd_put(&cc, |k| k.defs(), vip_cluster::store::encode(&defs)) {
         Ok(rev) => {
             println!(
                 "{}: applied to cluster {} ({} groups, {vips} VIPs, {} virtual servers) at revision {rev}",
@@ -197,24 +185,12 @@ fn cluster_apply(file: &std::path::Path, config: &std::path::Path, dry_run: bool
 /// `vip-agent cluster rebalance`: a request the leader carries out (its revision is the
 /// request's identity; the assignment records the last one done).
 fn cluster_rebalance(config: &std::path::Path) -> ExitCode {
-    let cfg = match load_config(config) {
+    let cc = match cluster_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let Some(cc) = cfg.cluster else {
-        eprintln!("{}: no [cluster] table: this node is not in a cluster", config.display());
-        return ExitCode::from(2);
-    };
-    let eps = cluster_endpoints(&cc);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let keys = vip_cluster::store::Keys::new(&cc.name);
     let who = format!("{{\"by\":{:?},\"at\":{}}}", cc.node, std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
-    let r = rt.block_on(async {
-        let mut c = vip_cluster::store::connect(&eps).await?;
-        let r = c.put(keys.rebalance(), who, None).await?;
-        Ok::<_, vip_cluster::store::StoreError>(r.header().map_or(0, |h| h.revision()))
-    });
-    match r {
+    match etcd_put(&cc, |k| k.rebalance(), who.into_bytes()) {
         Ok(rev) => {
             println!("rebalance requested in cluster {} at revision {rev}; `vip-agent cluster status` shows the moves", cc.name);
             ExitCode::SUCCESS
@@ -224,6 +200,27 @@ fn cluster_rebalance(config: &std::path::Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The `[cluster]` table of a node's config (exit 2 when there is none).
+fn cluster_config(config: &std::path::Path) -> Result<vip_agent::config::ClusterConfig, ExitCode> {
+    let cfg = load_config(config)?;
+    cfg.cluster.ok_or_else(|| {
+        eprintln!("{}: no [cluster] table: this node is not in a cluster", config.display());
+        ExitCode::from(2)
+    })
+}
+
+/// One put to the cluster's etcd; the revision it made.
+fn etcd_put(cc: &vip_agent::config::ClusterConfig, key: impl FnOnce(&vip_cluster::store::Keys) -> String, value: Vec<u8>) -> Result<i64, vip_cluster::store::StoreError> {
+    let eps = cluster_endpoints(cc);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let key = key(&vip_cluster::store::Keys::new(&cc.name));
+    rt.block_on(async {
+        let mut c = vip_cluster::store::connect(&eps).await?;
+        let r = c.put(key, value, None).await?;
+        Ok(r.header().map_or(0, |h| h.revision()))
+    })
 }
 
 fn cluster_endpoints(cc: &vip_agent::config::ClusterConfig) -> vip_cluster::store::Endpoints {

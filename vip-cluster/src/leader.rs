@@ -577,4 +577,26 @@ mod tests {
         };
         assert_eq!(owners(&run(&s)), [Some("s1"), Some("s1")]);
     }
+
+    #[test]
+    fn seed_004_a_port_failure_moves_a_server_whole_even_a_pinned_one() {
+        use crate::records::ServerDef;
+        // "db" (migrate = false) has two groups on n0; n0 lives but loses both ports: the
+        // server moves whole to n1 (migrate = false is about node failure only).
+        let mut gs = vec![group("192.0.2.70", None, false), group("192.0.2.71", None, false)];
+        for g in &mut gs {
+            g.server = Some("db".into());
+        }
+        let sv = ServerDef { name: "db".into(), node: Some("n0".into()), priority: 1, migrate: false, rebalance: false, weight: 1 };
+        let base = || Scn {
+            defs: Defs { source: String::new(), groups: gs.clone(), servers: vec![sv.clone()] },
+            records: vec![node("n0", Role::Active, &[false, false], &[]), node("n1", Role::Active, &[true, true], &[])],
+            alive: vec![(true, false), (true, false)],
+            previous: assigned(&[("192.0.2.70", Some("n0")), ("192.0.2.71", Some("n0"))]),
+            gone: vec![],
+            unknown: vec![],
+        };
+        // n0 no longer holds them (it let go when its ports went): both to n1 at once.
+        assert_eq!(owners(&run(&base())), [Some("n1"), Some("n1")]);
+    }
 }
