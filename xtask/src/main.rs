@@ -12,9 +12,12 @@ use clap::{Parser, Subcommand};
 
 /// bpf-linker release known to work with the nightly toolchain's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the build, the tests, the lab and the benchmarks use: iproute2 and ethtool for the lab; etcd for the cluster; protoc and its well-known types for
-/// the etcd client's build; nftables for the cluster tests' partitions.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "etcd-server", "protobuf-compiler", "libprotobuf-dev", "nftables"];
+/// Debian packages the build, the tests, the lab and the benchmarks use: iproute2 and
+/// ethtool for the lab; etcd for the cluster; protoc and its well-known types for the etcd
+/// client's build; nftables for the cluster tests' partitions; systemd (systemd-analyze,
+/// deb-systemd-helper) and util-linux (setpriv) for the package test.
+const DEBIAN_PACKAGES: &[&str] =
+    &["iproute2", "ethtool", "etcd-server", "protobuf-compiler", "libprotobuf-dev", "nftables", "systemd", "util-linux"];
 /// Only `cargo xtask bench failover` and `bench cluster` need it: the comparison runs the real daemon.
 const BENCH_PACKAGES: &[&str] = &["keepalived"];
 const BPF_TARGET: &str = "bpfel-unknown-none";
