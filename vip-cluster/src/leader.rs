@@ -151,13 +151,14 @@ pub fn decide(input: &Input) -> Decision {
             && (g.vlan == 0 || p.vlans.contains(&g.vlan))
             && p.subnets.iter().filter_map(|s| Subnet::from_str(s).ok()).any(|s| s.contains(&g.address))
     };
-    let is_server: Vec<bool> = (0..units.len()).map(|u| u < defs.servers.len()).collect();
+    // Units are the servers first, in order: unit `u` is a server while `u` is below their count.
+    let is_server = |u: usize| u < defs.servers.len();
     let fits = |n: usize, u: usize| -> bool {
         if n >= nodes.len() {
             return false;
         }
         // A virtual server that failed on a node (a hook said so) is not given back to it.
-        if is_server[u] && nodes[n].1.record.failed.contains(&units[u].name) {
+        if is_server(u) && nodes[n].1.record.failed.contains(&units[u].name) {
             return false;
         }
         unit_groups[u].iter().all(|&gi| {

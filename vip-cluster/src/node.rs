@@ -290,8 +290,8 @@ enum Done {
     Marker(Result<bool, StoreError>),
     Leader(Result<Option<i64>, StoreError>, Vec<TakeoverRecord>),
     Held(Vec<IpAddr>),
-    /// `acquire` hooks run before answering these groups, in priority order.
-    Acquired(Vec<IpAddr>, Vec<crate::hooks::HookRun>),
+    /// `acquire` hooks ran (in priority order) before answering.
+    Acquired(Vec<crate::hooks::HookRun>),
     /// A `release` or `check` hook ended.
     HookRan(crate::hooks::HookRun),
     /// The lease (0: none yet, retry registering) is alive or not.
@@ -759,7 +759,7 @@ impl<A: Agent> Node<A> {
                     Err(e) => tracing::warn!(error = %e, "cluster: leader write failed"),
                 }
             }
-            Done::Acquired(groups, runs) => {
+            Done::Acquired(runs) => {
                 self.hooks_busy = false;
                 self.hooks_ms = runs.iter().map(|r| r.ms).sum();
                 let mut failed = vec![];
@@ -776,7 +776,6 @@ impl<A: Agent> Node<A> {
                     self.run_hook(crate::hooks::Hook::Release, &f);
                     self.server_failed(&f);
                 }
-                let _ = groups;
                 self.reconcile();
             }
             Done::HookRan(r) => {
@@ -1025,7 +1024,7 @@ impl<A: Agent> Node<A> {
                 let need = self.to_acquire(&p);
                 if !need.is_empty() {
                     if !self.hooks_busy {
-                        self.acquire(p, need);
+                        self.acquire(need);
                     }
                     return;
                 }
@@ -1089,9 +1088,8 @@ impl<A: Agent> Node<A> {
         defs.groups.iter().filter(|g| g.server.as_deref() == Some(server)).flat_map(|g| g.addresses()).take(4096).map(|a| a.to_string()).collect()
     }
 
-    /// Runs the `acquire` hooks of `servers` one after another (priority order), then
-    /// reports for `groups`.
-    fn acquire(&mut self, groups: Vec<IpAddr>, servers: Vec<String>) {
+    /// Runs the `acquire` hooks of `servers` one after another (priority order).
+    fn acquire(&mut self, servers: Vec<String>) {
         self.hooks_busy = true;
         let jobs: Vec<(String, crate::hooks::Hooks, Vec<String>)> =
             servers.iter().filter_map(|s| Some((s.clone(), self.cfg.hooks.get(s)?.clone(), self.server_addresses(s)))).collect();
@@ -1102,7 +1100,7 @@ impl<A: Agent> Node<A> {
                 let cx = crate::hooks::Context { cluster: &cluster, node: &node, server, addresses };
                 runs.push(crate::hooks::run(crate::hooks::Hook::Acquire, hooks, &cx).await);
             }
-            Done::Acquired(groups, runs)
+            Done::Acquired(runs)
         });
     }
 
@@ -1657,18 +1655,12 @@ impl<A: Agent> Node<A> {
                 .map(|t| {
                     // The first answer: the earliest report, by a node it went to, at or
                     // after the decision (clocks of different nodes: unix time, NTP).
-                    let answered = t
+                    let (answered, hooks_ms) = t
                         .to
                         .iter()
                         .filter_map(|n| self.mirror.nodes.get(n))
-                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - TOOK_SLACK_S).map(|k| k.at))
-                        .fold(f64::INFINITY, f64::min);
-                    let hooks_ms = t
-                        .to
-                        .iter()
-                        .filter_map(|n| self.mirror.nodes.get(n))
-                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - TOOK_SLACK_S).map(|k| k.hooks_ms))
-                        .fold(0.0, f64::max);
+                        .flat_map(|(_, _, r)| r.took.iter().filter(|k| k.from == t.node && k.at >= t.decided_at - TOOK_SLACK_S))
+                        .fold((f64::INFINITY, 0.0f64), |(a, h), k| (a.min(k.at), h.max(k.hooks_ms)));
                     TakeoverRecord { answered_at: if answered.is_finite() { answered } else { 0.0 }, hooks_ms, ..t.clone() }
                 })
                 .collect(),
