@@ -20,7 +20,12 @@ use std::{
 
 use vip_packet::{parse_arp, parse_nd, Mac, ND_NEIGHBOR_ADVERT, ND_OPT_TARGET_LL, NA_FLAG_SOLICITED};
 
-use crate::netns::NetNs;
+use crate::{
+    netns::NetNs,
+    rawsock::RawSocket,
+    topo::{Client, VIP4},
+};
+use vip_packet::Arp;
 
 /// How often blocking loops look at their stop flag.
 const POLL: Duration = Duration::from_millis(20);
@@ -541,3 +546,59 @@ pub fn overlaps(answers: &[Answer], interval: Duration, owner: impl Fn(Mac) -> O
     }
     out
 }
+
+/// Counts, from a client, broadcast ARP requests for a VIP that got no answer, one
+/// request every 2 ms, until stopped.
+pub struct ArpLoop {
+    stop: Arc<AtomicBool>,
+    unanswered: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ArpLoop {
+    pub fn start(c: &Client) -> ArpLoop {
+        Self::start_for(c, VIP4)
+    }
+
+    pub fn start_for(c: &Client, vip: std::net::Ipv4Addr) -> ArpLoop {
+        let sock = c.ns.run(|| RawSocket::open(&c.iface).unwrap());
+        let (stop, unanswered, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (st, un, se) = (stop.clone(), unanswered.clone(), sent.clone());
+        let (mac, ip) = (c.mac, c.ip4);
+        let thread = std::thread::spawn(move || {
+            let req = Arp::request(mac, ip, vip).to_bytes();
+            while !st.load(Ordering::Relaxed) {
+                sock.send(&req).unwrap();
+                se.fetch_add(1, Ordering::Relaxed);
+                let got = sock.collect(Duration::from_millis(2), |f| {
+                    vip_packet::parse_arp(f).filter(|a| a.op == 2 && a.spa == vip && a.tha == mac).map(|_| ())
+                });
+                if got.is_empty() {
+                    un.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        ArpLoop { stop, unanswered, sent, thread }
+    }
+
+    pub fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        (self.sent.load(Ordering::Relaxed), self.unanswered.load(Ordering::Relaxed))
+    }
+}
+
+
+/// The MACs that answer one broadcast ARP request from `c` for `vip` within 100 ms.
+pub fn arp_answers(c: &Client, vip: std::net::Ipv4Addr) -> Vec<Mac> {
+    let sock = c.ns.run(|| RawSocket::open(&c.iface).unwrap());
+    sock.send(&Arp::request(c.mac, c.ip4, vip).to_bytes()).unwrap();
+    let mut got = sock.collect(Duration::from_millis(100), |f| {
+        vip_packet::parse_arp(f).filter(|a| a.op == 2 && a.spa == vip && a.tha == c.mac).map(|a| a.sha)
+    });
+    got.sort();
+    got.dedup();
+    got
+}
+

@@ -5,18 +5,17 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, TcpListener, TcpStream},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
 
-use vip_packet::{mac_str, parse_mac, Arp, Mac};
+use vip_packet::{mac_str, parse_mac, Mac};
 use vip_tests::{
     agentproc::{agent_bin, wait_timeout, AgentFiles, AgentProc},
     netns::NetNs,
-    probe::{outage, realtime_ns, EchoServer, Prober, WireWatch},
-    rawsock::RawSocket,
+    probe::{arp_answers, outage, realtime_ns, ArpLoop, EchoServer, Prober, WireWatch},
     root_or_skip,
     topo::{neigh_mac, poke, wait_neigh, Client, Lab, VIP4, VIP6},
 };
@@ -444,44 +443,6 @@ fn bad_config_changes_nothing_and_stop_restores_the_host() {
     assert_eq!(host_snapshot(&lab, "/sys/fs/bpf"), before, "host not restored after SIGTERM");
 }
 
-/// Counts, from a client, broadcast ARP requests for the VIP that got no answer, one
-/// request every 2 ms, until stopped.
-struct ArpLoop {
-    stop: Arc<AtomicBool>,
-    unanswered: Arc<AtomicU64>,
-    sent: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl ArpLoop {
-    fn start(c: &Client) -> ArpLoop {
-        let sock = c.ns.run(|| RawSocket::open(&c.iface).unwrap());
-        let (stop, unanswered, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (st, un, se) = (stop.clone(), unanswered.clone(), sent.clone());
-        let (mac, ip) = (c.mac, c.ip4);
-        let thread = std::thread::spawn(move || {
-            let req = Arp::request(mac, ip, VIP4).to_bytes();
-            while !st.load(Ordering::Relaxed) {
-                sock.send(&req).unwrap();
-                se.fetch_add(1, Ordering::Relaxed);
-                let got = sock.collect(Duration::from_millis(2), |f| {
-                    vip_packet::parse_arp(f).filter(|a| a.op == 2 && a.spa == VIP4 && a.tha == mac).map(|_| ())
-                });
-                if got.is_empty() {
-                    un.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        ArpLoop { stop, unanswered, sent, thread }
-    }
-
-    fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        (self.sent.load(Ordering::Relaxed), self.unanswered.load(Ordering::Relaxed))
-    }
-}
-
 fn xdp_prog_ids(lab: &Lab) -> Vec<String> {
     lab.adapters
         .iter()
@@ -490,6 +451,119 @@ fn xdp_prog_ids(lab: &Lab) -> Vec<String> {
             out.split_whitespace().skip_while(|w| *w != "prog/xdp").nth(2).unwrap_or("none").to_string()
         })
         .collect()
+}
+
+/// `vip-agent reload` against a config file; its exit code and what it printed.
+fn reload_cmd(files: &AgentFiles) -> (Option<i32>, String) {
+    let out = std::process::Command::new(agent_bin()).args(["reload", "--config"]).arg(&files.config).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A live reload applies an edited config as a difference while the VIPs in both versions
+/// go on being answered: `vip-agent reload` adds an adapter and a VIP, removes a VIP and
+/// changes another; a file with an error and a change only a restart can make are
+/// refused with nothing changed; SIGHUP with the first file takes the adapter and the VIP
+/// back out. An ARP request every 2 ms for an unchanged VIP gets an answer throughout;
+/// the agent still fails over afterwards, and a stop restores the host.
+#[test]
+fn reload_applies_a_changed_config_without_a_lost_answer() {
+    if !root_or_skip("reload_applies_a_changed_config_without_a_lost_answer") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let before = host_snapshot(&lab, "/sys/fs/bpf");
+    let (kept, removed, added) = (VIP4, std::net::Ipv4Addr::new(192, 0, 2, 31), std::net::Ipv4Addr::new(192, 0, 2, 32));
+    let head = "[announce]\ncount = 2\ninterval_ms = 50\n[probe]\ncount = 1\nwait_ms = 100\n";
+    let v1 = format!(
+        "{head}[[adapter]]\nname = \"vip0\"\n[[adapter]]\nname = \"vip1\"\n\
+         [[vip]]\naddress = \"{kept}/24\"\nadapters = [\"vip0\", \"vip1\"]\nmode = \"all\"\n\
+         [[vip]]\naddress = \"{removed}/24\"\nadapters = [\"vip0\", \"vip1\"]\nmode = \"all\"\n\
+         [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\"]\nmode = \"all\"\n"
+    );
+    let v2 = format!(
+        "{head}[[adapter]]\nname = \"vip0\"\n[[adapter]]\nname = \"vip1\"\n[[adapter]]\nname = \"vip2\"\n\
+         [[vip]]\naddress = \"{kept}/24\"\nadapters = [\"vip0\", \"vip1\"]\nmode = \"all\"\n\
+         [[vip]]\naddress = \"{added}/24\"\nadapters = [\"vip2\"]\nmode = \"all\"\n\
+         [[vip]]\naddress = \"{VIP6}/64\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"all\"\n"
+    );
+    let files = AgentFiles::new("reload");
+    files.write("", &v1);
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let c = &lab.clients[0];
+    let macs = |i: usize| lab.adapters[i].mac;
+    let mut both = vec![macs(0), macs(1)];
+    both.sort();
+    assert_eq!(arp_answers(c, removed), both);
+    let arp = ArpLoop::start_for(c, kept);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // 1. `vip-agent reload`: an adapter and a VIP added, a VIP removed, one changed.
+    files.write("", &v2);
+    let (code, out) = reload_cmd(&files);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("VIPs: 1 added, 1 removed, 1 changed, 1 unchanged; adapters added: vip2"), "{out}");
+    let s = agent.status();
+    assert_eq!(s.reloads, 1);
+    assert_eq!(adapter_state(&s, "vip2"), "up");
+    assert_eq!(vip_status(&s, &added.to_string()).state, "active");
+    assert!(s.vips.iter().all(|v| v.address != removed.to_string()), "{:?}", s.vips);
+    assert_eq!(vip_status(&s, &VIP6.to_string()).answering.len(), 3, "the changed VIP is answered on its new adapter too");
+    assert_eq!(arp_answers(c, added), vec![macs(2)], "the new VIP is answered from its adapter");
+    assert!(arp_answers(c, removed).is_empty(), "the removed VIP is still answered");
+    let local = lab.node.ip(&["route", "show", "table", "local"]);
+    assert!(local.contains(&format!("local {added} dev lo")) && !local.contains(&format!("local {removed} ")), "{local}");
+    assert_ne!(xdp_prog_ids(&lab)[2], "none", "the new adapter has the program");
+
+    // 2. Refused, nothing changed: an error in the file (exit 2, its line named), and a
+    //    setting only a restart can apply (exit 1).
+    std::fs::write(&files.config, std::fs::read_to_string(&files.config).unwrap() + "[[vip]]\naddres = \"192.0.2.40/24\"\n").unwrap();
+    let (code, out) = reload_cmd(&files);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains(&format!("{}:", files.config.display())) && out.contains("addres"), "{out}");
+    // The same file by SIGHUP: the agent reads it, says why in its log, and goes on.
+    agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + 5 * SECOND;
+    while !(agent.log_text().contains("reload refused") && agent.log_text().contains("vip[3].addres: unknown key")) {
+        assert!(Instant::now() < deadline, "no refusal logged for SIGHUP with a bad file:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    files.write("metrics_listen = \"127.0.0.1:19111\"", &v2);
+    let (code, out) = reload_cmd(&files);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("metrics_listen") && out.contains("restart"), "{out}");
+    let s = agent.status();
+    assert_eq!((s.reloads, adapter_state(&s, "vip2")), (1, "up".to_string()));
+    assert_eq!(arp_answers(c, added), vec![macs(2)]);
+
+    // 3. SIGHUP with the first file: the adapter and the VIP go again.
+    files.write("", &v1);
+    agent.signal(libc::SIGHUP);
+    let s = agent.wait_for("the second reload", 5 * SECOND, |s| s.reloads == 2);
+    assert!(s.adapters.iter().all(|a| a.name != "vip2"), "{:?}", s.adapters);
+    assert!(arp_answers(c, added).is_empty(), "a VIP taken out of the config is still answered");
+    assert_eq!(arp_answers(c, removed).len(), 2, "the VIP put back is answered again");
+    let deadline = Instant::now() + 2 * SECOND;
+    while xdp_prog_ids(&lab)[2] != "none" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(xdp_prog_ids(&lab)[2], "none", "the removed adapter keeps its program");
+    let (sent, unanswered) = arp.finish();
+    assert!(sent > 200, "only {sent} requests sent");
+    assert_eq!(unanswered, 0, "{unanswered} of {sent} ARP requests for an unchanged VIP unanswered across three reloads");
+    let log = agent.log_text();
+    for l in log.lines().filter(|l| l.contains("reload") || l.contains("ERROR")) {
+        eprintln!("{l}");
+    }
+    eprintln!("{sent} ARP requests for the unchanged VIP, {unanswered} unanswered");
+    assert!(log.contains("reload: the new agent runs"), "{log}");
+
+    // Still a working agent, with its history: it fails over, and a stop restores the host.
+    lab.pull(0);
+    agent.wait_for("failover after reloads", 2 * SECOND, |s| adapter_state(s, "vip0") == "down" && !s.failovers.is_empty());
+    lab.plug(0);
+    agent.wait_for("vip0 up", 2 * SECOND, |s| adapter_state(s, "vip0") == "up");
+    assert!(agent.stop().success());
+    assert_eq!(host_snapshot(&lab, "/sys/fs/bpf"), before, "host not restored");
 }
 
 /// SIGKILL leaves the pinned program and maps answering; a restarted agent adopts them
@@ -1023,9 +1097,8 @@ fn restart_and_return_do_not_herd_clients() {
 }
 
 /// The agent is one file: started without `--bpf-object` or `VIP_EBPF_OBJECT`, it loads
-/// the XDP object built into it and answers. A SIGHUP (an operator's `systemctl reload`)
-/// no longer ends it: it checks the file, says so, and keeps answering; a broken file
-/// changes nothing. `vip-agent status | head -1` ends quietly on the closed pipe.
+/// the XDP object built into it and answers. A SIGHUP does not end it: the unchanged file
+/// reloads as "nothing changed", and a broken one is refused; it keeps answering. `vip-agent status | head -1` ends quietly on the closed pipe.
 #[test]
 fn the_agent_is_one_file_and_a_sighup_does_not_end_it() {
     if !root_or_skip("the_agent_is_one_file_and_a_sighup_does_not_end_it") {
@@ -1049,8 +1122,8 @@ fn the_agent_is_one_file_and_a_sighup_does_not_end_it() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(agent.try_status().is_some(), "the agent ended on SIGHUP; log:\n{}", agent.log_text());
     let log = agent.log_text();
-    assert!(log.contains("SIGHUP: the config is valid"), "{log}");
-    assert!(log.contains("SIGHUP: the config is not valid; nothing changes"), "{log}");
+    assert!(log.contains("reload: VIPs: 0 added, 0 removed, 0 changed, 2 unchanged"), "{log}");
+    assert!(log.contains("reload refused: nothing changed:"), "{log}");
     lab.clients[0].ns.ip(&["neigh", "flush", "all"]);
     resolve(&lab, c, VIP4.into());
     // Output into a pipe nobody reads any more (`| head` once it has its line): the

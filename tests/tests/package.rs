@@ -2,8 +2,10 @@
 //! .deb `cargo xtask package` built (`cargo xtask test` builds it and passes `VIP_DEB`),
 //! the unit checked by `systemd-analyze verify`, the shipped config accepted by the
 //! installed binary's `check` on a node with its adapters, the installed binary running a
-//! lab with exactly the capabilities its unit grants (a cable pull still fails over), and
-//! the package removed and purged without a trace.
+//! lab from /etc/vip/agent.toml with exactly the capabilities its unit grants (a live
+//! reload by SIGHUP and by the unit's ExecReload command applies an edited VIP list
+//! without a lost answer; a cable pull still fails over), and the package removed and
+//! purged without a trace.
 
 use std::{
     net::IpAddr,
@@ -16,6 +18,7 @@ use vip_tests::{
     agentproc::TempDir,
     netns::{veth, NetNs},
     root_or_skip,
+    probe::{arp_answers, ArpLoop},
     topo::{poke, wait_neigh, Lab, VIP4},
 };
 
@@ -119,18 +122,18 @@ fn the_package_installs_runs_with_its_unit_s_capabilities_and_purges() {
     let mut dp = vip_tests::load_dataplane();
     lab.attach_peers(&mut dp);
     let socket = dir.0.join("agent.sock");
-    let config = dir.0.join("agent.toml");
-    std::fs::write(
-        &config,
+    // The operator's file, edited for the lab (the conffile: `dpkg -r` must keep it).
+    let config = PathBuf::from("/etc/vip/agent.toml");
+    let lab_config = |extra_vip: &str| {
         format!(
             "[agent]\ncontrol_socket = \"{}\"\npin_path = \"{}\"\n[announce]\ncount = 2\ninterval_ms = 50\n[probe]\nenabled = false\n{}\
-             [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"all\"\n",
+             [[vip]]\naddress = \"{VIP4}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"all\"\n{extra_vip}",
             socket.display(),
             bpffs.join("vip").display(),
             lab.adapter_tables_with("move_mac = false\n")
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(&config, lab_config("")).unwrap();
     let log = std::fs::File::create(dir.0.join("agent.log")).unwrap();
     // As systemd runs a Type=notify service: READY=1 must come once it answers.
     let notify_path = dir.0.join("notify.sock");
@@ -160,8 +163,40 @@ fn the_package_installs_runs_with_its_unit_s_capabilities_and_purges() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap_or_default();
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string());
     assert!(eff.is_some_and(|e| e != "000001ffffffffff" && e != "0000003fffffffff"), "the agent runs with full root: {status}");
-    // A cable pull still fails over: the client resolves the VIP to another adapter.
+    // `systemctl reload` (ExecReload: SIGHUP) with one more VIP in the file: applied live
+    // with the unit's capabilities, systemd told RELOADING=1 then READY=1, and the VIP
+    // that was there answers every request meanwhile.
     let c = &lab.clients[0];
+    let added = std::net::Ipv4Addr::new(192, 0, 2, 30);
+    assert!(arp_answers(c, added).is_empty());
+    let arp = ArpLoop::start_for(c, VIP4);
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(&config, lab_config(&format!("[[vip]]\naddress = \"{added}/24\"\nadapters = [\"vip0\", \"vip1\", \"vip2\"]\nmode = \"all\"\n"))).unwrap();
+    // SAFETY: SIGHUP to the agent this test started.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGHUP) };
+    let n = notify.recv(&mut buf).expect("no RELOADING=1 from the agent");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "RELOADING=1");
+    let n = notify.recv(&mut buf).expect("no READY=1 after the reload");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    std::thread::sleep(Duration::from_millis(200));
+    let (sent, unanswered) = arp.finish();
+    assert!(log_text().contains("reload: VIPs: 1 added, 0 removed, 0 changed, 1 unchanged"), "{}", log_text());
+    assert_eq!(arp_answers(c, added).len(), 3, "the VIP added by the reload is not answered on the three adapters");
+    assert!(sent > 100, "only {sent} requests sent");
+    assert_eq!(unanswered, 0, "{unanswered} of {sent} requests unanswered across the reload");
+    // The unit's ExecReload, as `systemctl reload` runs it: the added VIP goes again.
+    std::fs::write(&config, lab_config("")).unwrap();
+    let exec_reload = std::fs::read_to_string(&unit).unwrap();
+    let exec_reload = exec_reload.lines().find_map(|l| l.strip_prefix("ExecReload=")).expect("the unit has ExecReload");
+    let argv: Vec<&str> = exec_reload.split_whitespace().collect();
+    let out = run(Command::new(argv[0]).args(&argv[1..]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 removed"), "{out:?}");
+    for want in ["RELOADING=1", "READY=1"] {
+        let n = notify.recv(&mut buf).expect("no notification for the second reload");
+        assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), want);
+    }
+    assert!(arp_answers(c, added).is_empty(), "the VIP taken out by the reload is still answered");
+    // A cable pull still fails over: the client resolves the VIP to another adapter.
     let ip: IpAddr = VIP4.into();
     poke(c, ip);
     let m = wait_neigh(c, ip, "resolving", Duration::from_secs(2), |m| lab.adapters.iter().any(|a| a.mac == m));

@@ -83,3 +83,57 @@ fn twenty_thousand_vips_pull_within_a_second_of_ready() {
     assert_eq!(st.host_reads, 0, "the host was re-read after the agent's own changes");
     assert!(agent.stop().success());
 }
+
+/// A live reload at scale: 20,000 VIPs, and `vip-agent reload` with a file that adds
+/// 1,000 more to the IPv4 range. UDP echoes every millisecond to a sample of the VIPs
+/// that stay get every reply through the reload; the new ones are answered after it.
+#[test]
+fn twenty_thousand_vips_reload_a_thousand_more_without_a_lost_reply() {
+    if !root_or_skip("twenty_thousand_vips_reload_a_thousand_more_without_a_lost_reply") {
+        return;
+    }
+    let object = std::fs::read(vip_tests::object_path()).expect("object");
+    let sl = ScaleLab::new(VIPS, &object, true);
+    let _echo = EchoServer::start(&sl.lab.node, ECHO_PORT).expect("echo");
+    let (agent, _) = sl.start();
+    let vips = sample(VIPS, 4);
+    sl.used_adapters(&vips);
+    let probers: Vec<Prober> = vips
+        .iter()
+        .map(|v| Prober::start(&sl.lab.clients[0].ns, SocketAddr::new(*v, ECHO_PORT), Duration::from_millis(1)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (n4, _) = vip_tests::scale::split(VIPS);
+    let text = std::fs::read_to_string(&sl.files.config).unwrap();
+    std::fs::write(&sl.files.config, text.replacen(&format!("count = {n4}\n"), &format!("count = {}\n", n4 + 1000), 1)).unwrap();
+    let t0 = Instant::now();
+    let out = std::process::Command::new(vip_tests::agentproc::agent_bin())
+        .args(["reload", "--config"])
+        .arg(&sl.files.config)
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}\n{}", agent.log_text().lines().filter(|l| !l.contains("\"INFO\"")).collect::<Vec<_>>().join("\n"));
+    assert!(said.contains("VIPs: 1000 added, 0 removed, 0 changed, 20000 unchanged"), "{said}");
+    eprintln!("reload of {VIPS} + 1000 VIPs: {took:?} ({})", said.trim());
+    std::thread::sleep(Duration::from_millis(300));
+    let recs: Vec<_> = probers.into_iter().map(|p| p.stop()).collect();
+    for (v, r) in vips.iter().zip(&recs) {
+        let lost = r.iter().filter(|p| p.received.is_none()).count();
+        let (_, gap) = recovery(r, t0, t0 + took);
+        eprintln!("{v}: {} echoes, {lost} lost, longest silence during the reload {gap:?}", r.len());
+        assert!(r.len() > 500, "{v}: only {} echoes sent", r.len());
+        assert_eq!(lost, 0, "{v}: {lost} of {} echoes lost across the reload", r.len());
+    }
+    let st = agent.status();
+    assert_eq!((st.reloads, st.vips.len()), (1, VIPS + 1000));
+    assert_eq!(st.vips.iter().filter(|v| v.state == "active").count(), VIPS + 1000);
+    // One of the new VIPs answers.
+    let new = std::net::IpAddr::V4((u32::from(vip_tests::scale::V4_FIRST) + n4 as u32 + 999).into());
+    let p = Prober::start(&sl.lab.clients[0].ns, SocketAddr::new(new, ECHO_PORT), Duration::from_millis(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = p.stop();
+    assert!(r.iter().any(|p| p.received.is_some()), "{new} added by the reload does not answer");
+    assert!(agent.stop().success());
+}

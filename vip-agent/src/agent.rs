@@ -190,6 +190,25 @@ pub struct Agent {
     pub(crate) vipset: crate::runtime::VipSet,
     /// The cluster, when configured.
     pub(crate) cluster: Option<crate::cluster::ClusterRt>,
+    /// Live reloads this process made (each one a new agent adopting the data plane).
+    pub(crate) reloads: u64,
+}
+
+/// What a live reload carries from one agent to the next, which adopts the data plane:
+/// the history `status` shows and the counters the metrics promise never go back.
+pub struct History {
+    failovers: VecDeque<FailoverStatus>,
+    refusals: VecDeque<Refusal>,
+    refusals_total: u64,
+    hist_maps: Histogram,
+    hist_announce: Histogram,
+    started: f64,
+    clients_moved: u64,
+    corrections_sent: u64,
+    announced: [u64; 3],
+    /// Failover records match the announcer's reports by tag: tags go on from here.
+    next_tag: u64,
+    reloads: u64,
 }
 
 /// A decision made ahead: the assignment, its diff from the one in force, its refusals,
@@ -534,6 +553,7 @@ impl Agent {
             host_reads: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             vipset: Arc::default(),
             cluster: None,
+            reloads: 0,
         };
         if let Err(e) = agent.bring_up(&nh.links, reload) {
             // A restarted agent that fails leaves the previous agent's pins alone so
@@ -1512,6 +1532,53 @@ impl Agent {
     }
 
     /// A previous agent left everything in place and this one took it over.
+    /// Ends this agent for a live reload, leaving the data plane as it is (as a hand-over
+    /// does) and keeping its history for the next one.
+    pub fn into_history(mut self) -> History {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stopping = true;
+        let st = &self.ann.stats;
+        History {
+            failovers: std::mem::take(&mut self.failovers),
+            refusals: std::mem::take(&mut self.refusals),
+            refusals_total: self.refusals_total,
+            hist_maps: std::mem::take(&mut self.hist_maps),
+            hist_announce: std::mem::take(&mut self.hist_announce),
+            started: self.started,
+            clients_moved: self.clients_moved,
+            corrections_sent: self.corrections_sent,
+            announced: [st.sent.load(Relaxed), st.send_errors.load(Relaxed), st.dropped.load(Relaxed)],
+            next_tag: self.next_tag,
+            reloads: self.reloads,
+        }
+    }
+
+    /// Takes over the history of the agent this one replaced in a live reload.
+    pub fn resume(&mut self, h: History) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // This agent's own records (start-up refusals) come after the previous ones.
+        let mine = std::mem::replace(&mut self.refusals, h.refusals);
+        self.refusals_total += h.refusals_total;
+        for r in mine {
+            self.refusals.push_back(r);
+        }
+        while self.refusals.len() > MAX_REFUSALS_KEPT {
+            self.refusals.pop_front();
+        }
+        self.failovers = h.failovers;
+        self.hist_maps = h.hist_maps;
+        self.hist_announce = h.hist_announce;
+        self.started = h.started;
+        self.clients_moved += h.clients_moved;
+        self.corrections_sent += h.corrections_sent;
+        let st = &self.ann.stats;
+        st.sent.fetch_add(h.announced[0], Relaxed);
+        st.send_errors.fetch_add(h.announced[1], Relaxed);
+        st.dropped.fetch_add(h.announced[2], Relaxed);
+        self.next_tag = self.next_tag.max(h.next_tag);
+        self.reloads = h.reloads + 1;
+    }
+
     pub fn was_adopted(&self) -> bool {
         self.adopted || self.host.adopted()
     }

@@ -1297,6 +1297,97 @@ fn vip_address(s: &str) -> Result<Subnet, String> {
     Err(format!("{s:?} {why}"))
 }
 
+/// What a live reload cannot change, if `next` changes any of it: the paths and
+/// listeners the process holds, how programs are attached, and cluster membership.
+pub fn restart_only_changes(now: &Config, next: &Config) -> Option<String> {
+    let (a, b) = (&now.agent, &next.agent);
+    let mut keys = vec![];
+    if a.control_socket != b.control_socket {
+        keys.push("[agent] control_socket");
+    }
+    if a.pin_path != b.pin_path {
+        keys.push("[agent] pin_path");
+    }
+    if a.metrics_listen != b.metrics_listen {
+        keys.push("[agent] metrics_listen");
+    }
+    if a.xdp_mode != b.xdp_mode {
+        keys.push("[agent] xdp_mode");
+    }
+    if now.steering.egress != next.steering.egress {
+        keys.push("[steering] egress");
+    }
+    if now.cluster.is_some() || next.cluster.is_some() {
+        // The cluster runtime holds the node's lease and its groups: a member reloads by
+        // restarting (its groups move while it is away).
+        keys.push("[cluster] (a cluster member is not reloaded live)");
+    }
+    (!keys.is_empty()).then(|| format!("changed or present where a live reload cannot apply it: {}", keys.join(", ")))
+}
+
+/// A VIP as a reload compares it: its settings, the adapters by name.
+fn vip_settings(c: &Config, i: usize) -> (IpAddr, u16, String) {
+    let (t, addr) = c.all_vips[i];
+    let v = &c.vips[t as usize];
+    let adapters: Vec<&str> = v.adapters.iter().map(|&a| c.adapters[a].name.as_str()).collect();
+    let vserver = c.virtual_servers.iter().find(|s| s.vips.contains(&i)).map(|s| s.name.as_str());
+    let settings =
+        format!("/{} {:?} {adapters:?} failover={} rebalance={} vserver={vserver:?}", v.address.prefix, v.mode, v.failover, v.rebalance);
+    (addr, v.vlan.unwrap_or(0), settings)
+}
+
+/// What a reload from `now` to `next` changes, in one line for the log and `vip-agent
+/// reload`.
+pub fn reload_summary(now: &Config, next: &Config) -> String {
+    let vips = |c: &Config| -> HashMap<(IpAddr, u16), String> {
+        (0..c.all_vips.len()).map(|i| vip_settings(c, i)).map(|(a, v, s)| ((a, v), s)).collect()
+    };
+    let (old, new) = (vips(now), vips(next));
+    let added = new.keys().filter(|k| !old.contains_key(k)).count();
+    let removed = old.keys().filter(|k| !new.contains_key(k)).count();
+    let changed = new.iter().filter(|(k, s)| old.get(k).is_some_and(|o| o != *s)).count();
+    let kept = new.len() - added - changed;
+    let adapter = |c: &Config| -> HashMap<String, String> {
+        c.adapters.iter().map(|a| (a.name.clone(), format!("{:?} {} {} {:?}", a.max_vips, a.weight, a.move_mac, a.vlans))).collect()
+    };
+    let (ao, an) = (adapter(now), adapter(next));
+    let names = |m: &HashMap<String, String>, f: &dyn Fn(&String, &String) -> bool| {
+        let mut v: Vec<&str> = m.iter().filter(|(k, s)| f(k, s)).map(|(k, _)| k.as_str()).collect();
+        v.sort();
+        v.join(" ")
+    };
+    let a_added = names(&an, &|k, _| !ao.contains_key(k));
+    let a_removed = names(&ao, &|k, _| !an.contains_key(k));
+    let a_changed = names(&an, &|k, s| ao.get(k).is_some_and(|o| o != s));
+    let mut out = format!("VIPs: {added} added, {removed} removed, {changed} changed, {kept} unchanged");
+    for (what, list) in [("adapters added", a_added), ("adapters removed", a_removed), ("adapters changed", a_changed)] {
+        if !list.is_empty() {
+            out.push_str(&format!("; {what}: {list}"));
+        }
+    }
+    let vs = |c: &Config| -> Vec<String> { c.virtual_servers.iter().map(|v| format!("{} {}", v.name, v.interface)).collect() };
+    if vs(now) != vs(next) {
+        out.push_str("; virtual servers changed");
+    }
+    let mut tables = vec![];
+    if format!("{:?}", now.announce) != format!("{:?}", next.announce) {
+        tables.push("[announce]");
+    }
+    if format!("{:?}", now.probe) != format!("{:?}", next.probe) {
+        tables.push("[probe]");
+    }
+    if format!("{:?}", now.steering) != format!("{:?}", next.steering) {
+        tables.push("[steering]");
+    }
+    if (now.agent.hold_down_ms, now.agent.up_delay_ms) != (next.agent.hold_down_ms, next.agent.up_delay_ms) {
+        tables.push("[agent]");
+    }
+    if !tables.is_empty() {
+        out.push_str(&format!("; settings changed: {}", tables.join(" ")));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,6 +90,21 @@ fn probe_frame(mac: Mac, addr: &IpAddr, vlan: u16) -> Vec<u8> {
 
 /// Probes every target at once: `count` probes 20 ms apart from each of its adapters,
 /// then listens `wait` more on every adapter. Returns the VIPs someone else answers for.
+/// Sends one probe. A burst of thousands (a reload adding VIPs, a start) can fill the
+/// device's queue, which drops the frame and says ENOBUFS: wait for it to drain and send
+/// again, for up to a second, rather than fail the start or skip the probe.
+fn send_retrying(sock: &PacketSocket, frame: &[u8]) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match sock.send(frame) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS) | Some(libc::EAGAIN)) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn probe(
     targets: &[ProbeTarget],
     listen_on: &[u32],
@@ -124,7 +139,7 @@ pub fn probe(
         if sent < count && now >= start + gap * sent {
             for t in targets.iter().filter(|t| !found.contains_key(&t.vip)) {
                 for (i, mac) in &t.from {
-                    senders[i].send(&probe_frame(*mac, &t.addr, t.vlan))?;
+                    send_retrying(&senders[i], &probe_frame(*mac, &t.addr, t.vlan))?;
                 }
             }
             sent += 1;

@@ -11,11 +11,11 @@ use tokio::{
 
 use crate::{
     dataplane::Counters,
-    runtime::{Inbox, Msg},
+    runtime::{CurrentInbox, Inbox, Msg},
     status::{build, write_json, Snapshot, Status, PER_VIP_MAX},
 };
 
-async fn snapshot(inbox: &Inbox) -> Option<Snapshot> {
+async fn snapshot_of(inbox: &Inbox) -> Option<Snapshot> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if !inbox.send(Msg::Status(tx)) {
         return None;
@@ -23,11 +23,42 @@ async fn snapshot(inbox: &Inbox) -> Option<Snapshot> {
     rx.await.ok()
 }
 
-/// Serves `status` requests: one line in, one JSON document out.
-pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<Counters>, cluster: Option<vip_cluster::node::Handle>) {
+/// A snapshot from the agent in charge. A request that reached an agent as a live reload
+/// replaced it goes to the next one; None when the process is stopping.
+async fn snapshot(current: &CurrentInbox) -> Option<Snapshot> {
+    for _ in 0..50 {
+        if let Some(s) = snapshot_of(&current.get()).await {
+            return Some(s);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// How a live reload went, as `vip-agent reload` is told.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReloadReply {
+    pub ok: bool,
+    /// The config itself is wrong (the message names the file, line and key).
+    #[serde(default)]
+    pub invalid: bool,
+    pub message: String,
+}
+
+/// Asks the main thread for a live reload; the reply comes when it is done.
+pub type ReloadRequests = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadReply>>;
+
+/// Serves `status`, `cluster` and `reload` requests: one line in, one JSON document out.
+pub async fn serve_control(
+    listener: UnixListener,
+    current: CurrentInbox,
+    counters: Arc<Counters>,
+    cluster: Option<vip_cluster::node::Handle>,
+    reloads: ReloadRequests,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let (inbox, counters, cluster) = (inbox.clone(), counters.clone(), cluster.clone());
+        let (current, counters, cluster, reloads) = (current.clone(), counters.clone(), cluster.clone(), reloads.clone());
         tokio::spawn(async move {
             let mut stream = stream;
             let mut line = String::new();
@@ -41,7 +72,7 @@ pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<C
             }
             match line.trim() {
                 "status" => {
-                    let Some(snap) = snapshot(&inbox).await else {
+                    let Some(snap) = snapshot(&current).await else {
                         let _ = stream.write_all(b"{\"error\":\"the agent is stopping\"}").await;
                         return;
                     };
@@ -68,6 +99,16 @@ pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<C
                     let _ = stream.write_all(&body).await;
                     let _ = stream.shutdown().await;
                 }
+                "reload" => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let reply = match reloads.send(tx).await {
+                        Ok(()) => rx.await.ok(),
+                        Err(_) => None,
+                    };
+                    let reply = reply.unwrap_or(ReloadReply { ok: false, invalid: false, message: "the agent is stopping".into() });
+                    let _ = stream.write_all(&serde_json::to_vec(&reply).unwrap_or_default()).await;
+                    let _ = stream.shutdown().await;
+                }
                 other => {
                     let _ = stream.write_all(format!("{{\"error\":\"unknown command {other:?}\"}}").as_bytes()).await;
                     let _ = stream.shutdown().await;
@@ -78,10 +119,10 @@ pub async fn serve_control(listener: UnixListener, inbox: Inbox, counters: Arc<C
 }
 
 /// Serves the metrics in Prometheus text format on any path.
-pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Counters>, cluster: Option<vip_cluster::node::Handle>) {
+pub async fn serve_metrics(listener: TcpListener, current: CurrentInbox, counters: Arc<Counters>, cluster: Option<vip_cluster::node::Handle>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let (inbox, counters, cluster) = (inbox.clone(), counters.clone(), cluster.clone());
+        let (current, counters, cluster) = (current.clone(), counters.clone(), cluster.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             // The request itself does not matter; read until the end of its headers.
@@ -92,7 +133,7 @@ pub async fn serve_metrics(listener: TcpListener, inbox: Inbox, counters: Arc<Co
                     Ok(n) => seen.extend_from_slice(&buf[..n]),
                 }
             }
-            let Some(snap) = snapshot(&inbox).await else { return };
+            let Some(snap) = snapshot(&current).await else { return };
             let per_vip = snap.vips.len() <= PER_VIP_MAX;
             let Ok(body) = tokio::task::spawn_blocking(move || {
                 let mut body = build(snap, &counters, per_vip).prometheus();
@@ -148,3 +189,19 @@ pub async fn query_status(socket: &Path) -> anyhow::Result<Status> {
     Ok(serde_json::from_slice(&out)?)
 }
 
+
+/// The client side of `vip-agent reload`.
+pub async fn request_reload(socket: &Path) -> anyhow::Result<ReloadReply> {
+    let mut s = UnixStream::connect(socket)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e} (is the agent running?)", socket.display()))?;
+    s.write_all(b"reload\n").await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    if let Ok(serde_json::Value::Object(e)) = serde_json::from_slice::<serde_json::Value>(&out) {
+        if let Some(msg) = e.get("error").and_then(|m| m.as_str()) {
+            anyhow::bail!("the agent says: {msg}");
+        }
+    }
+    Ok(serde_json::from_slice(&out)?)
+}

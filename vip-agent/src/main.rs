@@ -9,6 +9,7 @@ use vip_agent::{
     announce::Announcer,
     config::Config,
     control,
+    dataplane::Counters,
     netlink::{HostEvents, LinkEvents, Rtnl},
     runtime::{self, Exit, Msg},
     ConfigInvalid,
@@ -28,7 +29,7 @@ struct Cli {
 enum Cmd {
     /// Run the agent until SIGINT or SIGTERM, then take back everything it changed. On
     /// SIGUSR1 it exits leaving the data plane answering for the next agent to adopt. On
-    /// SIGHUP it checks the config file and logs the result (it keeps running).
+    /// SIGHUP it reloads the config live, as `vip-agent reload` does, and logs the result.
     Run {
         /// The TOML config (see docs/configuration.md).
         #[arg(long, short)]
@@ -74,6 +75,19 @@ enum Cmd {
         /// Run in this network namespace (a name under /run/netns).
         #[arg(long)]
         netns: Option<String>,
+    },
+    /// Apply the edited config file to the running agent, live: VIPs and adapters added,
+    /// removed or changed while every VIP in both versions keeps being answered. A file
+    /// with an error changes nothing (exit code 2, naming the file, line and key); so does
+    /// a change only a restart can apply (control_socket, pin_path, metrics_listen,
+    /// xdp_mode, [steering] egress, a [cluster] table) (exit code 1).
+    Reload {
+        /// The agent's config (its control_socket is used; the agent re-reads its own).
+        #[arg(long, short, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket [default: /run/vip-agent.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
@@ -323,6 +337,28 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Reload { config, socket } => {
+            let socket = match control_socket(config, socket) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            match rt.block_on(control::request_reload(&socket)) {
+                Ok(r) if r.ok => {
+                    println!("reloaded: {}", r.message);
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    eprintln!("{}", r.message);
+                    eprintln!("vip-agent: reload refused; the agent runs as before");
+                    ExitCode::from(if r.invalid { 2 } else { 1 })
+                }
+                Err(e) => {
+                    eprintln!("vip-agent: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Cluster { cmd: ClusterCmd::Apply { file, config, dry_run } } => cluster_apply(&file, &config, dry_run),
         Cmd::Cluster { cmd: ClusterCmd::Rebalance { config } } => cluster_rebalance(&config),
         Cmd::Cluster { cmd: ClusterCmd::Status { config, socket, json } } => {
@@ -456,7 +492,6 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
     if let Some(ns) = &netns {
         enter_netns(ns)?;
     }
-    let cfg_path = cfg.path.clone();
     let object = match &object {
         Some(p) => std::fs::read(p).with_context(|| format!("reading the XDP object {}", p.display()))?,
         None if EMBEDDED_OBJECT.is_empty() => anyhow::bail!("this vip-agent was built without its XDP object (build it with `cargo xtask`): pass --bpf-object"),
@@ -474,42 +509,15 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
-    // SIGHUP used to end the agent without taking anything back. Until a reload applies
-    // a changed config live, it checks the file and says what a restart would change.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let config_path = cfg_path.clone();
     let _ = std::fs::remove_file(&socket_path);
     let listener = tokio::net::UnixListener::bind(&socket_path).with_context(|| format!("control socket {}", socket_path.display()))?;
     let metrics_listener = match metrics {
         Some(addr) => Some(rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("metrics_listen {addr}"))?),
         None => None,
     };
-    let links = LinkEvents::open()?;
-    let host_events = HostEvents::open()?;
-    let (inbox, inbox_rx) = runtime::inbox()?;
     let pin_path = cfg.agent.pin_path.clone();
-    let steering = cfg.steering.clone();
-    let (specs, pvips) = vip_agent::agent::vip_specs(&cfg);
-    let (specs, pvips) = (Arc::new(specs), Arc::new(pvips));
-    let a = &cfg.announce;
-    let sent_to = inbox.clone();
-    let (ann, announcer) = Announcer::new(
-        a.count,
-        Duration::from_millis(a.interval_ms),
-        a.max_per_second,
-        specs.clone(),
-        Box::new(move |tag, ifindex, at| {
-            sent_to.send(Msg::Sent { tag, ifindex, at });
-        }),
-    );
-    runtime::supervised("announcer", inbox.clone(), announcer)?;
-    let mut agent = match Agent::start(cfg, &object, reload, links, ann, (specs, pvips)) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = std::fs::remove_file(&socket_path);
-            return Err(e);
-        }
-    };
+    let (mut agent, launched) = launch(cfg.clone(), &object, reload)?;
     let counters = match vip_agent::dataplane::Counters::open(&pin_path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -524,100 +532,58 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
     let cfg_release_ms: u64 =
         agent.cfg().cluster.as_ref().map_or(0, |c| c.hooks.iter().filter(|h| h.release.is_some()).map(|h| h.timeout_ms).sum());
     let cluster = match agent.cfg().cluster.clone() {
-        Some(cc) => {
-            let started = vip_agent::dataplane::Fence::open(&pin_path).map_err(anyhow::Error::from).and_then(|fence| {
-                fence.set(0);
-                let glue = vip_agent::cluster::Glue { fence, inbox: inbox.clone() };
-                let ms = Duration::from_millis;
-                let ccfg = vip_cluster::node::Config {
-                    cluster: cc.name.clone(),
-                    node: cc.node.clone(),
-                    role: cc.role,
-                    endpoints: cluster_endpoints(&cc),
-                    heartbeat: ms(cc.heartbeat_ms),
-                    suspect: ms(cc.suspect_ms),
-                    fence: ms(cc.fence_ms),
-                    lease_ttl_s: cc.lease_ttl_s as i64,
-                    port: cc.port,
-                    group: cc.group.clone(),
-                    partner: cc.partner.clone(),
-                    hooks: cc
-                        .hooks
-                        .iter()
-                        .map(|h| {
-                            let hooks = vip_cluster::hooks::Hooks {
-                                acquire: h.acquire.clone(),
-                                release: h.release.clone(),
-                                check: h.check.clone(),
-                                timeout: ms(h.timeout_ms),
-                                check_every: ms(h.check_interval_ms),
-                            };
-                            (h.server.clone(), hooks)
-                        })
-                        .collect(),
-                };
-                Ok(vip_cluster::node::start(ccfg, glue)?)
-            });
-            match started {
-                Ok(h) => {
-                    agent.attach_cluster(h.clone());
-                    tracing::info!(cluster = %cc.name, node = %cc.node, "cluster runtime started");
-                    Some(h)
-                }
-                Err(e) => {
-                    if !agent.was_adopted() {
-                        agent.shutdown();
-                    }
-                    return Err(e.context("starting the cluster runtime"));
-                }
+        Some(cc) => match start_cluster(&cc, &pin_path, &launched.inbox) {
+            Ok(h) => {
+                agent.attach_cluster(h.clone());
+                tracing::info!(cluster = %cc.name, node = %cc.node, "cluster runtime started");
+                Some(h)
             }
-        }
+            Err(e) => {
+                if !agent.was_adopted() {
+                    agent.shutdown();
+                }
+                return Err(e.context("starting the cluster runtime"));
+            }
+        },
         None => None,
     };
-    let ring = agent.take_events();
-    {
-        let names: Vec<String> = agent.cfg().adapters.iter().map(|a| a.name.clone()).collect();
-        let (padapters, vipset) = agent.placement_inputs();
-        let subnets = padapters.iter().map(|a| a.subnets.clone()).collect();
-        let inbox2 = inbox.clone();
-        let reads = agent.host_reads.clone();
-        let watch = runtime::HostWatch { events: host_events, reads, inbox: inbox2, names, last: subnets, adapters: padapters, vipset };
-        runtime::supervised("host-watcher", inbox.clone(), move || runtime::host_watcher(watch))?;
-        let (counters, inbox2) = (counters.clone(), inbox.clone());
-        let slots = agent.cfg().adapters.len();
-        let every = Duration::from_millis(steering.load_interval_ms);
-        let timeout_ns = steering.client_timeout_s * 1_000_000_000;
-        runtime::supervised("housekeeping", inbox.clone(), move || {
-            runtime::housekeeping(counters, inbox2, slots, every, timeout_ns)
-        })?;
-    }
-    let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("event-loop".into()).spawn(move || {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime::event_loop(agent, inbox_rx, ring)));
-        let _ = exit_tx.send(r.unwrap_or_else(|_| Exit::Fatal("the event loop panicked".into())));
-    })?;
+    let current = runtime::CurrentInbox::new(launched.inbox.clone());
+    let mut gen = spawn_generation(agent, launched, &counters)?;
+    let mut cfg = cfg;
     // systemd (Type=notify): ready now, the maps written and the first announcements
     // queued by Agent::start, every thread running. Outside systemd this does nothing.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "telling systemd we are ready");
     }
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<control::ReloadReply>>(4);
 
     let exit = rt.block_on(async {
-        tokio::spawn(control::serve_control(listener, inbox.clone(), counters.clone(), cluster.clone()));
+        tokio::spawn(control::serve_control(listener, current.clone(), counters.clone(), cluster.clone(), reload_tx));
         if let (Some(l), Some(addr)) = (metrics_listener, metrics) {
             tracing::info!(%addr, "metrics listening");
-            tokio::spawn(control::serve_metrics(l, inbox.clone(), counters.clone(), cluster.clone()));
+            tokio::spawn(control::serve_metrics(l, current.clone(), counters.clone(), cluster.clone()));
         }
         let hand_over = loop {
-            tokio::select! {
+            let asked = tokio::select! {
                 _ = int.recv() => break false,
                 _ = term.recv() => break false,
                 _ = usr1.recv() => break true,
-                _ = hup.recv() => match Config::load(&config_path) {
-                    Ok(_) => tracing::warn!(config = %config_path.display(), "SIGHUP: the config is valid; it is applied at the next start (live reload is not implemented yet)"),
-                    Err(e) => tracing::error!(config = %config_path.display(), "SIGHUP: the config is not valid; nothing changes:\n{e}"),
-                },
-                exit = &mut exit_rx => return exit.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into())),
+                _ = hup.recv() => None,
+                Some(r) = reload_rx.recv() => Some(r),
+                exit = &mut gen.exit_rx => return exit.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into())),
+            };
+            let reply = match reload_live(&mut gen, &mut cfg, &object, &counters, &current).await {
+                Ok(reply) => reply,
+                // The agent could not go on (see `reload`): the data plane answers as pinned.
+                Err(exit) => return exit,
+            };
+            if reply.ok {
+                tracing::info!("reload: {}", reply.message);
+            } else {
+                tracing::error!("reload refused: {}", reply.message);
+            }
+            if let Some(tx) = asked {
+                let _ = tx.send(reply);
             }
         };
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -628,17 +594,217 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
             let release_ms = cfg_release_ms;
             let _ = tokio::task::spawn_blocking(move || h.leave(Duration::from_millis(1000 + release_ms))).await;
         }
-        inbox.send(Msg::Stop { hand_over });
-        exit_rx.await.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into()))
+        gen.inbox.send(Msg::Stop { hand_over });
+        (&mut gen.exit_rx).await.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into()))
     });
+    gen.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = std::fs::remove_file(&socket_path);
     let mut lock = socket_path.into_os_string();
     lock.push(".lock");
     let _ = std::fs::remove_file(lock);
     match exit {
-        Exit::Stopped | Exit::HandedOver => Ok(()),
+        Exit::Stopped | Exit::HandedOver | Exit::Yielded(_) => Ok(()),
         Exit::Fatal(what) => {
             anyhow::bail!("{what}: exiting; the data plane keeps answering as pinned and the next start adopts it")
         }
     }
+}
+
+/// An agent started and what its threads need (see [`spawn_generation`]).
+struct Launched {
+    inbox: runtime::Inbox,
+    inbox_rx: runtime::InboxRx,
+    host_events: HostEvents,
+    steering: vip_agent::config::SteeringConfig,
+}
+
+/// One agent and its threads; a live reload replaces it.
+struct Generation {
+    inbox: runtime::Inbox,
+    exit_rx: tokio::sync::oneshot::Receiver<Exit>,
+    /// Tells its helper threads (host watcher, housekeeping) to end.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Starts an agent (loading or adopting the data plane) with its announcer, and the
+/// subscriptions its threads need, opened before the host is read.
+fn launch(cfg: Config, object: &[u8], reload: bool) -> anyhow::Result<(Agent, Launched)> {
+    let links = LinkEvents::open()?;
+    let host_events = HostEvents::open()?;
+    let (inbox, inbox_rx) = runtime::inbox()?;
+    let steering = cfg.steering.clone();
+    let (specs, pvips) = vip_agent::agent::vip_specs(&cfg);
+    let (specs, pvips) = (Arc::new(specs), Arc::new(pvips));
+    let a = &cfg.announce;
+    let sent_to = inbox.clone();
+    let (ann, announcer) = Announcer::new(
+        a.count,
+        Duration::from_millis(a.interval_ms),
+        a.max_per_second,
+        specs.clone(),
+        Box::new(move |tag, ifindex, at| {
+            sent_to.send(Msg::Sent { tag, ifindex, at });
+        }),
+    );
+    // The announcer ends with the agent (its channel closes) and says so to this
+    // agent's inbox only.
+    runtime::supervised("announcer", inbox.clone(), announcer)?;
+    let agent = Agent::start(cfg, object, reload, links, ann, (specs, pvips))?;
+    Ok((agent, Launched { inbox, inbox_rx, host_events, steering }))
+}
+
+/// The agent's threads: host watcher, housekeeping, and the event loop that owns it.
+fn spawn_generation(mut agent: Agent, l: Launched, counters: &Arc<Counters>) -> anyhow::Result<Generation> {
+    let Launched { inbox, inbox_rx, host_events, steering } = l;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ring = agent.take_events();
+    let names: Vec<String> = agent.cfg().adapters.iter().map(|a| a.name.clone()).collect();
+    let (padapters, vipset) = agent.placement_inputs();
+    let subnets = padapters.iter().map(|a| a.subnets.clone()).collect();
+    let reads = agent.host_reads.clone();
+    let watch = runtime::HostWatch {
+        events: host_events,
+        reads,
+        inbox: inbox.clone(),
+        names,
+        last: subnets,
+        adapters: padapters,
+        vipset,
+        stop: stop.clone(),
+    };
+    runtime::supervised("host-watcher", inbox.clone(), move || runtime::host_watcher(watch))?;
+    let (counters, inbox2, stop2) = (counters.clone(), inbox.clone(), stop.clone());
+    let slots = agent.cfg().adapters.len();
+    let every = Duration::from_millis(steering.load_interval_ms);
+    let timeout_ns = steering.client_timeout_s * 1_000_000_000;
+    runtime::supervised("housekeeping", inbox.clone(), move || {
+        runtime::housekeeping(counters, inbox2, slots, every, timeout_ns, stop2)
+    })?;
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("event-loop".into()).spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime::event_loop(agent, inbox_rx, ring)));
+        let _ = exit_tx.send(r.unwrap_or_else(|_| Exit::Fatal("the event loop panicked".into())));
+    })?;
+    Ok(Generation { inbox, exit_rx, stop })
+}
+
+fn start_cluster(cc: &vip_agent::config::ClusterConfig, pin_path: &std::path::Path, inbox: &runtime::Inbox) -> anyhow::Result<vip_cluster::node::Handle> {
+    let fence = vip_agent::dataplane::Fence::open(pin_path)?;
+    fence.set(0);
+    let glue = vip_agent::cluster::Glue { fence, inbox: inbox.clone() };
+    let ms = Duration::from_millis;
+    let ccfg = vip_cluster::node::Config {
+        cluster: cc.name.clone(),
+        node: cc.node.clone(),
+        role: cc.role,
+        endpoints: cluster_endpoints(cc),
+        heartbeat: ms(cc.heartbeat_ms),
+        suspect: ms(cc.suspect_ms),
+        fence: ms(cc.fence_ms),
+        lease_ttl_s: cc.lease_ttl_s as i64,
+        port: cc.port,
+        group: cc.group.clone(),
+        partner: cc.partner.clone(),
+        hooks: cc
+            .hooks
+            .iter()
+            .map(|h| {
+                let hooks = vip_cluster::hooks::Hooks {
+                    acquire: h.acquire.clone(),
+                    release: h.release.clone(),
+                    check: h.check.clone(),
+                    timeout: ms(h.timeout_ms),
+                    check_every: ms(h.check_interval_ms),
+                };
+                (h.server.clone(), hooks)
+            })
+            .collect(),
+    };
+    Ok(vip_cluster::node::start(ccfg, glue)?)
+}
+
+/// A live reload (SIGHUP or `vip-agent reload`). The file is read and checked, against
+/// the running config (settings only a restart can change) and against the host; a bad
+/// one changes nothing and says why. A good one replaces the agent: the running one ends
+/// leaving the data plane as it is (as a hand-over does), and a new one adopts it with
+/// the new config, which writes only the difference: VIPs and adapters no longer
+/// configured are taken out, new ones are probed and put in, and every VIP in both keeps
+/// its map entry throughout (re-pointed in one write when its policy changes), so it
+/// never misses an answer. `Err` only when no agent could be started again.
+async fn reload_live(
+    gen: &mut Generation,
+    cfg: &mut Config,
+    object: &[u8],
+    counters: &Arc<Counters>,
+    current: &runtime::CurrentInbox,
+) -> Result<control::ReloadReply, Exit> {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+    let reply = match checked_reload(cfg) {
+        Err(reply) => reply,
+        Ok(next) => {
+            let summary = vip_agent::config::reload_summary(cfg, &next);
+            match replace(gen, cfg, next, object, counters, current).await? {
+                Ok(()) => control::ReloadReply { ok: true, invalid: false, message: summary },
+                Err(e) => control::ReloadReply { ok: false, invalid: false, message: e },
+            }
+        }
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    Ok(reply)
+}
+
+/// The new config, if it can be applied live.
+fn checked_reload(cfg: &Config) -> Result<Config, control::ReloadReply> {
+    let invalid = |message: String| control::ReloadReply { ok: false, invalid: true, message: format!("nothing changed:\n{message}") };
+    let next = Config::load(&cfg.path).map_err(|e| invalid(e.to_string()))?;
+    if let Some(what) = vip_agent::config::restart_only_changes(cfg, &next) {
+        return Err(control::ReloadReply {
+            ok: false,
+            invalid: false,
+            message: format!("{}: {what}; restart the agent to apply it (nothing changed)", cfg.path.display()),
+        });
+    }
+    let host = NetlinkHost::read(&mut Rtnl::open().map_err(|e| invalid(format!("reading the host: {e}")))?)
+        .map_err(|e| control::ReloadReply { ok: false, invalid: false, message: format!("reading the host: {e:#}") })?;
+    next.validate_host(&host).map_err(|e| invalid(e.to_string()))?;
+    Ok(next)
+}
+
+/// Ends the running agent and starts one with `next`. When the new one cannot start, the
+/// previous config is started again (`Ok(Err(why))`); when neither can, `Err`.
+async fn replace(
+    gen: &mut Generation,
+    cfg: &mut Config,
+    next: Config,
+    object: &[u8],
+    counters: &Arc<Counters>,
+    current: &runtime::CurrentInbox,
+) -> Result<Result<(), String>, Exit> {
+    gen.inbox.send(Msg::Yield);
+    let history = match (&mut gen.exit_rx).await {
+        Ok(Exit::Yielded(h)) => h,
+        Ok(other) => return Err(other),
+        Err(_) => return Err(Exit::Fatal("the event loop ended".into())),
+    };
+    gen.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    let (agent, launched, outcome) = match launch(next.clone(), object, false) {
+        Ok((a, l)) => {
+            *cfg = next;
+            (a, l, Ok(()))
+        }
+        Err(e) => {
+            tracing::error!("reload: the new config could not be applied ({e:#}); going back to the previous one");
+            match launch(cfg.clone(), object, false) {
+                Ok((a, l)) => (a, l, Err(format!("the new config could not be applied ({e:#}); the previous config is in force again"))),
+                Err(e2) => return Err(Exit::Fatal(format!("reload failed ({e:#}) and the previous config could not be restarted ({e2:#})"))),
+            }
+        }
+    };
+    let mut agent = agent;
+    agent.resume(*history);
+    current.set(launched.inbox.clone());
+    *gen = spawn_generation(agent, launched, counters).map_err(|e| Exit::Fatal(format!("reload: {e:#}")))?;
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "reload: the new agent runs");
+    Ok(outcome)
 }

@@ -483,6 +483,22 @@ impl HostEvents {
             sock.add_membership(g)?;
         }
         let _ = sock.set_rx_buf_sz(1 << 20);
+        // Waits end after a second without news, so the watcher can see it is no
+        // longer needed (a live reload starts another).
+        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        // SAFETY: a valid socket and a timeval of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
         Ok(HostEvents { sock, buf: vec![0u8; 1 << 16] })
     }
 
@@ -500,11 +516,12 @@ impl HostEvents {
 
     /// Waits for a notification, then drains whatever else is queued (a burst of changes
     /// is one wake-up). Returns how many datagrams were read; a lost burst (ENOBUFS) also
-    /// counts as a change.
+    /// counts as a change. 0 when nothing came within a second.
     pub fn wait_and_drain(&mut self) -> Result<usize> {
         let mut n = match self.sock.recv(&mut &mut self.buf[..], 0) {
             Ok(_) => 1,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => return Ok(0),
             Err(e) => return Err(e.into()),
         };
         loop {

@@ -46,6 +46,9 @@ pub enum Msg {
     Sent { tag: u64, ifindex: u32, at: Instant },
     /// Stop: restore the host, or (`hand_over`) leave everything for a successor.
     Stop { hand_over: bool },
+    /// A live reload: end, leaving everything as it is, and hand back the history for
+    /// the agent that adopts the data plane with the new config.
+    Yield,
     /// A helper thread died.
     Fatal(String),
     /// The cluster runtime: hold exactly these groups of the cluster's VIPs (by first
@@ -62,6 +65,31 @@ pub type VipSet = Arc<std::sync::Mutex<(u64, Arc<Vec<vip_placement::Vip>>, Arc<V
 pub struct Inbox {
     tx: mpsc::Sender<Msg>,
     efd: Arc<OwnedFd>,
+}
+
+/// The inbox of the agent in charge, for the control socket and the metrics listener: a
+/// live reload replaces the agent, and its inbox with it.
+#[derive(Clone)]
+pub struct CurrentInbox(Arc<std::sync::RwLock<Inbox>>);
+
+impl CurrentInbox {
+    pub fn new(i: Inbox) -> CurrentInbox {
+        CurrentInbox(Arc::new(std::sync::RwLock::new(i)))
+    }
+
+    pub fn get(&self) -> Inbox {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set(&self, i: Inbox) {
+        match self.0.write() {
+            Ok(mut g) => *g = i,
+            Err(p) => *p.into_inner() = i,
+        }
+    }
 }
 
 pub struct InboxRx {
@@ -103,6 +131,8 @@ fn realtime_priority() {
 pub enum Exit {
     Stopped,
     HandedOver,
+    /// Ended for a live reload (see [`Msg::Yield`]).
+    Yielded(Box<crate::agent::History>),
     Fatal(String),
 }
 
@@ -166,6 +196,7 @@ pub fn event_loop(mut agent: Agent, inbox: InboxRx, mut ring: Option<aya::maps::
                         Exit::Stopped
                     };
                 }
+                Msg::Yield => return Exit::Yielded(Box::new(agent.into_history())),
                 Msg::Fatal(what) => return Exit::Fatal(what),
             }
         }
@@ -235,11 +266,13 @@ pub struct HostWatch {
     /// What classification needs.
     pub adapters: Vec<vip_placement::Adapter>,
     pub vipset: VipSet,
+    /// Set when the agent it serves was replaced (a live reload).
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The host watcher (see the module doc).
 pub fn host_watcher(w: HostWatch) {
-    let HostWatch { mut events, reads, inbox, names, mut last, mut adapters, vipset } = w;
+    let HostWatch { mut events, reads, inbox, names, mut last, mut adapters, vipset, stop } = w;
     let mut rtnl = match Rtnl::open() {
         Ok(r) => r,
         Err(e) => {
@@ -248,7 +281,12 @@ pub fn host_watcher(w: HostWatch) {
         }
     };
     loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         match events.wait_and_drain() {
+            // Nothing within the socket's timeout: look at `stop` again.
+            Ok(0) => continue,
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, "host watcher");
@@ -294,9 +332,19 @@ pub fn host_watcher(w: HostWatch) {
 }
 
 /// Housekeeping (see the module doc), every `every`.
-pub fn housekeeping(counters: Arc<Counters>, inbox: Inbox, slots: usize, every: Duration, timeout_ns: u64) {
+pub fn housekeeping(
+    counters: Arc<Counters>,
+    inbox: Inbox,
+    slots: usize,
+    every: Duration,
+    timeout_ns: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
     loop {
         std::thread::sleep(every);
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let traffic = counters.traffic_all(slots);
         let now = crate::agent::monotonic_ns();
         let mut flows = counters.flows();

@@ -239,6 +239,9 @@ pub struct Status {
     /// VIP routes never cause one).
     #[serde(default)]
     pub host_reads: u64,
+    /// Live reloads applied since the process started.
+    #[serde(default)]
+    pub reloads: u64,
 }
 
 /// Clients listed in a status (the total is always given).
@@ -294,6 +297,8 @@ impl Status {
         let _ = writeln!(o, "vip_failovers_total {}", self.maps_written.count);
         let _ = writeln!(o, "# HELP vip_refusals_total VIP placements refused.\n# TYPE vip_refusals_total counter");
         let _ = writeln!(o, "vip_refusals_total {}", self.refusals_total);
+        let _ = writeln!(o, "# HELP vip_reloads_total Live reloads of the config applied.\n# TYPE vip_reloads_total counter");
+        let _ = writeln!(o, "vip_reloads_total {}", self.reloads);
         let _ = writeln!(o, "# HELP vip_send_errors_total Announcements and corrections the kernel refused to send.\n# TYPE vip_send_errors_total counter");
         let _ = writeln!(o, "vip_send_errors_total {}", self.send_errors);
         let _ = writeln!(o, "# HELP vip_announcements_sent_total Gratuitous ARPs and unsolicited NAs sent.\n# TYPE vip_announcements_sent_total counter");
@@ -352,6 +357,9 @@ impl Status {
         use std::fmt::Write;
         let mut o = String::new();
         let _ = writeln!(o, "config {}  pins {}{}", self.config, self.pin_path, if self.adopted { "  (adopted)" } else { "" });
+        if self.reloads > 0 {
+            let _ = writeln!(o, "reloaded {} times", self.reloads);
+        }
         let _ = writeln!(o, "\nADAPTER          STATE      SINCE  MAC                VIPS   WEIGHT  LOAD B/s  HEIR");
         let now = unix_now();
         for a in &self.adapters {
@@ -464,6 +472,7 @@ pub struct Snapshot {
     /// (name, interface, VIP indexes).
     pub vservers: Vec<(String, String, Vec<usize>)>,
     pub host_reads: u64,
+    pub reloads: u64,
 }
 
 impl Agent {
@@ -527,6 +536,7 @@ impl Agent {
             corrections_sent: self.corrections_sent,
             vservers: self.vservers.iter().map(|v| (v.name.clone(), v.interface.clone(), v.vips.clone())).collect(),
             host_reads: self.host_reads.load(std::sync::atomic::Ordering::Relaxed),
+            reloads: self.reloads,
         }
     }
 }
@@ -677,6 +687,7 @@ impl<'a> View<'a> {
                 })
                 .collect(),
             host_reads: s.host_reads,
+            reloads: s.reloads,
         }
     }
 }
