@@ -314,17 +314,18 @@ impl TableEnv {
             }
         });
         let ifindex = [ns.ifindex("t0"), ns.ifindex("t1"), ns.ifindex("t2"), ns.ifindex("t3")];
-        let adapters = [(Arrival::Up, ADAPTER_UP), (Arrival::Down, ADAPTER_DOWN), (Arrival::NotAllowed, ADAPTER_UP)];
-        for (i, (a, state)) in adapters.into_iter().enumerate() {
-            dp.set_adapter(ifindex[i], AdapterInfo { mac: arrival_mac(a), slot: i as u8, state, heir: 0, flags: 0 }).expect("adapter");
-        }
-        // Every hosted VIP shares policy 0: slots 0 (Up) and 1 (Down) may answer; slot 2
-        // (NotAllowed) may not.
-        dp.set_policy(0, 0b011).expect("policy");
-        for (id, key) in hosted().into_iter().enumerate() {
-            dp.set_vip(key, VipInfo { policy: 0, id: id as u32, flags: 0, _pad: 0 }).expect("vip");
-        }
+        fill_table(&mut dp, &ifindex);
         TableEnv { ns, dp, ifindex }
+    }
+
+    /// Another data plane with the same maps' contents, loaded with the programs' log
+    /// records at `level` (aya-log's: 4 debug), for the benchmark's logging variant. Call
+    /// inside [`TableEnv::within`].
+    pub fn logging_dataplane(&self, level: u8) -> Dataplane {
+        let bytes = std::fs::read(crate::object_path()).expect("object");
+        let mut dp = Dataplane::load_with_log(&bytes, level).unwrap_or_else(|e| panic!("loading with logs: {e:?}"));
+        fill_table(&mut dp, &self.ifindex);
+        dp
     }
 
     pub fn ifindex(&self, a: Arrival) -> u32 {
@@ -350,6 +351,20 @@ impl TableEnv {
             .unwrap_or_else(|e| panic!("test run of {} bytes: {e:?}", frame.len()));
         out.truncate(r.data_size_out as usize);
         Run { action: r.return_value, output: out }
+    }
+}
+
+/// The table's adapters and VIPs.
+fn fill_table(dp: &mut Dataplane, ifindex: &[u32; 4]) {
+    let adapters = [(Arrival::Up, ADAPTER_UP), (Arrival::Down, ADAPTER_DOWN), (Arrival::NotAllowed, ADAPTER_UP)];
+    for (i, (a, state)) in adapters.into_iter().enumerate() {
+        dp.set_adapter(ifindex[i], AdapterInfo { mac: arrival_mac(a), slot: i as u8, state, heir: 0, flags: 0 }).expect("adapter");
+    }
+    // Every hosted VIP shares policy 0: slots 0 (Up) and 1 (Down) may answer; slot 2
+    // (NotAllowed) may not.
+    dp.set_policy(0, 0b011).expect("policy");
+    for (id, key) in hosted().into_iter().enumerate() {
+        dp.set_vip(key, VipInfo { policy: 0, id: id as u32, flags: 0, _pad: 0 }).expect("vip");
     }
 }
 

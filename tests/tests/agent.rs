@@ -566,6 +566,42 @@ fn reload_applies_a_changed_config_without_a_lost_answer() {
     assert_eq!(host_snapshot(&lab, "/sys/fs/bpf"), before, "host not restored");
 }
 
+/// `[agent] ebpf_log = "debug"`: the data plane's own records (aya-log) reach the agent's
+/// log, the answered ARP request named with its addresses and MACs. A reload to `off`
+/// replaces the programs (their level is fixed when loaded) and the records stop.
+#[test]
+fn the_data_plane_logs_reach_the_agent_log_when_asked() {
+    if !root_or_skip("the_data_plane_logs_reach_the_agent_log_when_asked") {
+        return;
+    }
+    let (lab, _peers) = lab(1);
+    let files = AgentFiles::new("ebpflog");
+    files.write("ebpf_log = \"debug\"", &lab_body(&lab));
+    let agent = AgentProc::start(&lab.node, &files, &[]);
+    let c = &lab.clients[0];
+    let answered = |log: &str| log.lines().filter(|l| l.contains("vip_ebpf") && l.contains(&format!("ARP {VIP4} is at")) && l.contains(&format!("told {} ({})", c.ip4, mac_str(&c.mac)))).count();
+    assert_eq!(arp_answers(c, VIP4).len(), 3);
+    let deadline = Instant::now() + 3 * SECOND;
+    while answered(&agent.log_text()) == 0 {
+        assert!(Instant::now() < deadline, "no data plane record in the log:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let line = agent.log_text().lines().find(|l| answered(l) == 1).unwrap().to_string();
+    assert!(lab.adapters.iter().any(|a| line.contains(&format!("is at {}", mac_str(&a.mac)))), "{line}");
+    let ids = xdp_prog_ids(&lab);
+    files.write("", &lab_body(&lab));
+    let (code, out) = reload_cmd(&files);
+    assert_eq!(code, Some(0), "{out}");
+    let new_ids = xdp_prog_ids(&lab);
+    assert!(new_ids.iter().zip(&ids).all(|(a, b)| a != b && a != "none"), "logging off replaces the programs: {ids:?} -> {new_ids:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = answered(&agent.log_text());
+    assert_eq!(arp_answers(c, VIP4).len(), 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(answered(&agent.log_text()), before, "records still come with ebpf_log off");
+    assert!(agent.stop().success());
+}
+
 /// SIGKILL leaves the pinned program and maps answering; a restarted agent adopts them
 /// (and with --reload swaps in a new program), SIGUSR1 hands over cleanly, all without a
 /// single request going unanswered; then a clean stop restores the host.

@@ -459,7 +459,8 @@ impl Agent {
         let pin = cfg.agent.pin_path.clone();
         let fresh_pins = !pin.exists();
         std::fs::create_dir_all(&pin)?;
-        let dp = match Dataplane::load_pinned(object, &pin) {
+        let log_level = cfg.agent.ebpf_log as u8;
+        let dp = match Dataplane::load_pinned(object, &pin, log_level) {
             Ok(dp) => dp,
             Err(e) => {
                 if fresh_pins {
@@ -473,6 +474,9 @@ impl Agent {
         };
         let mut dp = dp;
         dp.set_learn_from_traffic(cfg.steering.learn_from_traffic)?;
+        // The programs this load made replace the attached ones when the log level
+        // changes, and whenever logging is on: only this load's log ring is read.
+        let reload = reload || log_level != 0 || dp.attached_log_level() != log_level;
         let now = unix_now();
         let names: Vec<String> = cfg.adapters.iter().map(|a| a.name.clone()).collect();
         let padapters = placement_adapters(&cfg, nh.subnets_of(&names));
@@ -555,7 +559,7 @@ impl Agent {
             cluster: None,
             reloads: 0,
         };
-        if let Err(e) = agent.bring_up(&nh.links, reload) {
+        if let Err(e) = agent.bring_up(&nh.links, reload).and_then(|()| Ok(agent.dp.set_attached_log_level(log_level)?)) {
             // A restarted agent that fails leaves the previous agent's pins alone so
             // answering goes on; a first start takes back everything it did.
             if !agent.adopted {
@@ -1204,6 +1208,11 @@ impl Agent {
     }
 
     /// Takes the straggler event ring (once).
+    /// The reader of the data plane's own log records (`[agent] ebpf_log`).
+    pub fn take_logs(&mut self) -> Option<crate::dataplane::EbpfLog> {
+        self.dp.take_logs()
+    }
+
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
         self.dp.take_events()
     }

@@ -33,9 +33,23 @@ pub enum XdpModeCfg {
     Skb,
 }
 
+/// `[agent] ebpf_log`: which of the data plane's own log records (aya-log) reach the
+/// agent's log. The level is fixed when the program is loaded: `off` (the default)
+/// leaves no logging code on any path (the verifier removes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EbpfLog {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub xdp_mode: XdpModeCfg,
+    pub ebpf_log: EbpfLog,
     pub hold_down_ms: u64,
     pub up_delay_ms: u64,
     pub control_socket: PathBuf,
@@ -227,6 +241,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             xdp_mode: XdpModeCfg::Auto,
+            ebpf_log: EbpfLog::Off,
             hold_down_ms: 0,
             up_delay_ms: 0,
             control_socket: "/run/vip-agent.sock".into(),
@@ -307,7 +322,7 @@ const DEF_SERVER_KEYS: &[&str] = &["name", "node", "priority", "migrate", "rebal
 const VSERVER_KEYS: &[&str] = &["name", "interface", "vips"];
 const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_interval_ms", "load_interval_ms", "learn_from_traffic"];
 const AGENT_KEYS: &[&str] =
-    &["xdp_mode", "hold_down_ms", "up_delay_ms", "control_socket", "metrics_listen", "pin_path"];
+    &["xdp_mode", "ebpf_log", "hold_down_ms", "up_delay_ms", "control_socket", "metrics_listen", "pin_path"];
 const ANNOUNCE_KEYS: &[&str] = &["count", "interval_ms", "max_per_second"];
 const PROBE_KEYS: &[&str] = &["enabled", "count", "wait_ms"];
 const ADAPTER_KEYS: &[&str] = &["name", "max_vips", "vlans", "weight", "move_mac"];
@@ -352,6 +367,7 @@ impl Config {
         let t = cx.section(&root, "agent", AGENT_KEYS);
         let agent = AgentConfig {
             xdp_mode: cx.opt(&t, "xdp_mode", xdp_mode).unwrap_or(d.xdp_mode),
+            ebpf_log: cx.opt(&t, "ebpf_log", ebpf_log).unwrap_or(d.ebpf_log),
             hold_down_ms: cx.opt(&t, "hold_down_ms", int(0, i64::MAX)).unwrap_or(d.hold_down_ms),
             up_delay_ms: cx.opt(&t, "up_delay_ms", int(0, i64::MAX)).unwrap_or(d.up_delay_ms),
             control_socket: cx.opt(&t, "control_socket", socket_path).unwrap_or(d.control_socket),
@@ -1149,6 +1165,18 @@ fn xdp_mode(v: &DeValue) -> Result<XdpModeCfg, String> {
     }
 }
 
+fn ebpf_log(v: &DeValue) -> Result<EbpfLog, String> {
+    match string(v)?.as_str() {
+        "off" => Ok(EbpfLog::Off),
+        "error" => Ok(EbpfLog::Error),
+        "warn" => Ok(EbpfLog::Warn),
+        "info" => Ok(EbpfLog::Info),
+        "debug" => Ok(EbpfLog::Debug),
+        "trace" => Ok(EbpfLog::Trace),
+        s => Err(format!("{s:?} is not one of off, error, warn, info, debug, trace")),
+    }
+}
+
 fn vip_mode(v: &DeValue) -> Result<VipMode, String> {
     match string(v)?.as_str() {
         "all" => Ok(VipMode::All),
@@ -1379,7 +1407,7 @@ pub fn reload_summary(now: &Config, next: &Config) -> String {
     if format!("{:?}", now.steering) != format!("{:?}", next.steering) {
         tables.push("[steering]");
     }
-    if (now.agent.hold_down_ms, now.agent.up_delay_ms) != (next.agent.hold_down_ms, next.agent.up_delay_ms) {
+    if (now.agent.hold_down_ms, now.agent.up_delay_ms, now.agent.ebpf_log) != (next.agent.hold_down_ms, next.agent.up_delay_ms, next.agent.ebpf_log) {
         tables.push("[agent]");
     }
     if !tables.is_empty() {
@@ -1398,6 +1426,7 @@ mod tests {
 
     const FULL: &str = r#"[agent]
 xdp_mode = "native"
+ebpf_log = "debug"
 hold_down_ms = 2000
 up_delay_ms = 500
 control_socket = "/run/x.sock"
@@ -1438,7 +1467,7 @@ failover = false
     fn full_config_parses_with_all_values() {
         let c = parse(FULL).unwrap();
         let a = &c.agent;
-        assert_eq!(a.xdp_mode, XdpModeCfg::Native);
+        assert_eq!((a.xdp_mode, a.ebpf_log), (XdpModeCfg::Native, EbpfLog::Debug));
         assert_eq!((a.hold_down_ms, a.up_delay_ms), (2000, 500));
         assert_eq!(a.control_socket, Path::new("/run/x.sock"));
         assert_eq!(a.metrics_listen, Some("[::1]:9000".parse().unwrap()));
@@ -1448,13 +1477,13 @@ failover = false
 
         let ad: Vec<_> =
             c.adapters.iter().map(|a| (a.name.as_str(), a.max_vips, a.vlans.clone(), a.line, a.name_line)).collect();
-        assert_eq!(ad, [("eth0", Some(8), vec![100, 200], 19, 20), ("eth1", None, vec![100], 24, 25)]);
+        assert_eq!(ad, [("eth0", Some(8), vec![100, 200], 20, 21), ("eth1", None, vec![100], 25, 26)]);
 
         let v = &c.vips;
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].address, "192.0.2.10/24".parse().unwrap());
         assert_eq!((v[0].adapters.clone(), v[0].vlan, v[0].failover), (vec![0, 1], None, true));
-        assert_eq!((v[0].line, v[0].address_line), (28, 29));
+        assert_eq!((v[0].line, v[0].address_line), (29, 30));
         assert_eq!(v[1].address, Subnet { addr: "2001:db8::10".parse().unwrap(), prefix: 64 });
         assert_eq!((v[1].adapters.clone(), v[1].vlan, v[1].failover), (vec![1], Some(100), false));
     }
@@ -1517,6 +1546,7 @@ failover = false
             ),
             ("no adapter, no vip", "[agent]\n".into(), &[(1, "adapter", "at least one"), (1, "vip", "at least one")]),
             ("xdp_mode", after("[agent]\nxdp_mode = 'fast'\n"), &[(2, "agent.xdp_mode", "\"fast\" is not one of")]),
+            ("ebpf_log", after("[agent]\nebpf_log = 'loud'\n"), &[(2, "agent.ebpf_log", "\"loud\" is not one of off")]),
             (
                 "negative hold",
                 after("[agent]\nhold_down_ms = -1\n"),

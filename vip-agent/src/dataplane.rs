@@ -49,7 +49,12 @@ pub enum DataplaneError {
          reusing them would misread them. Stop the agent that pinned them (SIGTERM) or run `vip-agent cleanup`, then start again"
     )]
     Layout { dir: String, found: u32, want: u32 },
+    #[error("the data plane's log ring: {0}")]
+    Logs(String),
 }
+
+/// The programs' log level, a constant the loader sets (aya-log-ebpf's global).
+const LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
@@ -70,6 +75,35 @@ pub struct Dataplane {
     macs: HashMap<MapData, MacKey, u32>,
     events: Option<aya::maps::RingBuf<MapData>>,
     settings: Array<MapData, u32>,
+    /// The programs' own log records (aya-log), when loaded with a level.
+    logs: Option<EbpfLog>,
+}
+
+/// Reads the data plane's log records (aya-log's ring buffer) into `tracing`: poll its fd,
+/// then [`EbpfLog::flush`].
+pub type EbpfLog = aya_log::EbpfLogger<TracingLog>;
+
+/// aya-log hands records to a `log::Log`; this one passes them on to `tracing`, target
+/// `vip_ebpf`, at their own level.
+pub struct TracingLog;
+
+impl log::Log for TracingLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record) {
+        let msg = r.args();
+        match r.level() {
+            log::Level::Error => tracing::error!(target: "vip_ebpf", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "vip_ebpf", "{msg}"),
+            log::Level::Info => tracing::info!(target: "vip_ebpf", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "vip_ebpf", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "vip_ebpf", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// An array map mapped into our memory (BPF_F_MMAPABLE): entries are whole 8-byte words,
@@ -227,15 +261,24 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError 
 }
 
 impl Dataplane {
-    /// Loads the object and both of its programs into the kernel (runs the verifier).
+    /// Loads the object and both of its programs into the kernel (runs the verifier),
+    /// without logging.
     pub fn load(object: &[u8]) -> Result<Self> {
-        Self::finish(Ebpf::load(object)?)
+        Self::load_with_log(object, 0)
+    }
+
+    /// [`Dataplane::load`] with the programs' log records at `level` and up (aya-log's
+    /// levels: 0 none, 1 error ... 5 trace), read by [`Dataplane::take_logs`].
+    pub fn load_with_log(object: &[u8], level: u8) -> Result<Self> {
+        let ebpf = EbpfLoader::new().override_global(LOG_LEVEL, &level, true).load(object)?;
+        Self::finish(ebpf, level)
     }
 
     /// Like [`Dataplane::load`], but the maps live under `pin_dir`: maps already pinned
     /// there (by an agent that was killed or is being replaced) are reused with their
     /// contents, so answering never stops; missing ones are created and pinned.
-    pub fn load_pinned(object: &[u8], pin_dir: &Path) -> Result<Self> {
+    /// `log_level` as for [`Dataplane::load_with_log`].
+    pub fn load_pinned(object: &[u8], pin_dir: &Path, log_level: u8) -> Result<Self> {
         // Pins of another layout are refused before anything reuses them.
         let others = names::PINNED_MAPS.iter().any(|n| *n != names::LAYOUT && pin_dir.join(n).exists());
         if others {
@@ -249,11 +292,12 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        loader.override_global(LOG_LEVEL, &log_level, true);
         let mut ebpf = loader.load(object)?;
         let mut layout: Array<_, u32> = Array::try_from(ebpf.map_mut(names::LAYOUT).ok_or(DataplaneError::MissingMap(names::LAYOUT))?)
             .map_err(map_err(names::LAYOUT))?;
         layout.set(0, vip_common::LAYOUT_VERSION, 0).map_err(map_err(names::LAYOUT))?;
-        Self::finish(ebpf)
+        Self::finish(ebpf, log_level)
     }
 
     /// The layout version pinned at `path` (None: no such pin, or unreadable).
@@ -264,7 +308,7 @@ fn read_layout(path: &Path) -> Option<u32> {
 }
 
 /// Loads both programs (the verifier runs here) and takes the maps the agent writes.
-    fn finish(mut ebpf: Ebpf) -> Result<Self> {
+    fn finish(mut ebpf: Ebpf, log_level: u8) -> Result<Self> {
         for name in [names::PROGRAM, names::PASS_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -295,7 +339,9 @@ fn read_layout(path: &Path) -> Option<u32> {
         let macs = HashMap::try_from(take(&mut ebpf, names::MACS)?).map_err(map_err(names::MACS))?;
         let events = Some(aya::maps::RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?);
         let settings = Array::try_from(take(&mut ebpf, names::SETTINGS)?).map_err(map_err(names::SETTINGS))?;
-        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events, settings })
+        // Without a level the ring stays empty: nobody needs to read it.
+        let logs = if log_level > 0 { Some(aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog).map_err(|e| DataplaneError::Logs(e.to_string()))?) } else { None };
+        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events, settings, logs })
     }
 
     /// `[steering] learn_from_traffic` (`vip_common::SETTING_LEARN_TRAFFIC`).
@@ -431,6 +477,22 @@ fn read_layout(path: &Path) -> Option<u32> {
     }
 
     /// The straggler event ring, taken once by whoever polls it.
+    /// The reader of the programs' log records (when loaded with a level).
+    pub fn take_logs(&mut self) -> Option<EbpfLog> {
+        self.logs.take()
+    }
+
+    /// The log level the attached programs were loaded with, as the agent that attached
+    /// them recorded it (0 when none did).
+    pub fn attached_log_level(&self) -> u8 {
+        self.settings.get(&vip_common::SETTING_LOG_LEVEL, 0).unwrap_or(0) as u8
+    }
+
+    /// Records the log level of the programs now attached (see above).
+    pub fn set_attached_log_level(&mut self, level: u8) -> Result<()> {
+        self.settings.set(vip_common::SETTING_LOG_LEVEL, u32::from(level), 0).map_err(map_err(names::SETTINGS))
+    }
+
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         self.events.take()
     }

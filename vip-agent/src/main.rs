@@ -414,18 +414,26 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run { config, bpf_object, reload, netns, log_json } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let env = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+            let mut filter = tracing_subscriber::EnvFilter::try_new(&env).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            // `[agent] ebpf_log` asks for the data plane's records: they pass the filter
+            // at that level unless RUST_LOG says otherwise for them.
+            let level = ["off", "error", "warn", "info", "debug", "trace"][cfg.agent.ebpf_log as usize];
+            if cfg.agent.ebpf_log != vip_agent::config::EbpfLog::Off && !env.contains("vip_ebpf") {
+                if let Ok(d) = format!("vip_ebpf={level}").parse() {
+                    filter = filter.add_directive(d);
+                }
+            }
             let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
             if log_json {
                 sub.json().init();
             } else {
                 sub.init();
             }
-            let cfg = match load_config(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             match run(cfg, bpf_object, reload, netns) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) if e.downcast_ref::<ConfigInvalid>().is_some() => {
@@ -680,6 +688,10 @@ fn spawn_generation(mut agent: Agent, l: Launched, counters: &Arc<Counters>) -> 
     runtime::supervised("housekeeping", inbox.clone(), move || {
         runtime::housekeeping(counters, inbox2, slots, every, timeout_ns, stop2)
     })?;
+    if let Some(logs) = agent.take_logs() {
+        let stop = stop.clone();
+        runtime::supervised("ebpf-log", inbox.clone(), move || runtime::ebpf_logs(logs, stop))?;
+    }
     let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("event-loop".into()).spawn(move || {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime::event_loop(agent, inbox_rx, ring)));

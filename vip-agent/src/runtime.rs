@@ -362,3 +362,15 @@ pub fn housekeeping(
         }
     }
 }
+
+/// Passes the data plane's log records on to `tracing` as they come (`[agent] ebpf_log`),
+/// until `stop`.
+pub fn ebpf_logs(mut logs: crate::dataplane::EbpfLog, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let fd = logs.as_raw_fd();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // A second at most, to see `stop`.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+        logs.flush();
+    }
+}

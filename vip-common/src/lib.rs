@@ -69,6 +69,9 @@ pub const SETTINGS_LEN: u32 = 4;
 /// already known for the client, or a MAC the kernel's neighbour table agrees with: a
 /// frame with a forged source address cannot redirect a client's replies.
 pub const SETTING_LEARN_TRAFFIC: u32 = 0;
+/// The aya-log level the attached programs were loaded with (0: none), written by the
+/// agent that attached them: the next one replaces them when its level differs.
+pub const SETTING_LOG_LEVEL: u32 = 1;
 
 /// Address families as stored in [`VipKey::family`].
 pub const FAMILY_IPV4: u8 = 4;

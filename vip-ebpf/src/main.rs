@@ -12,6 +12,7 @@
 
 mod arp;
 mod csum;
+mod log;
 mod maps;
 mod ndp;
 mod parse;
@@ -34,6 +35,12 @@ pub fn vip_xdp(ctx: XdpContext) -> u32 {
     match try_vip_xdp(&ctx) {
         Ok(d) => {
             maps::count(d);
+            // Off unless the agent loads the program with logging (`[agent] ebpf_log`):
+            // the level is a constant the verifier knows, and it removes the call. At the
+            // entry point, so the log's stack adds to no deep call chain.
+            if aya_log_ebpf::macro_support::level_enabled(aya_log_ebpf::macro_support::Level::Error) {
+                log::decision(&ctx, d);
+            }
             if decision::is_redirect(d) {
                 XDP_REDIRECT
             } else {
@@ -42,6 +49,9 @@ pub fn vip_xdp(ctx: XdpContext) -> u32 {
         }
         Err(passed) => {
             maps::count(passed);
+            if aya_log_ebpf::macro_support::level_enabled(aya_log_ebpf::macro_support::Level::Error) {
+                log::decision(&ctx, passed);
+            }
             if decision::is_drop(passed) {
                 XDP_DROP
             } else {

@@ -159,8 +159,28 @@ fn per_frame(samples: usize) -> String {
     ];
     let ifindex = env.ifindex(Arrival::Up);
     let results = env.within(|env| {
-        let run = |pass: bool, f: &[u8], repeat: u32| -> Duration {
-            let prog = if pass { env.dp.pass_program() } else { env.dp.responder() }.expect("program");
+        // The same program loaded with its log records on at debug (`[agent] ebpf_log =
+        // "debug"`), its ring drained as the agent drains it.
+        let mut logged = env.logging_dataplane(4);
+        let mut logs = logged.take_logs().expect("a log ring");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drain = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    logs.flush();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        // 0: vip_xdp; 1: the empty program; 2: vip_xdp logging at debug.
+        let run = |which: usize, f: &[u8], repeat: u32| -> Duration {
+            let prog = match which {
+                0 => env.dp.responder(),
+                1 => env.dp.pass_program(),
+                _ => logged.responder(),
+            }
+            .expect("program");
             let mut ctx = [0u8; 24];
             ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
             ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
@@ -169,18 +189,20 @@ fn per_frame(samples: usize) -> String {
                 .expect("test run")
                 .duration
         };
-        // Warm up, then interleave: every round runs each case under both programs.
+        // Warm up, then interleave: every round runs each case under every program.
         for (_, f, _) in &cases {
             for _ in 0..1000 {
-                run(false, f, 1);
-                run(true, f, 1);
+                for w in 0..3 {
+                    run(w, f, 1);
+                }
             }
         }
-        let mut single: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); cases.len()];
+        let mut single: Vec<[Vec<f64>; 3]> = vec![[vec![], vec![], vec![]]; cases.len()];
         for _ in 0..samples {
             for (i, (_, f, _)) in cases.iter().enumerate() {
-                single[i].0.push(ns(run(false, f, 1)));
-                single[i].1.push(ns(run(true, f, 1)));
+                for w in 0..3 {
+                    single[i][w].push(ns(run(w, f, 1)));
+                }
             }
         }
         let mut batched: Vec<Option<(Vec<f64>, Vec<f64>)>> = vec![None; cases.len()];
@@ -188,11 +210,13 @@ fn per_frame(samples: usize) -> String {
             for (i, (_, f, mutates)) in cases.iter().enumerate() {
                 if !mutates {
                     let b = batched[i].get_or_insert((vec![], vec![]));
-                    b.0.push(ns(run(false, f, 1000)));
-                    b.1.push(ns(run(true, f, 1000)));
+                    b.0.push(ns(run(0, f, 1000)));
+                    b.1.push(ns(run(1, f, 1000)));
                 }
             }
         }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drain.join().expect("log drain");
         (single, batched)
     });
     let (single, batched) = results;
@@ -205,13 +229,25 @@ fn per_frame(samples: usize) -> String {
          |---|---|---|---|---|---|---|\n",
     );
     for (i, (name, _, _)) in cases.iter().enumerate() {
-        let (x, e) = (dist(single[i].0.clone()), dist(single[i].1.clone()));
+        let (x, e) = (dist(single[i][0].clone()), dist(single[i][1].clone()));
         s.push_str(&format!(
             "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.0} |\n",
             x.median, x.p99, e.median, e.p99, x.median / e.median, x.median - e.median
         ));
     }
     s.push_str(&format!("\nSamples per cell: {}.\n\n", samples));
+    s.push_str(
+        "The data plane's log records (aya-log, `[agent] ebpf_log`): the same program loaded with\n\
+         the level at `debug` (an answer writes one record to the ring, which a thread drains as the\n\
+         agent does; other frames pay the call that finds nothing to say at that level), beside it\n\
+         loaded with logging `off` (the default: the verifier removes the logging code):\n\n\
+         | frame | off median | debug median | p99 | debug / off |\n|---|---|---|---|---|\n",
+    );
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        let (x, l) = (dist(single[i][0].clone()), dist(single[i][2].clone()));
+        s.push_str(&format!("| {name} | {:.0} | {:.0} | {:.0} | {:.2}x |\n", x.median, l.median, l.p99, l.median / x.median));
+    }
+    s.push('\n');
     s.push_str(
         "Frames the program does not rewrite, `repeat = 1000` per sample (ns per frame, the clock\n\
          spread over 1000 runs):\n\n| frame | vip_xdp median | empty median | ratio |\n|---|---|---|---|\n",
