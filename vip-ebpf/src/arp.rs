@@ -5,22 +5,8 @@ use vip_common::{decision, VipKey};
 
 use crate::{
     maps, steer,
-    parse::{bad_sender, be16, eq4, ptr_at, set6, EthHdr},
+    parse::{bad_sender, be16, eq4, ptr_at, set6, ArpHdr, EthHdr},
 };
-
-/// Ethernet/IPv4 ARP body (RFC 826), 28 bytes.
-#[repr(C)]
-pub struct ArpHdr {
-    pub htype: [u8; 2],
-    pub ptype: [u8; 2],
-    pub hlen: u8,
-    pub plen: u8,
-    pub op: [u8; 2],
-    pub sha: [u8; 6],
-    pub spa: [u8; 4],
-    pub tha: [u8; 6],
-    pub tpa: [u8; 4],
-}
 
 const ARPHRD_ETHER: u16 = 1;
 const ETH_P_IP: u16 = 0x0800;
@@ -32,9 +18,9 @@ const ARPOP_REPLY: u16 = 2;
 #[inline(always)]
 pub fn into_reply(eth: &mut EthHdr, arp: &mut ArpHdr, mac: &[u8; 6]) {
     let (requester, requester_ip, target_ip) = (arp.sha, arp.spa, arp.tpa);
-    set6(&mut eth.dst, &requester);
-    set6(&mut eth.src, mac);
-    arp.op = ARPOP_REPLY.to_be_bytes();
+    set6(&mut eth.dst_addr, &requester);
+    set6(&mut eth.src_addr, mac);
+    arp.oper = ARPOP_REPLY.to_be_bytes();
     set6(&mut arp.tha, &requester);
     arp.tpa = requester_ip;
     set6(&mut arp.sha, mac);
@@ -52,10 +38,10 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     {
         return Err(decision::PASSED_ARP_NOT_ETHER_IPV4);
     }
-    if be16(arp.op) != ARPOP_REQUEST {
+    if be16(arp.oper) != ARPOP_REQUEST {
         return Err(decision::PASSED_ARP_NOT_REQUEST);
     }
-    if bad_sender(&eth.src) || bad_sender(&arp.sha) {
+    if bad_sender(&eth.src_addr) || bad_sender(&arp.sha) {
         return Err(decision::PASSED_BAD_SENDER_MAC);
     }
     // A request whose sender and target IP are equal announces, it does not ask. A probe
@@ -68,7 +54,7 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
         key: VipKey::v4(arp.tpa, vlan),
         client: [u32::from_ne_bytes(arp.spa), 0, 0, 0],
         ifindex: ctx.ingress_ifindex() as u32,
-        dst: eth.dst,
+        dst: eth.dst_addr,
         requester: arp.sha,
         probe,
     })?;

@@ -13,7 +13,7 @@ use vip_common::{egress as e, VipKey};
 
 use crate::{
     maps::{self, FLOWS, VIPS},
-    parse::{be16, set6, EthHdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
+    parse::{set6, EthHdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
     steer::flow_key,
 };
 
@@ -37,7 +37,7 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
 fn try_egress(ctx: &TcContext) -> (i32, u32) {
     let pass = (TC_ACT_OK, e::NOT_VIP);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return pass };
-    let (vip, client) = match be16(unsafe { (*eth).ethertype }) {
+    let (vip, client) = match u16::from_be(unsafe { (*eth).ether_type }) {
         ETH_P_IP => {
             let Some(ip) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN) else { return pass };
             let ip = unsafe { &*ip };
@@ -46,9 +46,9 @@ fn try_egress(ctx: &TcContext) -> (i32, u32) {
             (VipKey::v4(src, 0), [u32::from_ne_bytes(dst), 0, 0, 0])
         }
         ETH_P_IPV6 => {
-            let Some(ip) = ptr_at::<crate::ndp::Ipv6Hdr>(ctx, ETH_HLEN) else { return pass };
+            let Some(ip) = ptr_at::<crate::parse::Ipv6Hdr>(ctx, ETH_HLEN) else { return pass };
             let ip = unsafe { &*ip };
-            (VipKey::v6(ip.src, 0), VipKey::v6(ip.dst, 0).addr)
+            (VipKey::v6(ip.src_addr, 0), VipKey::v6(ip.dst_addr, 0).addr)
         }
         _ => return pass,
     };
@@ -68,8 +68,8 @@ fn try_egress(ctx: &TcContext) -> (i32, u32) {
     // verifier tracks them per access.
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return pass };
     let eth = unsafe { &mut *eth };
-    set6(&mut eth.src, &src_mac);
-    set6(&mut eth.dst, &flow.mac);
+    set6(&mut eth.src_addr, &src_mac);
+    set6(&mut eth.dst_addr, &flow.mac);
     maps::count_traffic(slot, len, true);
     let here = unsafe { (*ctx.skb.skb).ifindex };
     if out == here {
@@ -97,7 +97,7 @@ pub fn vip_ingress(ctx: TcContext) -> i32 {
     }
     let Some(eth) = ptr_at::<EthHdr>(&ctx, 0) else { return TC_ACT_OK };
     if let Some(a) = maps::adapter(skb.ifindex) {
-        if a.state != 0 && crate::parse::eq6(unsafe { &(*eth).dst }, &a.mac) {
+        if a.state != 0 && crate::parse::eq6(unsafe { &(*eth).dst_addr }, &a.mac) {
             let _ = ctx.change_type(PACKET_HOST);
         }
     }

@@ -6,7 +6,7 @@ use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::{debug, trace};
 use vip_common::decision;
 
-use crate::parse::{be16, ptr_at, EthHdr, ETH_HLEN, ETH_P_8021Q};
+use crate::parse::{ptr_at, EthHdr, ETH_HLEN, ETH_P_8021Q};
 
 /// The ARP body of a reply: who is at which MAC, to whom.
 #[repr(C)]
@@ -42,7 +42,7 @@ fn try_decision(ctx: &XdpContext, d: u32) -> Result<(), u32> {
     let ifindex = ctx.ingress_ifindex();
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let eth = unsafe { &*eth };
-    let off = if be16(eth.ethertype) == ETH_P_8021Q { ETH_HLEN + 4 } else { ETH_HLEN };
+    let off = if u16::from_be(eth.ether_type) == ETH_P_8021Q { ETH_HLEN + 4 } else { ETH_HLEN };
     match d {
         decision::ANSWERED_ARP | decision::ANSWERED_ARP_PROBE => {
             let a: *const ArpReply = ptr_at(ctx, off)?;
@@ -52,15 +52,15 @@ fn try_decision(ctx: &XdpContext, d: u32) -> Result<(), u32> {
         decision::ANSWERED_NS | decision::ANSWERED_DAD => {
             let n: *const NaReply = ptr_at(ctx, off)?;
             let n = unsafe { &*n };
-            debug!(ctx, "if {}: NA {:i} is at {:mac}, told {:i} ({:mac})", ifindex, n.target, n.mac, n.dst, eth.dst);
+            debug!(ctx, "if {}: NA {:i} is at {:mac}, told {:i} ({:mac})", ifindex, n.target, n.mac, n.dst, eth.dst_addr);
         }
         decision::ACCEPTED_STRAGGLER => {
-            debug!(ctx, "if {}: straggler from {:mac} to a failed adapter's MAC accepted", ifindex, eth.src);
+            debug!(ctx, "if {}: straggler from {:mac} to a failed adapter's MAC accepted", ifindex, eth.src_addr);
         }
         decision::DROPPED_FENCED => {
-            debug!(ctx, "if {}: frame from {:mac} to a fenced cluster VIP dropped", ifindex, eth.src);
+            debug!(ctx, "if {}: frame from {:mac} to a fenced cluster VIP dropped", ifindex, eth.src_addr);
         }
-        _ => trace!(ctx, "if {}: decision {} for a frame from {:mac}", ifindex, d, eth.src),
+        _ => trace!(ctx, "if {}: decision {} for a frame from {:mac}", ifindex, d, eth.src_addr),
     }
     Ok(())
 }

@@ -73,13 +73,13 @@ pub fn vip_pass(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    let mut ethertype = be16(unsafe { (*eth).ethertype });
+    let mut ethertype = u16::from_be(unsafe { (*eth).ether_type });
     let mut off = ETH_HLEN;
     let mut vlan = 0u16;
     if ethertype == ETH_P_8021Q {
         let tag: *const VlanHdr = ptr_at(ctx, ETH_HLEN)?;
         let vid = be16(unsafe { (*tag).tci }) & 0x0fff;
-        ethertype = be16(unsafe { (*tag).ethertype });
+        ethertype = u16::from_be(unsafe { (*tag).ether_type });
         if ethertype != ETH_P_ARP && ethertype != ETH_P_IPV6 && ethertype != ETH_P_IP {
             return Err(decision::PASSED_NOT_NEIGHBOR);
         }

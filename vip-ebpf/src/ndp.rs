@@ -6,18 +6,8 @@ use vip_common::{decision, VipKey};
 
 use crate::{
     csum, maps, steer,
-    parse::{bad_sender, be16, eq16, is_zero16, ptr_at, set6, EthHdr},
+    parse::{bad_sender, be16, eq16, is_zero16, ptr_at, set6, EthHdr, Ipv6Hdr},
 };
-
-#[repr(C)]
-pub struct Ipv6Hdr {
-    pub vtf: [u8; 4],
-    pub payload_len: [u8; 2],
-    pub next_hdr: u8,
-    pub hop_limit: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-}
 
 /// ICMPv6 Neighbor Solicitation without options, 24 bytes.
 #[repr(C)]
@@ -75,7 +65,7 @@ fn pseudo_header_sum(src: &[u8; 16], dst: &[u8; 16], len: usize) -> u64 {
 fn traffic(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
-    match steer::ipv6(ctx, VipKey::v6(ip.dst, vlan), VipKey::v6(ip.src, 0).addr) {
+    match steer::ipv6(ctx, VipKey::v6(ip.dst_addr, vlan), VipKey::v6(ip.src_addr, 0).addr) {
         Err(decision::PASSED_NOT_NEIGHBOR) => Err(decision::PASSED_IPV6_NOT_NS),
         r => r,
     }
@@ -120,7 +110,7 @@ fn checksum(ctx: &XdpContext, off: usize) -> Result<(), u32> {
     let ip = unsafe { &*(at(off, IPV6_HLEN)? as *const Ipv6Hdr) };
     let plen = be16(ip.payload_len) as usize;
     let icmp_off = off + IPV6_HLEN;
-    let mut sum = pseudo_header_sum(&ip.src, &ip.dst, plen);
+    let mut sum = pseudo_header_sum(&ip.src_addr, &ip.dst_addr, plen);
     for i in 0..(NS_LEN / 8 + MAX_OPT_UNITS) {
         if i * 8 >= plen {
             break;
@@ -140,7 +130,7 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let (eth, ip) = unsafe { (&*eth, &*ip) };
-    if ip.vtf[0] >> 4 != 6 {
+    if ip.vcf[0] >> 4 != 6 {
         return Err(decision::PASSED_IPV6_NOT_NS);
     }
     if ip.next_hdr != IPPROTO_ICMPV6 {
@@ -162,31 +152,31 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
         || plen % 8 != 0
         || plen > NS_LEN + 8 * MAX_OPT_UNITS
         || ns.target[0] == 0xff
-        || ip.src[0] == 0xff
+        || ip.src_addr[0] == 0xff
     {
         return Err(decision::PASSED_NS_INVALID);
     }
     if ctx.data() + icmp_off + plen > ctx.data_end() {
         return Err(decision::PASSED_TRUNCATED);
     }
-    let dad = is_zero16(&ip.src);
+    let dad = is_zero16(&ip.src_addr);
     let mut group = SOLICITED_NODE_GROUP;
     group[13] = ns.target[13];
     group[14] = ns.target[14];
     group[15] = ns.target[15];
-    let solicited_node = eq16(&ip.dst, &group);
+    let solicited_node = eq16(&ip.dst_addr, &group);
     // Sent to the target itself (unicast reachability check) or to its solicited-node
     // group; a DAD probe only ever to the group.
-    if !(solicited_node || (!dad && eq16(&ip.dst, &ns.target))) {
+    if !(solicited_node || (!dad && eq16(&ip.dst_addr, &ns.target))) {
         return Err(decision::PASSED_NS_INVALID);
     }
-    if bad_sender(&eth.src) {
+    if bad_sender(&eth.src_addr) {
         return Err(decision::PASSED_BAD_SENDER_MAC);
     }
 
     // The answer goes to the first source link-layer address option, as an ARP reply goes
     // to the sender hardware address; without one, to the frame's Ethernet source.
-    let mut requester = eth.src;
+    let mut requester = eth.src_addr;
     let mut have_sllao = false;
     let mut o = NS_LEN;
     for _ in 0..MAX_OPT_UNITS {
@@ -214,9 +204,9 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
     }
 
     q.key = VipKey::v6(ns.target, vlan);
-    q.client = VipKey::v6(ip.src, 0).addr;
+    q.client = VipKey::v6(ip.src_addr, 0).addr;
     q.requester = requester;
-    set6(&mut q.dst, &eth.dst);
+    set6(&mut q.dst, &eth.dst_addr);
     q.probe = dad;
     Ok(())
 }
@@ -245,14 +235,14 @@ fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer)
     let na: *mut NaMsg = ptr_at(ctx, icmp_off)?;
     let (eth, ip, na) = unsafe { (&mut *eth, &mut *ip, &mut *na) };
 
-    set6(&mut eth.dst, &dst_mac);
-    set6(&mut eth.src, &a.mac);
-    ip.vtf = [0x60, 0, 0, 0];
+    set6(&mut eth.dst_addr, &dst_mac);
+    set6(&mut eth.src_addr, &a.mac);
+    ip.vcf = [0x60, 0, 0, 0];
     ip.payload_len = (NA_LEN as u16).to_be_bytes();
     ip.next_hdr = IPPROTO_ICMPV6;
     ip.hop_limit = 255;
-    ip.src = target;
-    ip.dst = dst_ip;
+    ip.src_addr = target;
+    ip.dst_addr = dst_ip;
     na.typ = ND_NEIGHBOR_ADVERT;
     na.code = 0;
     na.csum = [0, 0];

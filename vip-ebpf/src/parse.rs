@@ -1,5 +1,7 @@
 //! Header layouts and the one bounds-checked accessor every packet read goes through.
-//! Headers are byte arrays so no access depends on the frame's alignment.
+//! The Ethernet, 802.1Q, ARP, IPv4 and IPv6 headers are network-types' (byte arrays, so
+//! no access depends on the frame's alignment; the EtherType fields are raw big-endian
+//! u16s); the ICMPv6 neighbor discovery messages are ours (see `ndp`).
 
 use aya_ebpf::programs::XdpContext;
 use vip_common::decision;
@@ -10,18 +12,14 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
-#[repr(C)]
-pub struct EthHdr {
-    pub dst: [u8; 6],
-    pub src: [u8; 6],
-    pub ethertype: [u8; 2],
-}
+pub use network_types::{arp::ArpHdr, eth::EthHdr, ip::{Ipv4Hdr, Ipv6Hdr}, vlan::VlanHdr};
 
-#[repr(C)]
-pub struct VlanHdr {
-    pub tci: [u8; 2],
-    pub ethertype: [u8; 2],
-}
+// The offsets the parsers assume, checked where the types come from.
+const _: () = assert!(core::mem::size_of::<EthHdr>() == ETH_HLEN);
+const _: () = assert!(core::mem::size_of::<VlanHdr>() == 4);
+const _: () = assert!(core::mem::size_of::<ArpHdr>() == 28);
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == 20);
+const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == 40);
 
 /// Pointer to a `T` at `off`, or `PASSED_TRUNCATED` when the frame is too short.
 /// Checked immediately before use, as the verifier requires.

@@ -10,7 +10,7 @@ use vip_common::{
 
 use crate::{
     maps::{self, BUCKETS, EVENTS, FLOWS, VIPS},
-    parse::{eq6, ptr_at, set6, EthHdr},
+    parse::{eq6, ptr_at, set6, EthHdr, Ipv4Hdr},
 };
 
 /// At most one straggler event per client this often (the agent limits corrections further).
@@ -185,20 +185,6 @@ fn straggler(fk: &FlowKey, ifindex: u32, client_mac: &[u8; 6], to_mac: &[u8; 6])
     }
 }
 
-#[repr(C)]
-pub struct Ipv4Hdr {
-    pub vihl: u8,
-    pub tos: u8,
-    pub len: [u8; 2],
-    pub id: [u8; 2],
-    pub frag: [u8; 2],
-    pub ttl: u8,
-    pub proto: u8,
-    pub csum: [u8; 2],
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-}
-
 /// IPv4 traffic: learn the client if it is for a VIP.
 // Its own BPF function: the stack of each path stays within the 512-byte limit.
 #[inline(never)]
@@ -208,8 +194,8 @@ pub fn ipv4(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     if ip.vihl >> 4 != 4 {
         return Err(decision::PASSED_NOT_NEIGHBOR);
     }
-    let vip = VipKey::v4(ip.dst, vlan);
-    let client = [u32::from_ne_bytes(ip.src), 0, 0, 0];
+    let vip = VipKey::v4(ip.dst_addr, vlan);
+    let client = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
     traffic(ctx, &vip, client)
 }
 
@@ -252,8 +238,8 @@ fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32>
     let eth = unsafe { &mut *eth };
     let len = (ctx.data_end() - ctx.data()) as u64;
     let fk = flow_key(vip, client);
-    if eq6(&eth.dst, &adapter.mac) {
-        let src = eth.src;
+    if eq6(&eth.dst_addr, &adapter.mac) {
+        let src = eth.src_addr;
         // A known client refreshes its entry; another is entered only if the kernel's
         // neighbour table vouches for its MAC.
         if !refresh(&fk, ifindex, adapter.slot, &src, len) && (maps::learn_any_traffic() || kernel_agrees(ctx, vip, &client, &src, ifindex)) {
@@ -262,25 +248,25 @@ fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32>
         maps::count_traffic(adapter.slot, len, false);
         return deliver(decision::PASSED_VIP_TRAFFIC);
     }
-    if eth.dst[0] & 1 != 0 {
+    if eth.dst_addr[0] & 1 != 0 {
         return Err(decision::PASSED_NOT_FOR_US);
     }
-    let Some((owner_ix, owner)) = maps::inherited(ifindex, &eth.dst) else {
+    let Some((owner_ix, owner)) = maps::inherited(ifindex, &eth.dst_addr) else {
         return Err(decision::PASSED_NOT_FOR_US);
     };
-    let to = eth.dst;
-    set6(&mut eth.dst, &adapter.mac);
+    let to = eth.dst_addr;
+    set6(&mut eth.dst_addr, &adapter.mac);
     maps::count_traffic(adapter.slot, len, false);
     if maps::mac_moved(&owner) {
         // The client still uses the failed adapter's MAC, and may: its replies go out
         // from that MAC too (see the egress program).
-        let src = eth.src;
+        let src = eth.src_addr;
         if !refresh(&fk, owner_ix, owner.slot, &src, len) && (maps::learn_any_traffic() || kernel_agrees(ctx, vip, &client, &src, ifindex)) {
             learn(&fk, owner_ix, owner.slot, &src, len);
         }
         return deliver(decision::ACCEPTED_MOVED_MAC);
     }
-    let src = eth.src;
+    let src = eth.src_addr;
     if FLOWS.get_ptr_mut(&fk).is_none() && (maps::learn_any_traffic() || kernel_agrees(ctx, vip, &client, &src, ifindex)) {
         learn(&fk, ifindex, adapter.slot, &src, 0);
     }

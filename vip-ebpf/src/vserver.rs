@@ -9,10 +9,9 @@ use aya_ebpf::{helpers::bpf_redirect, programs::XdpContext};
 use vip_common::{decision, vserver_index, VipKey, VIP_VSERVER};
 
 use crate::{
-    arp::ArpHdr,
     maps::{self, FLOWS, VIPS, VSERVERS, VS_MACS},
-    parse::{be16, eq4, ptr_at, set6, EthHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
-    steer::{flow_key, Ipv4Hdr},
+    parse::{be16, eq4, ptr_at, set6, ArpHdr, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
+    steer::flow_key,
 };
 
 const XDP_REDIRECT: i64 = 4;
@@ -29,8 +28,8 @@ pub fn to_vserver(ctx: &XdpContext, idx: u32) -> Result<u32, u32> {
     let Some(iface) = maps::adapter(ifindex) else { return Err(decision::PASSED_VSERVER_UNDELIVERED) };
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let eth = unsafe { &mut *eth };
-    set6(&mut eth.dst, &vs_mac);
-    set6(&mut eth.src, &iface.mac);
+    set6(&mut eth.dst_addr, &vs_mac);
+    set6(&mut eth.src_addr, &iface.mac);
     match VSERVERS.redirect(idx, 0) {
         Ok(_) => Ok(decision::REDIRECTED_TO_VSERVER),
         Err(_) => Err(decision::PASSED_VSERVER_UNDELIVERED),
@@ -73,8 +72,8 @@ pub fn from_vserver(ctx: &XdpContext, ethertype: u16) -> Result<u32, u32> {
             if !owns(idx, &VipKey::v4(arp.spa, 0)) {
                 return Err(decision::PASSED_NOT_VIP);
             }
-            learn_mac(idx, &eth.src);
-            if be16(arp.op) != 1 {
+            learn_mac(idx, &eth.src_addr);
+            if be16(arp.oper) != 1 {
                 return Err(decision::PASSED_ARP_NOT_REQUEST);
             }
             if eq4(&arp.spa, &arp.tpa) || eq4(&arp.tpa, &[0; 4]) {
@@ -87,19 +86,19 @@ pub fn from_vserver(ctx: &XdpContext, ethertype: u16) -> Result<u32, u32> {
         ETH_P_IP => {
             let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
             let ip = unsafe { &*ip };
-            let key = VipKey::v4(ip.src, 0);
+            let key = VipKey::v4(ip.src_addr, 0);
             if !owns(idx, &key) {
                 return Err(decision::PASSED_NOT_NEIGHBOR);
             }
-            learn_mac(idx, &eth.src);
-            let fk = flow_key(&key, [u32::from_ne_bytes(ip.dst), 0, 0, 0]);
+            learn_mac(idx, &eth.src_addr);
+            let fk = flow_key(&key, [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0]);
             let Some(flow) = (unsafe { FLOWS.get(&fk) }) else { return Err(decision::PASSED_VSERVER_UNDELIVERED) };
             let Some(p) = maps::reply_path(flow) else { return Err(decision::PASSED_VSERVER_UNDELIVERED) };
             let (out, mac, slot) = (p.out, p.mac, p.slot);
             let client_mac = flow.mac;
             let len = (ctx.data_end() - ctx.data()) as u64;
-            set6(&mut eth.src, &mac);
-            set6(&mut eth.dst, &client_mac);
+            set6(&mut eth.src_addr, &mac);
+            set6(&mut eth.dst_addr, &client_mac);
             maps::count_traffic(slot, len, true);
             if unsafe { bpf_redirect(out, 0) } != XDP_REDIRECT {
                 return Err(decision::PASSED_VSERVER_UNDELIVERED);
