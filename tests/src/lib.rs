@@ -2,6 +2,7 @@
 //! veth topologies, raw packet sockets, and loading the built XDP object.
 pub mod agentproc;
 pub mod bench;
+pub mod crates_bench;
 pub mod cluster;
 pub mod cluster_bench;
 pub mod failover;

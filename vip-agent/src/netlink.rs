@@ -9,9 +9,8 @@ use std::{
     time::Instant,
 };
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
-};
+use futures::TryStreamExt;
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkFlags, LinkMessage},
@@ -84,15 +83,48 @@ pub enum LinkEvent {
     Addresses,
 }
 
-/// An rtnetlink socket for requests.
+/// Requests to the kernel's routing netlink. The slow path (dumps of links, addresses and
+/// routes; address, link and neighbour changes) goes through the `rtnetlink` crate, whose
+/// connection runs on a thread of its own (callers are synchronous, on threads that must
+/// not wait on an executor). The VIPs' local routes, up to 100,000 at a start, go through
+/// a socket of our own in batches of 256 requests per send: measured against `rtnetlink`
+/// in `cargo xtask bench netlink` (docs/design.md).
 pub struct Rtnl {
+    handle: rtnetlink::Handle,
     sock: Socket,
     seq: u32,
+}
+
+/// Runs a request future of the `rtnetlink` handle to completion on the calling thread
+/// (the connection itself runs on its own thread).
+fn wait<T>(f: impl std::future::Future<Output = std::result::Result<T, rtnetlink::Error>>) -> Result<T> {
+    futures::executor::block_on(f).map_err(from_rtnetlink)
+}
+
+fn from_rtnetlink(e: rtnetlink::Error) -> NetlinkError {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => NetlinkError::Refused(m.to_io()),
+        other => NetlinkError::Decode(other.to_string()),
+    }
 }
 
 impl Rtnl {
     pub fn open() -> Result<Rtnl> {
         use std::os::fd::AsRawFd;
+        // The crate's connection: its socket is made here (in this thread's network
+        // namespace) and served by a thread that ends when the handle is dropped.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        let (mut conn, handle, _) = {
+            let _in = rt.enter();
+            rtnetlink::new_connection()?
+        };
+        // Strict checking: a dump's header filters in the kernel (the route dump asks for
+        // the main table only, not the 100,000 VIP routes of the local table).
+        {
+            use netlink_sys::AsyncSocket;
+            conn.socket_mut().socket_mut().set_netlink_get_strict_chk(true)?;
+        }
+        std::thread::Builder::new().name("netlink".into()).spawn(move || rt.block_on(conn))?;
         let mut sock = Socket::new(NETLINK_ROUTE)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
@@ -114,73 +146,19 @@ impl Rtnl {
                 size_of::<libc::timeval>() as u32,
             );
         }
-        Ok(Rtnl { sock, seq: 1 })
-    }
-
-    /// Sends one request and collects the replies until the dump ends or the ack comes.
-    fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        self.seq = self.seq.wrapping_add(1);
-        header.sequence_number = self.seq;
-        let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-        req.finalize();
-        let mut buf = vec![0u8; req.buffer_len()];
-        req.serialize(&mut buf);
-        self.sock.send(&buf, 0)?;
-        let mut out = vec![];
-        let mut rbuf = vec![0u8; 1 << 16];
-        loop {
-            let n = self.sock.recv(&mut &mut rbuf[..], 0)?;
-            let mut off = 0;
-            while off < n {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rbuf[off..n])
-                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
-                let len = m.header.length as usize;
-                if len == 0 {
-                    return Err(NetlinkError::Decode("zero-length message".into()));
-                }
-                off += (len + 3) & !3;
-                if m.header.sequence_number != self.seq {
-                    continue;
-                }
-                match m.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(out),
-                            Some(_) => Err(NetlinkError::Refused(e.to_io())),
-                        }
-                    }
-                    NetlinkPayload::InnerMessage(inner) => {
-                        out.push(inner);
-                        if flags & NLM_F_DUMP == 0 && flags & NLM_F_ACK == 0 {
-                            return Ok(out);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        Ok(Rtnl { handle, sock, seq: 1 })
     }
 
     pub fn links(&mut self) -> Result<Vec<Link>> {
-        let replies = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
-        Ok(replies
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(Link::from_msg(l)),
-                _ => None,
-            })
-            .collect())
+        let msgs: Vec<LinkMessage> = wait(self.handle.link().get().execute().try_collect())?;
+        Ok(msgs.iter().map(Link::from_msg).collect())
     }
 
     /// Addresses by ifindex.
     pub fn addresses(&mut self) -> Result<Vec<(u32, Subnet)>> {
-        let replies = self.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)?;
+        let msgs: Vec<AddressMessage> = wait(self.handle.address().get().execute().try_collect())?;
         let mut out = vec![];
-        for m in &replies {
-            let RouteNetlinkMessage::NewAddress(a) = m else { continue };
+        for a in &msgs {
             // IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS otherwise.
             let local = a.attributes.iter().find_map(|x| match x {
                 AddressAttribute::Local(ip) => Some(*ip),
@@ -205,9 +183,9 @@ impl Rtnl {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut req = RouteMessage::default();
             req.header.address_family = family;
-            let replies = self.request(RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)?;
-            for m in &replies {
-                let RouteNetlinkMessage::NewRoute(r) = m else { continue };
+            req.header.table = RouteHeader::RT_TABLE_MAIN;
+            let msgs: Vec<RouteMessage> = wait(self.handle.route().get(req).execute().try_collect())?;
+            for r in &msgs {
                 let table = r.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Table(t) => Some(*t),
                     _ => None,
@@ -243,7 +221,7 @@ impl Rtnl {
         m.header.index = ifindex;
         m.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
         m.header.change_mask = LinkFlags::Up;
-        self.request(RouteNetlinkMessage::SetLink(m), NLM_F_ACK).map(|_| ())
+        wait(self.handle.link().set(m).execute())
     }
 
     fn address_msg(ifindex: u32, s: &Subnet) -> AddressMessage {
@@ -261,20 +239,18 @@ impl Rtnl {
 
     /// Adds an address; fails with EEXIST if it is already there.
     pub fn add_address(&mut self, ifindex: u32, s: &Subnet) -> Result<()> {
-        let m = Self::address_msg(ifindex, s);
-        self.request(RouteNetlinkMessage::NewAddress(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).map(|_| ())
+        wait(self.handle.address().add(ifindex, s.addr, s.prefix).execute())
     }
 
     pub fn del_address(&mut self, ifindex: u32, s: &Subnet) -> Result<()> {
-        let m = Self::address_msg(ifindex, s);
-        self.request(RouteNetlinkMessage::DelAddress(m), NLM_F_ACK).map(|_| ())
+        wait(self.handle.address().del(Self::address_msg(ifindex, s)).execute())
     }
 
     /// A route of type `local` for a prefix of VIPs in the local table, through `lo`: the
     /// host takes its addresses as its own (traffic to them is delivered, sockets bind to
     /// them, replies leave from them) without holding them on an interface (adding
     /// addresses is O(n) each in the kernel). Tagged with [`VIP_ROUTE_PROTOCOL`].
-    fn local_route_msg(lo: u32, p: &Subnet) -> RouteMessage {
+    pub fn local_route_msg(lo: u32, p: &Subnet) -> RouteMessage {
         let mut m = RouteMessage::default();
         let prefix = p.prefix;
         let (family, dst) = match p.addr {
@@ -309,22 +285,21 @@ impl Rtnl {
     /// add MAC dev DEV self permanent` does): a NIC then receives frames sent to a MAC that
     /// moved to it. Devices without a filter go promiscuous instead (the kernel's choice).
     pub fn set_unicast_filter(&mut self, ifindex: u32, mac: [u8; 6], add: bool) -> Result<()> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Bridge;
-        m.header.ifindex = ifindex;
-        m.header.state = NeighbourState::Permanent;
-        m.header.flags = NeighbourFlags::Own;
-        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        if add {
-            match self.request(RouteNetlinkMessage::NewNeighbour(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL) {
-                Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-                r => r.map(|_| ()),
-            }
+        let r = if add {
+            wait(self.handle.neighbours().add_bridge(ifindex, &mac).state(NeighbourState::Permanent).flags(NeighbourFlags::Own).execute())
         } else {
-            match self.request(RouteNetlinkMessage::DelNeighbour(m), NLM_F_ACK) {
-                Err(NetlinkError::Refused(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                r => r.map(|_| ()),
-            }
+            let mut m = NeighbourMessage::default();
+            m.header.family = AddressFamily::Bridge;
+            m.header.ifindex = ifindex;
+            m.header.state = NeighbourState::Permanent;
+            m.header.flags = NeighbourFlags::Own;
+            m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+            wait(self.handle.neighbours().del(m).execute())
+        };
+        match r {
+            Err(NetlinkError::Refused(e)) if add && e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(NetlinkError::Refused(e)) if !add && e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
         }
     }
 
@@ -332,24 +307,23 @@ impl Rtnl {
     /// (both families), so the next packet to each asks again at once instead of after the
     /// kernel's retransmit time (a second). Returns how many went.
     pub fn flush_unresolved(&mut self, ifindex: u32) -> Result<usize> {
+        let mut msgs: Vec<NeighbourMessage> = vec![];
+        for f in [AddressFamily::Inet, AddressFamily::Inet6] {
+            msgs.extend(wait(self.handle.neighbours().get().set_address_family(f).execute().try_collect::<Vec<_>>())?);
+        }
         let mut n = 0;
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut req = NeighbourMessage::default();
-            req.header.family = family;
-            req.header.ifindex = ifindex;
-            req.attributes.push(NeighbourAttribute::IfIndex(ifindex));
-            let replies = self.request(RouteNetlinkMessage::GetNeighbour(req), NLM_F_DUMP)?;
-            for m in replies {
-                let RouteNetlinkMessage::NewNeighbour(nb) = m else { continue };
-                if nb.header.ifindex != ifindex || !matches!(nb.header.state, NeighbourState::Incomplete | NeighbourState::Failed) {
-                    continue;
-                }
-                let mut del = NeighbourMessage::default();
-                del.header = nb.header.clone();
-                del.attributes = nb.attributes.iter().filter(|a| matches!(a, NeighbourAttribute::Destination(_))).cloned().collect();
-                if self.request(RouteNetlinkMessage::DelNeighbour(del), NLM_F_ACK).is_ok() {
-                    n += 1;
-                }
+        for nb in msgs {
+            if nb.header.ifindex != ifindex
+                || !matches!(nb.header.family, AddressFamily::Inet | AddressFamily::Inet6)
+                || !matches!(nb.header.state, NeighbourState::Incomplete | NeighbourState::Failed)
+            {
+                continue;
+            }
+            let mut del = NeighbourMessage::default();
+            del.header = nb.header.clone();
+            del.attributes = nb.attributes.iter().filter(|a| matches!(a, NeighbourAttribute::Destination(_))).cloned().collect();
+            if wait(self.handle.neighbours().del(del).execute()).is_ok() {
+                n += 1;
             }
         }
         Ok(n)

@@ -92,6 +92,14 @@ enum Bench {
         #[arg(long)]
         quick: bool,
     },
+    /// The design's crates beside the hand-written code kept where they would be slower:
+    /// the VIPs' local routes by the agent's batched netlink socket and by rtnetlink (3
+    /// and 100,000), and the rtnetlink dumps with 100,000 routes in the table.
+    Crates {
+        /// Fewer rounds, for a quick look (the docs are not rewritten).
+        #[arg(long)]
+        quick: bool,
+    },
     /// 1,000, 10,000 and 100,000 VIPs on one agent: start-up, memory (agent and BPF maps),
     /// event to maps written over 60 cable pulls, clients' outage, status time; a table and
     /// a plot (docs/scale.svg).
@@ -429,6 +437,16 @@ fn bench(which: Bench) -> Result<()> {
                 cmd.args(["--write", "docs/benchmarks.md"]);
             }
             sh(cmd.current_dir(workspace_root()).env("VIP_EBPF_OBJECT", &obj).env("VIP_AGENT_BIN", &agent))
+        }
+        Bench::Crates { quick } => {
+            let mut cmd = Command::new("cargo");
+            cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "crates"]);
+            if quick {
+                cmd.args(["--rounds", "2"]);
+            } else {
+                cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            sh(cmd.current_dir(workspace_root()).env("VIP_EBPF_OBJECT", &obj))
         }
         Bench::Scale { quick } => {
             let agent = build_agent(true)?;

@@ -69,6 +69,14 @@ enum Which {
         #[arg(long)]
         write: Option<String>,
     },
+    Crates {
+        /// Rounds per variant.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Write the report into this Markdown file (its `crates` section).
+        #[arg(long)]
+        write: Option<String>,
+    },
     Scale {
         /// VIP counts, one agent each, in one run.
         #[arg(long, value_delimiter = ',', default_values_t = [3, 1_000, 10_000, 100_000])]
@@ -90,6 +98,15 @@ fn main() {
             println!("{report}");
             if let Some(path) = write {
                 write_section(&path, "cluster", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+                println!("written to {path}");
+            }
+            return;
+        }
+        Which::Crates { rounds, write } => {
+            let report = vip_tests::crates_bench::run(rounds);
+            println!("{report}");
+            if let Some(path) = write {
+                write_section(&path, "crates", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
                 println!("written to {path}");
             }
             return;
