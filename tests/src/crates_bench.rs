@@ -6,6 +6,8 @@
 //!   `rtnetlink` (each route a request of its own, 256 in flight), at 3 and 100,000 routes;
 //!   and the `rtnetlink` dumps the agent now makes (links, addresses, routes) with 100,000
 //!   local routes in the table.
+//! - **Metrics**: the Prometheus exposition, encoded by `prometheus-client` at each scrape,
+//!   at 3, 1,024 (the most with per-VIP series) and 100,000 VIPs (groups only).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -123,5 +125,54 @@ pub fn run(rounds: usize) -> String {
         s += &row("routes (both families)", &dist(r));
         s
     });
-    format!("## The design's crates (`cargo xtask bench crates`)\n\nMachine: {}\n\n{report}", crate::bench::machine())
+    format!("## The design's crates (`cargo xtask bench crates`)\n\nMachine: {}\n\n{report}\n{}", crate::bench::machine(), metrics(rounds))
+}
+
+/// A status as a scrape sees it: `n` VIPs on 3 adapters, in groups of 1,000.
+fn status(n: usize) -> vip_agent::status::Status {
+    let adapters: Vec<serde_json::Value> = (0..3)
+        .map(|i| serde_json::json!({"name": format!("eth{i}"), "ifindex": i + 2, "mac": null, "slot": i, "state": "up", "since": 0.0, "vips": n, "max_vips": null}))
+        .collect();
+    let vips: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 1)) + i as u32);
+            serde_json::json!({"address": a.to_string(), "vlan": 0, "id": i, "state": "active", "failover": true,
+                "answering": ["eth0", "eth1", "eth2"], "answers": i * 7})
+        })
+        .collect();
+    let groups: Vec<serde_json::Value> = (0..n.div_ceil(1000))
+        .map(|g| serde_json::json!({"first": format!("g{g}a"), "last": format!("g{g}b"), "count": 1000, "vlan": 0, "mode": "spread",
+            "adapters": ["eth0", "eth1", "eth2"], "answering": ["eth0", "eth1", "eth2"], "away": false, "stranded": false}))
+        .collect();
+    let decisions: Vec<(String, u64)> = (0..30).map(|d| (format!("decision_{d}"), d * 1000)).collect();
+    serde_json::from_value(serde_json::json!({
+        "config": "/etc/vip/agent.toml", "pin_path": "/sys/fs/bpf/vip", "started": 0.0, "adopted": false,
+        "adapters": adapters, "vips": vips, "groups": groups, "failovers": [], "refusals": [], "decisions": decisions,
+        "announcements_sent": 5, "announcements_queued": 0,
+        "maps_written": {"counts": [1, 2, 3], "sum_ns": 1000, "count": 6}, "first_announcement": {"counts": [], "sum_ns": 0, "count": 0}
+    }))
+    .expect("a status")
+}
+
+fn metrics(rounds: usize) -> String {
+    let mut s = String::from(
+        "### Metrics: the Prometheus exposition by `prometheus-client`\n\n\
+         Time to encode one scrape from a status (the agent does it on a blocking thread of its\n\
+         control runtime, never on the event loop), and the bytes sent.\n\n\
+         | VIPs | median ms | min | max | bytes |\n|---|---|---|---|---|\n",
+    );
+    for n in [3usize, 1024, 100_000] {
+        let st = std::sync::Arc::new(status(n));
+        let mut t = vec![];
+        let mut bytes = 0;
+        for _ in 0..rounds.max(5) {
+            let st = st.clone();
+            let t0 = Instant::now();
+            bytes = vip_agent::metrics::encode(st, None).len();
+            t.push(ms(t0.elapsed()));
+        }
+        let d = dist(t);
+        s += &format!("| {n} | {:.3} | {:.3} | {:.3} | {bytes} |\n", d.median, d.min, d.max);
+    }
+    s
 }

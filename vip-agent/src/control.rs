@@ -136,18 +136,16 @@ pub async fn serve_metrics(listener: TcpListener, current: CurrentInbox, counter
             let Some(snap) = snapshot(&current).await else { return };
             let per_vip = snap.vips.len() <= PER_VIP_MAX;
             let Ok(body) = tokio::task::spawn_blocking(move || {
-                let mut body = build(snap, &counters, per_vip).prometheus();
-                if let Some(st) = cluster.and_then(|h| h.status(std::time::Duration::from_secs(1))) {
-                    body.push_str(&crate::status::cluster_prometheus(&st));
-                }
-                body
+                let st = cluster.and_then(|h| h.status(std::time::Duration::from_secs(1)));
+                crate::metrics::encode(Arc::new(build(snap, &counters, per_vip)), st)
             })
             .await
             else {
                 return;
             };
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                crate::metrics::CONTENT_TYPE,
                 body.len()
             );
             let _ = stream.write_all(head.as_bytes()).await;

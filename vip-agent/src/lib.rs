@@ -10,6 +10,7 @@ pub mod conflict;
 pub mod control;
 pub mod dataplane;
 pub mod host;
+pub mod metrics;
 pub mod netlink;
 pub mod packet;
 pub mod runtime;

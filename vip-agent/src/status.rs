@@ -34,20 +34,6 @@ impl Histogram {
         self.sum_ns += ns;
         self.count += 1;
     }
-
-    /// Prometheus text lines for a histogram in seconds.
-    pub fn prometheus(&self, name: &str, help: &str, out: &mut String) {
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cum = 0;
-        for (i, b) in BUCKETS_NS.iter().enumerate() {
-            cum += self.counts.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1e9);
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum_ns as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -256,73 +242,6 @@ pub fn unix_now() -> f64 {
 
 impl Status {
     /// The figures in Prometheus text format.
-    pub fn prometheus(&self) -> String {
-        use std::fmt::Write;
-        let mut o = String::new();
-        // One series per adapter: its state in a label would start a new series at every
-        // change (the state itself is in `vip-agent status`).
-        let _ = writeln!(o, "# HELP vip_adapter_up 1 if the adapter answers (up or in hold-down), else 0.\n# TYPE vip_adapter_up gauge");
-        for a in &self.adapters {
-            let up = matches!(a.state.as_str(), "up" | "hold-down") as u8;
-            let _ = writeln!(o, "vip_adapter_up{{adapter=\"{}\"}} {up}", a.name);
-        }
-        let per_vip = self.vips.len() <= PER_VIP_MAX;
-        if per_vip {
-            let _ = writeln!(o, "# HELP vip_vip_answering Adapters answering for the VIP right now.\n# TYPE vip_vip_answering gauge");
-            for v in &self.vips {
-                let _ = writeln!(o, "vip_vip_answering{{vip=\"{}\",vlan=\"{}\",state=\"{}\"}} {}", v.address, v.vlan, v.state, v.answering.len());
-            }
-            let _ = writeln!(o, "# HELP vip_answers_total ARP replies and NAs sent for the VIP by the data plane.\n# TYPE vip_answers_total counter");
-            for v in &self.vips {
-                let _ = writeln!(o, "vip_answers_total{{vip=\"{}\",vlan=\"{}\"}} {}", v.address, v.vlan, v.answers);
-            }
-        }
-        let _ = writeln!(o, "# HELP vip_group_answering Adapters answering for a group of VIPs placed alike.\n# TYPE vip_group_answering gauge");
-        for g in &self.groups {
-            let _ = writeln!(o, "vip_group_answering{{first=\"{}\",last=\"{}\",vlan=\"{}\"}} {}", g.first, g.last, g.vlan, g.answering.len());
-        }
-        let _ = writeln!(o, "# HELP vip_vips VIPs configured, by state.\n# TYPE vip_vips gauge");
-        for st in ["active", "refused"] {
-            let _ = writeln!(o, "vip_vips{{state=\"{st}\"}} {}", self.vips.iter().filter(|v| v.state == st).count());
-        }
-        let _ = writeln!(o, "# HELP vip_adapter_answers_total ARP replies and NAs sent by the adapter.\n# TYPE vip_adapter_answers_total counter");
-        for a in &self.adapters {
-            let _ = writeln!(o, "vip_adapter_answers_total{{adapter=\"{}\"}} {}", a.name, a.answers);
-        }
-        let _ = writeln!(o, "# HELP vip_decisions_total Frames seen by the data plane, by decision.\n# TYPE vip_decisions_total counter");
-        for (d, n) in &self.decisions {
-            let _ = writeln!(o, "vip_decisions_total{{decision=\"{d}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP vip_failovers_total Adapter state changes acted on.\n# TYPE vip_failovers_total counter");
-        let _ = writeln!(o, "vip_failovers_total {}", self.maps_written.count);
-        let _ = writeln!(o, "# HELP vip_refusals_total VIP placements refused.\n# TYPE vip_refusals_total counter");
-        let _ = writeln!(o, "vip_refusals_total {}", self.refusals_total);
-        let _ = writeln!(o, "# HELP vip_reloads_total Live reloads of the config applied.\n# TYPE vip_reloads_total counter");
-        let _ = writeln!(o, "vip_reloads_total {}", self.reloads);
-        let _ = writeln!(o, "# HELP vip_send_errors_total Announcements and corrections the kernel refused to send.\n# TYPE vip_send_errors_total counter");
-        let _ = writeln!(o, "vip_send_errors_total {}", self.send_errors);
-        let _ = writeln!(o, "# HELP vip_announcements_sent_total Gratuitous ARPs and unsolicited NAs sent.\n# TYPE vip_announcements_sent_total counter");
-        let _ = writeln!(o, "vip_announcements_sent_total {}", self.announcements_sent);
-        let _ = writeln!(o, "# HELP vip_egress_total Frames leaving adapters, by egress steering decision.\n# TYPE vip_egress_total counter");
-        for (d, n) in &self.egress {
-            let _ = writeln!(o, "vip_egress_total{{decision=\"{d}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP vip_adapter_load_bytes_per_second VIP traffic through the adapter.\n# TYPE vip_adapter_load_bytes_per_second gauge");
-        for a in &self.adapters {
-            let _ = writeln!(o, "vip_adapter_load_bytes_per_second{{adapter=\"{}\"}} {}", a.name, a.load_bytes_per_s);
-        }
-        let _ = writeln!(o, "# HELP vip_clients Entries in the client table.\n# TYPE vip_clients gauge");
-        let _ = writeln!(o, "vip_clients {}", self.clients_total);
-        let _ = writeln!(o, "# HELP vip_clients_moved_total Unicast updates sent to clients moved to another adapter.\n# TYPE vip_clients_moved_total counter");
-        let _ = writeln!(o, "vip_clients_moved_total {}", self.clients_moved);
-        let _ = writeln!(o, "# HELP vip_corrections_sent_total Unicast corrections sent to stragglers.\n# TYPE vip_corrections_sent_total counter");
-        let _ = writeln!(o, "vip_corrections_sent_total {}", self.corrections_sent);
-        self.maps_written.prometheus("vip_failover_maps_written_seconds", "Netlink event received to maps written.", &mut o);
-        self.first_announcement
-            .prometheus("vip_failover_first_announcement_seconds", "Netlink event received to first announcement sent.", &mut o);
-        o
-    }
-
     /// Only what concerns one VIP and/or one adapter (`status --vip`, `--adapter`): the
     /// adapters, VIPs, groups, clients, failovers and refusals that name them.
     pub fn filtered(mut self, vip: Option<std::net::IpAddr>, adapter: Option<&str>) -> Status {
@@ -842,45 +761,6 @@ pub fn cluster_human(s: &vip_cluster::node::ClusterStatus) -> String {
 }
 
 /// The cluster's Prometheus metrics, as this node sees it.
-pub fn cluster_prometheus(s: &vip_cluster::node::ClusterStatus) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let g = |o: &mut String, name: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
-    };
-    g(&mut o, "vip_cluster_leader", "1 if this node leads the cluster.");
-    let _ = writeln!(o, "vip_cluster_leader {}", u8::from(s.i_lead));
-    g(&mut o, "vip_cluster_etcd_connected", "1 if etcd answered in the last 3 s (0: decisions frozen).");
-    let _ = writeln!(o, "vip_cluster_etcd_connected {}", u8::from(s.etcd_connected));
-    g(&mut o, "vip_cluster_deadline_seconds", "How long this node may still answer its cluster VIPs without new proof (negative: silent).");
-    let _ = writeln!(o, "vip_cluster_deadline_seconds {:.4}", s.deadline_ms / 1e3);
-    g(&mut o, "vip_cluster_groups_held", "Groups of cluster VIPs this node answers.");
-    let _ = writeln!(o, "vip_cluster_groups_held {}", s.holding.len());
-    g(&mut o, "vip_cluster_node_health", "1 for each node's current health (seed 003).");
-    for n in &s.nodes {
-        let _ = writeln!(o, "vip_cluster_node_health{{node=\"{}\",health=\"{}\"}} 1", n.name, n.health);
-    }
-    g(&mut o, "vip_cluster_peer_heard_seconds", "Time since each peer's last heartbeat reached this node.");
-    for n in s.nodes.iter().filter(|n| n.name != s.node) {
-        if let Some(h) = n.heard_ms {
-            let _ = writeln!(o, "vip_cluster_peer_heard_seconds{{node=\"{}\"}} {:.4}", n.name, h / 1e3);
-        }
-    }
-    g(&mut o, "vip_cluster_takeovers", "Takeovers in the cluster's record (the last 64).");
-    let _ = writeln!(o, "vip_cluster_takeovers {}", s.takeovers.len());
-    if let Some(t) = s.takeovers.last() {
-        // From the last heartbeat the leader heard (or the suspicion, when not known).
-        let from = if t.silent_since > 0.0 { t.silent_since } else { t.suspected_at };
-        g(&mut o, "vip_cluster_last_takeover_seconds", "The last takeover's phases, from the failed node's last heartbeat heard by the leader.");
-        for (phase, at) in [("suspected", t.suspected_at), ("decided", t.decided_at), ("answered", t.answered_at)] {
-            if at > 0.0 {
-                let _ = writeln!(o, "vip_cluster_last_takeover_seconds{{phase=\"{phase}\"}} {:.4}", (at - from).max(0.0));
-            }
-        }
-    }
-    o
-}
-
 #[cfg(test)]
 mod cluster_tests {
     use vip_cluster::node::{ClusterStatus, NodeStatus};
@@ -907,19 +787,21 @@ mod cluster_tests {
             }],
             ..Default::default()
         };
-        let m = super::cluster_prometheus(&s);
+        let m = crate::metrics::encode(Default::default(), Some(s));
         for line in [
             "vip_cluster_leader 1",
             "vip_cluster_etcd_connected 1",
             "vip_cluster_deadline_seconds 0.0625",
             "vip_cluster_groups_held 1",
             "vip_cluster_node_health{node=\"n1\",health=\"failed\"} 1",
-            "vip_cluster_peer_heard_seconds{node=\"n1\"} 1.5000",
-            "vip_cluster_last_takeover_seconds{phase=\"suspected\"} 0.1000",
-            "vip_cluster_last_takeover_seconds{phase=\"decided\"} 0.1100",
-            "vip_cluster_last_takeover_seconds{phase=\"answered\"} 0.1200",
+            "vip_cluster_peer_heard_seconds{node=\"n1\"} 1.5",
         ] {
             assert!(m.lines().any(|l| l == line), "no {line:?} in:\n{m}");
+        }
+        for (phase, want) in [("suspected", 0.1), ("decided", 0.11), ("answered", 0.12)] {
+            let head = format!("vip_cluster_last_takeover_seconds{{phase=\"{phase}\"}} ");
+            let v: f64 = m.lines().find_map(|l| l.strip_prefix(&head)).unwrap_or_else(|| panic!("no {head:?} in:\n{m}")).parse().unwrap();
+            assert!((v - want).abs() < 1e-9, "{phase}: {v}");
         }
         assert!(!m.contains("vip_cluster_peer_heard_seconds{node=\"n0\"}"), "a node does not hear itself");
     }
@@ -949,7 +831,7 @@ mod dashboard_tests {
             takeovers: vec![vip_cluster::records::TakeoverRecord { suspected_at: 1.0, decided_at: 1.1, answered_at: 1.2, ..Default::default() }],
             ..Default::default()
         };
-        let exported = format!("{}{}", super::Status::default().prometheus(), super::cluster_prometheus(&cluster));
+        let exported = crate::metrics::encode(Default::default(), Some(cluster));
         let mut seen = 0;
         for e in &exprs {
             for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("vip_")) {
