@@ -42,7 +42,11 @@ impl Rng {
     }
 }
 
-const FRAMES: usize = 120_000;
+/// Frames per run: `VIP_FUZZ_FRAMES` (`cargo xtask fuzz` runs 1,000,000 per seed), else
+/// the suite's shorter run.
+fn frames() -> usize {
+    std::env::var("VIP_FUZZ_FRAMES").ok().and_then(|s| s.replace('_', "").parse().ok()).unwrap_or(120_000)
+}
 
 fn macs(r: &mut Rng) -> [u8; 6] {
     r.pick(&[CLIENT_MAC, UP_MAC, OTHER_MAC, BROADCAST, [0; 6], [0x33, 0x33, 0xff, 0, 0, 0x10], [1, 0, 0x5e, 0, 0, 1]])
@@ -157,19 +161,22 @@ fn mutate(r: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
     f
 }
 
-fn frame(r: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    match r.below(10) {
+fn frame(r: &mut Rng, seeds: &[Vec<u8>], rows: &[Vec<u8>]) -> Vec<u8> {
+    match r.below(12) {
         0 | 1 => structured_arp(r),
         2 | 3 => structured_nd(r),
         4..=6 => {
             let s = r.pick(seeds);
             mutate(r, s)
         }
-        7 => {
-            
-            r.pick(seeds)
-        }
+        7 => r.pick(seeds),
+        // Every row of the packet table, as it is and mutated.
         8 => {
+            let s = r.pick(rows);
+            mutate(r, s)
+        }
+        9 => r.pick(rows),
+        10 => {
             // Random bytes behind a neighbor-discovery ethertype.
             let n = 14 + r.below(120);
             let mut f = r.bytes(n);
@@ -202,12 +209,15 @@ fn fuzz_frames() {
     let seed = std::env::var("VIP_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_abcd_0001u64);
     eprintln!("fuzz seed {seed:#x} (set VIP_FUZZ_SEED to replay)");
     let env = TableEnv::new();
+    // Mutations start from the valid requests and from every row of the packet table.
     let seeds: Vec<Vec<u8>> = valid_requests().into_iter().map(|(_, f)| f).collect();
+    let rows: Vec<Vec<u8>> = vip_tests::fixtures::table().into_iter().map(|r| r.frame).collect();
+    let frames = frames();
     let (answered, valid) = env.within(|env| {
         let mut r = Rng(seed);
         let (mut answered, mut valid) = (0usize, 0usize);
-        for i in 0..FRAMES {
-            let f = frame(&mut r, &seeds);
+        for i in 0..frames {
+            let f = frame(&mut r, &seeds, &rows);
             let on = r.pick(&ARRIVALS);
             let q = parse_question(&f);
             valid += q.is_some() as usize;
@@ -252,6 +262,6 @@ fn fuzz_frames() {
         }
         (answered, valid)
     });
-    eprintln!("{FRAMES} frames: {valid} valid questions, {answered} answered");
-    assert!(answered > FRAMES / 50, "the generator must reach the answer path often ({answered})");
+    eprintln!("fuzz seed {seed:#x}: {frames} frames, {valid} valid questions, {answered} answered");
+    assert!(answered > frames / 50, "the generator must reach the answer path often ({answered})");
 }

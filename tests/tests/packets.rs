@@ -133,6 +133,43 @@ fn removed_vip_and_adapter_stop_answers() {
     assert_eq!(after[decision::PASSED_ADAPTER_UNKNOWN as usize], before[decision::PASSED_ADAPTER_UNKNOWN as usize] + 1);
 }
 
+/// The VIP filter (`VIP_FILTER`): every hosted VIP's bit is set; an address that is no VIP
+/// but shares a VIP's bit goes on to the hash lookup and is passed, untouched; removing a
+/// VIP clears its bit (no other VIP shares it), and adding it back sets it first.
+#[test]
+fn the_vip_filter_never_hides_a_vip_and_forgets_removed_ones() {
+    if !root_or_skip("the_vip_filter_never_hides_a_vip_and_forgets_removed_ones") {
+        return;
+    }
+    use vip_common::{filter_bit, VipKey};
+    use vip_tests::fixtures::{hosted, ipv4_to, UP_MAC, VIP4};
+    let mut env = TableEnv::new();
+    for k in hosted() {
+        assert!(env.dp.maybe_vip(&k), "{k:?} has no filter bit");
+    }
+    // An address of 10.0.0.0/8 whose bit is VIP4's.
+    let vip = VipKey::v4(VIP4.octets(), 0);
+    let twin = (1u32..1 << 24)
+        .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 | i))
+        .find(|a| filter_bit(&VipKey::v4(a.octets(), 0)) == filter_bit(&vip))
+        .expect("an address sharing VIP4's bit");
+    let f = ipv4_to(UP_MAC, twin);
+    let before = env.dp.decisions().unwrap();
+    let out = env.within(|env| env.run(&f, Arrival::Up));
+    let after = env.dp.decisions().unwrap();
+    assert_eq!((out.action, &out.output), (XDP_PASS, &f), "a frame to {twin} (VIP4's bit)");
+    let d = decision::PASSED_NOT_NEIGHBOR as usize;
+    assert_eq!(after[d], before[d] + 1, "{twin} went through the hash lookup and passed as no VIP");
+    assert!(hosted().iter().filter(|k| **k != vip).all(|k| filter_bit(k) != filter_bit(&vip)), "the fixture's VIPs share a bit");
+    env.dp.remove_vip(vip).expect("remove");
+    assert!(!env.dp.maybe_vip(&vip), "a removed VIP's bit stays set");
+    assert!(hosted().iter().filter(|k| **k != vip).all(|k| env.dp.maybe_vip(k)), "removing one VIP cleared another's bit");
+    env.dp.set_vip(vip, vip_common::VipInfo { policy: 0, id: 0, flags: 0, _pad: 0 }).expect("re-add");
+    assert!(env.dp.maybe_vip(&vip));
+    let arp = valid_requests()[0].1.clone();
+    env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_TX));
+}
+
 #[test]
 fn every_truncation_is_passed() {
     if !root_or_skip("every_truncation_is_passed") {

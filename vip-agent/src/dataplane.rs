@@ -75,6 +75,8 @@ pub struct Dataplane {
     macs: HashMap<MapData, MacKey, u32>,
     events: Option<aya::maps::RingBuf<MapData>>,
     settings: Array<MapData, u32>,
+    /// VIP_FILTER: a bit per VIP key hash, set before an entry is written.
+    filter: MmapArray,
     /// The programs' own log records (aya-log), when loaded with a level.
     logs: Option<EbpfLog>,
 }
@@ -297,7 +299,10 @@ impl Dataplane {
         let mut layout: Array<_, u32> = Array::try_from(ebpf.map_mut(names::LAYOUT).ok_or(DataplaneError::MissingMap(names::LAYOUT))?)
             .map_err(map_err(names::LAYOUT))?;
         layout.set(0, vip_common::LAYOUT_VERSION, 0).map_err(map_err(names::LAYOUT))?;
-        Self::finish(ebpf, log_level)
+        let dp = Self::finish(ebpf, log_level)?;
+        // The filter as the adopted entries need it (a no-op when it was pinned with them).
+        dp.filter_rebuild()?;
+        Ok(dp)
     }
 
     /// The layout version pinned at `path` (None: no such pin, or unreadable).
@@ -339,9 +344,10 @@ fn read_layout(path: &Path) -> Option<u32> {
         let macs = HashMap::try_from(take(&mut ebpf, names::MACS)?).map_err(map_err(names::MACS))?;
         let events = Some(aya::maps::RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?);
         let settings = Array::try_from(take(&mut ebpf, names::SETTINGS)?).map_err(map_err(names::SETTINGS))?;
+        let filter = MmapArray::require(take(&mut ebpf, names::VIP_FILTER)?, names::VIP_FILTER, vip_common::FILTER_WORDS, 8)?;
         // Without a level the ring stays empty: nobody needs to read it.
         let logs = if log_level > 0 { Some(aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog).map_err(|e| DataplaneError::Logs(e.to_string()))?) } else { None };
-        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events, settings, logs })
+        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events, settings, filter, logs })
     }
 
     /// `[steering] learn_from_traffic` (`vip_common::SETTING_LEARN_TRAFFIC`).
@@ -616,22 +622,58 @@ fn read_layout(path: &Path) -> Option<u32> {
     }
 
     /// Adds or replaces a VIP.
+    /// Sets the filter bits of `keys` (before their entries are written: a frame never
+    /// finds an entry behind a clear bit).
+    fn filter_add(&self, keys: &[VipKey]) {
+        for k in keys {
+            let b = vip_common::filter_bit(k);
+            let (i, m) = ((b >> 6) as usize, 1u64 << (b & 63));
+            let w = self.filter.load(i);
+            if w & m == 0 {
+                self.filter.store(i, w | m);
+            }
+        }
+    }
+
+    /// Recomputes the filter from the entries in VIPS (after removals): clears the bits no
+    /// entry needs, never one an entry needs.
+    fn filter_rebuild(&self) -> Result<()> {
+        let mut words = vec![0u64; vip_common::FILTER_WORDS as usize];
+        for k in self.vip_keys()? {
+            let b = vip_common::filter_bit(&k);
+            words[(b >> 6) as usize] |= 1u64 << (b & 63);
+        }
+        for (i, w) in words.into_iter().enumerate() {
+            if self.filter.load(i) != w {
+                self.filter.store(i, w);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `key`'s bit is set in VIP_FILTER (false: certainly not a VIP).
+    pub fn maybe_vip(&self, key: &VipKey) -> bool {
+        let b = vip_common::filter_bit(key);
+        self.filter.load((b >> 6) as usize) & (1u64 << (b & 63)) != 0
+    }
+
     pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
+        self.filter_add(&[key]);
         self.vips.insert(key, info, 0).map_err(|source| DataplaneError::Map { map: names::VIPS, source })
     }
 
     /// Adds or replaces many VIPs, thousands per syscall.
     pub fn set_vips(&mut self, keys: &[VipKey], infos: &[VipInfo]) -> Result<()> {
         use std::os::fd::AsFd;
+        self.filter_add(keys);
         crate::bpfsys::update(self.vips_fd.as_fd(), keys, infos).map_err(|source| DataplaneError::Batch { map: names::VIPS, source })
     }
 
     /// Removes many VIPs.
     pub fn remove_vips(&mut self, keys: &[VipKey]) -> Result<()> {
         use std::os::fd::AsFd;
-        crate::bpfsys::delete(self.vips_fd.as_fd(), keys)
-            .map(|_| ())
-            .map_err(|source| DataplaneError::Batch { map: names::VIPS, source })
+        crate::bpfsys::delete(self.vips_fd.as_fd(), keys).map_err(|source| DataplaneError::Batch { map: names::VIPS, source })?;
+        self.filter_rebuild()
     }
 
     /// Every VIP entry (batched reads), for reconciling an adopted map.
@@ -641,7 +683,8 @@ fn read_layout(path: &Path) -> Option<u32> {
     }
 
     pub fn remove_vip(&mut self, key: VipKey) -> Result<()> {
-        self.vips.remove(&key).map_err(|source| DataplaneError::Map { map: names::VIPS, source })
+        self.vips.remove(&key).map_err(|source| DataplaneError::Map { map: names::VIPS, source })?;
+        self.filter_rebuild()
     }
 
     /// Decision counters summed over CPUs, indexed by `vip_common::decision`.

@@ -51,16 +51,20 @@ pub mod names {
     pub const LAYOUT: &str = "LAYOUT";
     /// The agent's switches for the data plane ([`super::SETTING_LEARN_TRAFFIC`], ...).
     pub const SETTINGS: &str = "SETTINGS";
+    /// One bit per hash of every VIP key ([`super::filter_bit`]): a frame whose
+    /// destination's bit is clear is not for a VIP, told without a hash lookup.
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     /// Every map the agent pins (and removes on a full stop).
-    pub const PINNED_MAPS: [&str; 16] = [
+    pub const PINNED_MAPS: [&str; 17] = [
         VIPS, POLICIES, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS, FENCE, LAYOUT, SETTINGS,
+        VIP_FILTER,
     ];
 }
 
 /// The layout of the pinned maps (their keys, values and sizes). An agent refuses pins of
 /// another layout rather than misread them. Raise it with any change to a pinned map's
 /// key or value type, or its size.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Entries of `SETTINGS` (u32 each).
 pub const SETTINGS_LEN: u32 = 4;
@@ -91,6 +95,21 @@ pub struct VipKey {
     pub family: u8,
     pub _pad: u8,
 }
+
+/// `VIP_FILTER`'s size in u64 words: 4,194,304 bits (512 KiB), so 100,000 VIPs set about
+/// one bit in 42 and 42 of 43 frames to other addresses leave after one array read.
+pub const FILTER_WORDS: u32 = 1 << 16;
+const FILTER_BITS_LOG2: u32 = 22;
+
+/// The bit of `VIP_FILTER` a VIP key sets (Fibonacci hashing of the key's words: the
+/// product's top bits depend on every bit of the address).
+#[inline(always)]
+pub fn filter_bit(k: &VipKey) -> u32 {
+    let x = k.addr[0] ^ k.addr[1].rotate_left(7) ^ k.addr[2].rotate_left(14) ^ k.addr[3].rotate_left(21) ^ ((k.vlan as u32) << 8) ^ k.family as u32;
+    x.wrapping_mul(0x9E37_79B1) >> (32 - FILTER_BITS_LOG2)
+}
+
+const _: () = assert!(1u64 << FILTER_BITS_LOG2 == FILTER_WORDS as u64 * 64);
 
 impl VipKey {
     #[inline(always)]

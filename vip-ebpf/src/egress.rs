@@ -52,6 +52,9 @@ fn try_egress(ctx: &TcContext) -> (i32, u32) {
         }
         _ => return pass,
     };
+    if !maps::maybe_vip(&vip) {
+        return pass;
+    }
     match unsafe { VIPS.get(&vip) } {
         None => return pass,
         Some(v) if maps::fenced(v.flags) => return (TC_ACT_SHOT, e::DROPPED_FENCED),

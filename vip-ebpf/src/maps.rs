@@ -34,6 +34,23 @@ pub fn learn_any_traffic() -> bool {
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 
+/// One bit per hash of every key in VIPS (`vip_common::filter_bit`), set by the agent
+/// before the entry is written and cleared only after no entry needs it: a clear bit
+/// proves a frame is not for a VIP with one array read instead of a hash lookup.
+/// Memory-mapped: the agent writes words with plain stores.
+#[map(name = "VIP_FILTER")]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(vip_common::FILTER_WORDS, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
+
+/// False when `key` is certainly not in VIPS; true when it may be.
+#[inline(always)]
+pub fn maybe_vip(key: &VipKey) -> bool {
+    let b = vip_common::filter_bit(key);
+    match VIP_FILTER.get(b >> 6) {
+        Some(w) => *w & (1u64 << (b & 63)) != 0,
+        None => true,
+    }
+}
+
 /// Placements shared by VIPs placed alike (`VipInfo::policy`). Memory-mapped: the agent
 /// changes who may answer a whole group of VIPs with one store.
 #[map(name = "POLICIES")]
@@ -98,6 +115,13 @@ pub fn fenced(flags: u32) -> bool {
     now >= until
 }
 
+/// CLOCK_MONOTONIC at tick resolution (a few ms): enough for the client table's ages and
+/// the straggler events' spacing, and cheaper than reading the clock source per frame.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
+}
+
 #[inline(always)]
 pub fn count(decision: u32) {
     if let Some(c) = DECISIONS.get_ptr_mut(decision) {
@@ -139,6 +163,9 @@ pub struct Hit {
 #[inline(always)]
 pub fn lookup(ifindex: u32, dst: &[u8; 6], key: &VipKey) -> Result<Hit, u32> {
     use vip_common::decision::*;
+    if !maybe_vip(key) {
+        return Err(PASSED_NOT_VIP);
+    }
     let vip = match unsafe { VIPS.get(key) } {
         Some(v) => *v,
         None => return Err(PASSED_NOT_VIP),

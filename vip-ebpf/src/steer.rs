@@ -2,7 +2,7 @@
 //! (learned from requests answered and from VIP traffic), MACs of failed adapters taken
 //! over by their heir, and stragglers.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use vip_common::{
     client_bucket, decision, vserver_index, FlowInfo, FlowKey, Straggler, VipInfo, VipKey, ADAPTER_UP, BUCKET_WORDS,
     MAX_ADAPTERS, NO_SLOT, VIP_SPREAD, VIP_VSERVER,
@@ -87,7 +87,7 @@ pub fn answerer(q: &Question) -> Result<Answerer, u32> {
 // Its own BPF function: the stack of each path stays within the 512-byte limit.
 #[inline(never)]
 pub fn learn(fk: &FlowKey, ifindex: u32, slot: u8, mac: &[u8; 6], bytes: u64) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = maps::now_ns();
     if let Some(f) = FLOWS.get_ptr_mut(fk) {
         let f = unsafe { &mut *f };
         f.ifindex = ifindex;
@@ -128,7 +128,7 @@ pub fn refresh(fk: &FlowKey, ifindex: u32, slot: u8, mac: &[u8; 6], bytes: u64) 
     }
     f.ifindex = ifindex;
     f.slot = slot;
-    f.seen_ns = unsafe { bpf_ktime_get_ns() };
+    f.seen_ns = maps::now_ns();
     f.packets += 1;
     f.bytes += bytes;
     true
@@ -171,7 +171,8 @@ pub fn kernel_agrees(ctx: &XdpContext, vip: &VipKey, client: &[u32; 4], mac: &[u
 // Its own BPF function: the stack of each path stays within the 512-byte limit.
 #[inline(never)]
 fn straggler(fk: &FlowKey, ifindex: u32, client_mac: &[u8; 6], to_mac: &[u8; 6]) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The precise clock: events are spaced by 20 ms, a few ticks.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let Some(f) = FLOWS.get_ptr_mut(fk) else { return };
     let f = unsafe { &mut *f };
     if !eq6(&f.mac, client_mac) || now.wrapping_sub(f.event_ns) < EVENT_GAP_NS {
@@ -211,6 +212,9 @@ pub fn ipv6(ctx: &XdpContext, vip: VipKey, client: [u32; 4]) -> Result<u32, u32>
 /// the kernel takes them): as the moved MAC, or as stragglers the agent must correct.
 #[inline(always)]
 fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32> {
+    if !maps::maybe_vip(vip) {
+        return Err(decision::PASSED_NOT_NEIGHBOR);
+    }
     let flags = match unsafe { VIPS.get(vip) } {
         Some(v) => v.flags,
         None => return Err(decision::PASSED_NOT_NEIGHBOR),

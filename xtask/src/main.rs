@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[&str] =
     &["iproute2", "ethtool", "etcd-server", "protobuf-compiler", "libprotobuf-dev", "nftables", "systemd", "util-linux"];
 /// Only `cargo xtask bench failover` and `bench cluster` need it: the comparison runs the real daemon.
 const BENCH_PACKAGES: &[&str] = &["keepalived"];
+/// `cargo xtask bench dataplane` lists the program as the kernel runs it.
+const DATAPLANE_BENCH_PACKAGES: &[&str] = &["bpftool"];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
 #[derive(Parser)]
@@ -53,6 +55,16 @@ enum Verb {
     /// /etc/vip/agent.toml (a conffile), the systemd unit, completions and the man page.
     /// Prints the .deb's path.
     Package,
+    /// The fuzz test at depth: random and mutated frames (every packet-table row among the
+    /// seeds) through the real XDP program against the independent oracle, `frames` per
+    /// seed (the suite runs 120,000 with one seed).
+    Fuzz {
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: usize,
+        /// Seeds, one run each (default: the suite's seed and two more).
+        #[arg(long, value_delimiter = ',')]
+        seeds: Vec<String>,
+    },
     /// Benchmarks; results are written to docs/benchmarks.md.
     Bench {
         #[command(subcommand)]
@@ -121,6 +133,7 @@ fn main() -> Result<()> {
         Verb::Test { args } => test(&args),
         Verb::Bench { which } => bench(which),
         Verb::Package => package().map(|deb| println!("{}", deb.display())),
+        Verb::Fuzz { frames, seeds } => fuzz(frames, &seeds),
     }
 }
 
@@ -357,6 +370,29 @@ fn package() -> Result<PathBuf> {
     Ok(deb)
 }
 
+fn fuzz(frames: usize, seeds: &[String]) -> Result<()> {
+    setup()?;
+    let obj = build_ebpf()?;
+    if !is_root() {
+        bail!("the fuzz test runs the XDP program through BPF_PROG_TEST_RUN in a namespace: run as root");
+    }
+    let defaults = ["0x5eed1234abcd0001", "0x0123456789abcdef", "0xfeedfacecafebeef"].map(String::from);
+    let seeds = if seeds.is_empty() { &defaults[..] } else { seeds };
+    for seed in seeds {
+        let n = u64::from_str_radix(seed.trim_start_matches("0x"), if seed.starts_with("0x") { 16 } else { 10 })
+            .with_context(|| format!("seed {seed:?} is not a number"))?;
+        println!("==> fuzz: {frames} frames, seed {n:#x}");
+        sh(Command::new("cargo")
+            .args(["test", "--release", "-p", "vip-tests", "--test", "fuzz", "--", "--nocapture"])
+            .env("VIP_EBPF_OBJECT", &obj)
+            .env("VIP_FUZZ_FRAMES", frames.to_string())
+            .env("VIP_FUZZ_SEED", n.to_string())
+            .env("VIP_NO_SKIP", "1"))?;
+    }
+    println!("==> fuzz: {} seeds x {frames} frames, every invariant held", seeds.len());
+    Ok(())
+}
+
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     let obj = build_ebpf()?;
@@ -418,6 +454,8 @@ fn bench(which: Bench) -> Result<()> {
     }
     match which {
         Bench::Dataplane { quick } => {
+            println!("==> set-up: benchmark packages");
+            ensure_packages(DATAPLANE_BENCH_PACKAGES)?;
             let mut cmd = Command::new("cargo");
             cmd.args(["run", "--release", "-p", "vip-tests", "--bin", "vip-bench", "--", "dataplane"]);
             if quick {

@@ -237,6 +237,7 @@ fn per_frame(samples: usize) -> String {
         (single, batched)
     });
     let (single, batched) = results;
+    let listing = env.within(|env| xlated(env.dp.responder().expect("program")));
     let mut s = String::from(
         "### ns per frame through BPF_PROG_TEST_RUN, beside an empty XDP_PASS program\n\n\
          One run per sample (`repeat = 1`: a hit rewrites the frame in place, so repeating it would\n\
@@ -265,6 +266,7 @@ fn per_frame(samples: usize) -> String {
         s.push_str(&format!("| {name} | {:.0} | {:.0} | {:.0} | {:.2}x |\n", x.median, l.median, l.p99, l.median / x.median));
     }
     s.push('\n');
+    s.push_str(&listing);
     s.push_str(
         "Frames the program does not rewrite, `repeat = 1000` per sample (ns per frame, the clock\n\
          spread over 1000 runs):\n\n| frame | vip_xdp median | empty median | ratio |\n|---|---|---|---|\n",
@@ -275,6 +277,47 @@ fn per_frame(samples: usize) -> String {
             s.push_str(&format!("| {name} | {:.1} | {:.1} | {:.2}x |\n", x.median, e.median, x.median / e.median));
         }
     }
+    s.push('\n');
+    s
+}
+
+/// The program as the kernel runs it (`bpftool prog dump xlated`): instructions per BPF
+/// function (the entry point and each `#[inline(never)]` one), in order.
+fn xlated(prog: &aya::programs::Xdp) -> String {
+    let id = prog.info().expect("program info").id();
+    let out = std::process::Command::new("bpftool").args(["prog", "dump", "xlated", "id", &id.to_string()]).output();
+    let text = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => return "(bpftool is not installed: no instruction counts)\n\n".into(),
+    };
+    // The whole listing, for reading beside the figures.
+    let _ = std::fs::write("target/vip_xdp.xlated.txt", &text);
+    // "   N: (op) ..." per instruction; "call pc+K#bpf_prog_<tag>_F" calls a BPF function
+    // at N + 1 + K; "call name#addr" a helper or a map's inlined-away lookup.
+    let mut total = 0;
+    let mut starts = std::collections::BTreeSet::from([0i64]);
+    let mut helpers: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in text.lines() {
+        let Some((n, rest)) = line.trim_start().split_once(": ") else { continue };
+        let Ok(n) = n.parse::<i64>() else { continue };
+        total += 1;
+        if let Some(call) = rest.strip_prefix("(85) call ") {
+            if let Some(k) = call.strip_prefix("pc").and_then(|c| c.split('#').next()).and_then(|k| k.parse::<i64>().ok()) {
+                starts.insert(n + 1 + k);
+            } else {
+                *helpers.entry(call.split('#').next().unwrap_or(call).to_string()).or_default() += 1;
+            }
+        }
+    }
+    let sizes: Vec<i64> = starts.iter().zip(starts.iter().skip(1).chain(std::iter::once(&(total as i64)))).map(|(a, b)| b - a).collect();
+    let mut s = format!(
+        "`vip_xdp` as the kernel runs it (`bpftool prog dump xlated`, the listing in \
+         `target/vip_xdp.xlated.txt`): **{total} instructions** in {} BPF functions (sizes in order: {}). \
+         Out-of-line calls, by callee (call sites): {}.\n\n",
+        sizes.len(),
+        sizes.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "),
+        helpers.iter().map(|(h, n)| format!("`{h}` {n}")).collect::<Vec<_>>().join(", ")
+    );
     s.push('\n');
     s
 }
