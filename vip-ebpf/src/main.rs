@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use vip_common::decision;
 
-use crate::parse::{be16, ptr_at, EthHdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
+use crate::parse::{be16, ptr_at, EthHdr, Ipv4Hdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
 
 /// Entry point: thin wrapper that turns the decision into an action and counts it.
 #[xdp]
@@ -100,7 +100,15 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     match ethertype {
         ETH_P_ARP => arp::answer(ctx, off, vlan),
         ETH_P_IPV6 => ndp::answer(ctx, off, vlan),
-        ETH_P_IP => steer::ipv4(ctx, off, vlan),
+        ETH_P_IP => {
+            // The common case, ordinary traffic to the host: its destination's filter bit
+            // is clear, and it leaves here without a call or a hash lookup.
+            let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+            if !maps::maybe_vip(&vip_common::VipKey::v4(unsafe { (*ip).dst_addr }, vlan)) {
+                return Err(decision::PASSED_NOT_NEIGHBOR);
+            }
+            steer::ipv4(ctx, off, vlan)
+        }
         _ => Err(decision::PASSED_NOT_NEIGHBOR),
     }
 }

@@ -44,6 +44,7 @@ const NA_FLAG_SOLICITED: u8 = 0x40;
 const NA_FLAG_OVERRIDE: u8 = 0x20;
 const NS_LEN: usize = 24;
 const NA_LEN: usize = 32;
+const _: () = assert!(core::mem::size_of::<NaMsg>() == NA_LEN);
 /// Options are walked in 8-byte units; NS carrying more than this many units are passed to
 /// the kernel rather than answered (a bounded loop keeps the verifier's work small).
 const MAX_OPT_UNITS: usize = 16;
@@ -52,10 +53,13 @@ const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 /// ff02::1:ffXX:XXXX, the low 24 bits taken from the target.
 const SOLICITED_NODE_GROUP: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
 
+/// The pseudo-header's sum, its addresses read from the frame's IPv6 header.
 #[inline(always)]
-fn pseudo_header_sum(src: &[u8; 16], dst: &[u8; 16], len: usize) -> u64 {
-    let mut sum = csum::add_bytes(0, src);
-    sum = csum::add_bytes(sum, dst);
+fn pseudo_header_sum(ip: *const Ipv6Hdr, len: usize) -> u64 {
+    // SAFETY: the caller checked the header against the frame's end.
+    let (src, dst) = unsafe { (&raw const (*ip).src_addr, &raw const (*ip).dst_addr) };
+    let mut sum = csum::add_frame_words(0, src);
+    sum = csum::add_frame_words(sum, dst);
     sum = csum::add16(sum, [(len >> 8) as u8, len as u8]);
     csum::add16(sum, [0, IPPROTO_ICMPV6])
 }
@@ -107,16 +111,16 @@ fn checksum(ctx: &XdpContext, off: usize) -> Result<(), u32> {
         (core::ptr::read_volatile(&(*ctx.ctx).data) as usize, core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize)
     };
     let at = |o: usize, n: usize| if start + o + n > end { Err(decision::PASSED_TRUNCATED) } else { Ok(start + o) };
-    let ip = unsafe { &*(at(off, IPV6_HLEN)? as *const Ipv6Hdr) };
-    let plen = be16(ip.payload_len) as usize;
+    let ip = at(off, IPV6_HLEN)? as *const Ipv6Hdr;
+    let plen = be16(unsafe { (*ip).payload_len }) as usize;
     let icmp_off = off + IPV6_HLEN;
-    let mut sum = pseudo_header_sum(&ip.src_addr, &ip.dst_addr, plen);
+    let mut sum = pseudo_header_sum(ip, plen);
     for i in 0..(NS_LEN / 8 + MAX_OPT_UNITS) {
         if i * 8 >= plen {
             break;
         }
         let chunk = at(icmp_off + i * 8, 8)? as *const [u8; 8];
-        sum = csum::add_bytes(sum, unsafe { &*chunk });
+        sum = csum::add_frame_words(sum, chunk);
     }
     if csum::fold(sum) != 0xffff {
         return Err(decision::PASSED_NS_BAD_CHECKSUM);
@@ -252,12 +256,9 @@ fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer)
     na.opt_len = 1;
     set6(&mut na.mac, &a.mac);
 
-    let mut sum = pseudo_header_sum(&target, &dst_ip, NA_LEN);
-    sum = csum::add16(sum, [na.typ, na.code]);
-    sum = csum::add_bytes(sum, &na.flags);
-    sum = csum::add_bytes(sum, &na.target);
-    sum = csum::add16(sum, [na.opt_type, na.opt_len]);
-    sum = csum::add_bytes(sum, &na.mac);
+    // Over the advertisement as written (its checksum field zero), a word at a time.
+    let mut sum = pseudo_header_sum(ip, NA_LEN);
+    sum = csum::add_frame_words(sum, na as *const NaMsg as *const [u8; NA_LEN]);
     na.csum = (!csum::fold(sum)).to_ne_bytes();
 
     maps::count_answer(a.vip_id, a.slot);
