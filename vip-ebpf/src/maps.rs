@@ -72,6 +72,41 @@ pub static BUCKETS: Array<[u8; 8]> = Array::with_max_entries(BUCKETS_LEN, aya_eb
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowInfo> = LruHashMap::with_max_entries(vip_common::MAX_FLOWS, 0);
 
+/// Per CPU, the clients it answered last ([`crate::steer::learn_answered`]): one slot per
+/// hash of the client table's key. Not pinned: a new load starts with it empty.
+#[map(name = "RECENT")]
+pub static RECENT: PerCpuArray<Recent> = PerCpuArray::with_max_entries(RECENT_SLOTS, 0);
+pub const RECENT_SLOTS: u32 = 1024;
+
+#[repr(C)]
+pub struct Recent {
+    pub flow: FlowKey,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub at_ns: u64,
+}
+
+#[inline(always)]
+pub fn recent_index(k: &FlowKey) -> u32 {
+    let x = k.client[0] ^ k.client[3].rotate_left(11) ^ k.vip[0].rotate_left(5) ^ k.vip[3].rotate_left(17) ^ k.vlan as u32;
+    x.wrapping_mul(0x9E37_79B1) >> (32 - 10)
+}
+
+const _: () = assert!(1 << 10 == RECENT_SLOTS);
+
+/// Two client-table keys compared word by word (`==` would call an out-of-line bcmp).
+#[inline(always)]
+pub fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    let mut d = (a.vlan ^ b.vlan) as u32 | (a.family ^ b.family) as u32;
+    let mut i = 0;
+    while i < 4 {
+        d |= (a.vip[i] ^ b.vip[i]) | (a.client[i] ^ b.client[i]);
+        i += 1;
+    }
+    d == 0
+}
+
 /// Every managed adapter's own MAC, to recognise frames sent to a failed adapter.
 #[map(name = "MACS")]
 pub static MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_ADAPTERS, 0);

@@ -78,9 +78,34 @@ pub fn answerer(q: &Question) -> Result<Answerer, u32> {
     // inspection checks). In spread mode this adapter is the one it will use; in the other
     // modes its traffic then tells which one it does.
     if !q.probe {
-        learn(&fk, hit.via, hit.via_slot, &q.requester, 0);
+        learn_answered(&fk, hit.via, hit.via_slot, &q.requester);
     }
     Ok(Answerer { mac: hit.adapter.mac, slot: hit.adapter.slot, vip_id: hit.vip.id })
+}
+
+/// How long a client answered on one CPU is taken as known there: requests again within
+/// it, from the same MAC on the same adapter, leave the client table alone.
+const RECENT_NS: u64 = 1_000_000_000;
+
+/// A client answered: entered in the client table unless this CPU entered it, as it is
+/// now, within `RECENT_NS` (a client asking again does not look up and rewrite the
+/// table each time; a moved or silent one is written at once or within a second).
+/// Inlined: one more BPF call level would put the NS path past the stack limit.
+#[inline(always)]
+pub fn learn_answered(fk: &FlowKey, ifindex: u32, slot: u8, mac: &[u8; 6]) {
+    let now = maps::now_ns();
+    let Some(r) = maps::RECENT.get_ptr_mut(maps::recent_index(fk)) else {
+        return learn(fk, ifindex, slot, mac, 0);
+    };
+    let r = unsafe { &mut *r };
+    if maps::same_flow(&r.flow, fk) && r.ifindex == ifindex && eq6(&r.mac, mac) && now.wrapping_sub(r.at_ns) < RECENT_NS {
+        return;
+    }
+    learn(fk, ifindex, slot, mac, 0);
+    r.flow = *fk;
+    r.ifindex = ifindex;
+    set6(&mut r.mac, mac);
+    r.at_ns = now;
 }
 
 /// Records that `client` uses adapter `ifindex` (slot `slot`) for the VIP.
