@@ -630,8 +630,15 @@ fn sigkill_and_restart_keep_answering() {
     let agent = AgentProc::start(&lab.node, &files, &["--reload"]);
     let new_ids = xdp_prog_ids(&lab);
     assert!(new_ids.iter().zip(&ids).all(|(a, b)| a != b && a != "none"), "--reload replaces the program: {ids:?} -> {new_ids:?}");
+    // The agent keeps the data plane's clock ticking for the client table.
+    let fence = vip_agent::dataplane::Fence::open(&files.pin_path).expect("the pinned FENCE");
+    let t0 = fence.clock();
+    std::thread::sleep(Duration::from_millis(350));
+    let t1 = fence.clock();
+    assert!(t0 != 0 && t1 >= t0 + 200_000_000, "the data plane's clock does not tick: {t0} -> {t1}");
     // A clean hand-over (SIGUSR1) to the next agent: exit 0, nothing taken down.
     assert!(agent.hand_over().success());
+    assert_eq!(fence.clock(), 0, "a clock nobody ticks is left to the data plane");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(xdp_prog_ids(&lab), new_ids, "the program stays attached after SIGUSR1");
     let agent = AgentProc::start(&lab.node, &files, &[]);

@@ -441,6 +441,11 @@ fn read_layout(path: &Path) -> Option<u32> {
         self.fence.store(vip_common::FENCE_DEADLINE as usize, until_ns);
     }
 
+    /// The data plane's clock for the client table (`vip_common::FENCE_CLOCK`).
+    pub fn set_clock(&self, monotonic_ns: u64) {
+        self.fence.store(vip_common::FENCE_CLOCK as usize, monotonic_ns);
+    }
+
     /// The allowed mask of `policy`.
     pub fn policy(&self, policy: u32) -> u64 {
         if policy >= MAX_POLICIES {
@@ -746,6 +751,15 @@ impl Fence {
 
     pub fn get(&self) -> u64 {
         self.0.load(vip_common::FENCE_DEADLINE as usize)
+    }
+
+    /// The data plane's clock for the client table (`vip_common::FENCE_CLOCK`).
+    pub fn set_clock(&self, monotonic_ns: u64) {
+        self.0.store(vip_common::FENCE_CLOCK as usize, monotonic_ns);
+    }
+
+    pub fn clock(&self) -> u64 {
+        self.0.load(vip_common::FENCE_CLOCK as usize)
     }
 }
 

@@ -555,6 +555,19 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
         },
         None => None,
     };
+    // The data plane's clock: ticking before the event loop runs, never stopped.
+    match vip_agent::dataplane::Fence::open(&pin_path) {
+        Ok(f) => {
+            f.set_clock(vip_agent::agent::monotonic_ns());
+            std::thread::Builder::new().name("clock".into()).spawn(move || runtime::clock(f))?;
+        }
+        Err(e) => {
+            if !agent.was_adopted() {
+                agent.shutdown();
+            }
+            return Err(e.into());
+        }
+    }
     let current = runtime::CurrentInbox::new(launched.inbox.clone());
     let mut gen = spawn_generation(agent, launched, &counters)?;
     let mut cfg = cfg;
@@ -606,6 +619,11 @@ fn run(cfg: Config, object: Option<PathBuf>, reload: bool, netns: Option<String>
         (&mut gen.exit_rx).await.unwrap_or_else(|_| Exit::Fatal("the event loop ended".into()))
     });
     gen.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Left answering (a hand-over, a fatal error): the data plane reads the kernel's clock
+    // again rather than a clock that no longer ticks.
+    if let Ok(f) = vip_agent::dataplane::Fence::open(&pin_path) {
+        f.set_clock(0);
+    }
     let _ = std::fs::remove_file(&socket_path);
     let mut lock = socket_path.into_os_string();
     lock.push(".lock");

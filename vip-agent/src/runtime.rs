@@ -374,3 +374,13 @@ pub fn ebpf_logs(mut logs: crate::dataplane::EbpfLog, stop: Arc<std::sync::atomi
         logs.flush();
     }
 }
+
+/// Keeps the data plane's clock (`vip_common::FENCE_CLOCK`) within a tick of
+/// CLOCK_MONOTONIC, for as long as the process runs (reloads included).
+pub fn clock(fence: crate::dataplane::Fence) {
+    let tick = Duration::from_millis(vip_common::CLOCK_TICK_MS);
+    loop {
+        fence.set_clock(crate::agent::monotonic_ns());
+        std::thread::sleep(tick);
+    }
+}

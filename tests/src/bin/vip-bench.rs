@@ -178,7 +178,11 @@ fn per_frame(samples: usize) -> String {
     let results = env.within(|env| {
         // The same program loaded with its log records on at debug (`[agent] ebpf_log =
         // "debug"`), its ring drained as the agent drains it.
+        // The agent keeps the data plane's clock ticking (`FENCE_CLOCK`); so does the bench.
+        let now = vip_agent::agent::monotonic_ns();
+        env.dp.set_clock(now);
         let mut logged = env.logging_dataplane(4);
+        logged.set_clock(now);
         let mut logs = logged.take_logs().expect("a log ring");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let drain = {
