@@ -150,7 +150,7 @@ fn main() {
     let mut report = String::new();
     report.push_str(&format!("## Data plane (`cargo xtask bench dataplane`)\n\nMachine: {}\n\n", machine()));
     report.push_str(&per_frame(if quick { 2_000 } else { 50_000 }));
-    report.push_str(&veth_answers(if quick { 2 } else { 6 }, Duration::from_millis(if quick { 300 } else { 1000 })));
+    report.push_str(&veth_answers(if quick { 2 } else { 10 }, Duration::from_millis(if quick { 300 } else { 1000 })));
     println!("{report}");
     if let Some(path) = write {
         write_section(&path, "dataplane", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
@@ -258,6 +258,34 @@ fn per_frame(samples: usize) -> String {
         ));
     }
     s.push_str(&format!("\nSamples per cell: {}.\n\n", samples));
+    // The same cells as two runs (the first and the second half of the rounds): the
+    // clock's steps (about 10 ns here) move a median a whole step, so the means (which
+    // average the steps out) are shown beside the medians.
+    s.push_str(
+        "Repeatability: the rounds split into two runs (first half, second half), ratio to the\n\
+         empty program by medians and by means of the middle 90%:\n\n\
+         | frame | run 1 medians | run 2 medians | run 1 means | run 2 means | runs differ by (means) |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    // Means of the middle 90% (a scheduler tick in one sample would move a plain mean).
+    let mean = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let (lo, hi) = (v.len() / 20, v.len() - v.len() / 20);
+        v[lo..hi].iter().sum::<f64>() / (hi - lo).max(1) as f64
+    };
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        let h = single[i][0].len() / 2;
+        let (x, e) = (&single[i][0], &single[i][1]);
+        let med = |v: &[f64]| dist(v.to_vec()).median;
+        let (m1, m2) = (med(&x[..h]) / med(&e[..h]), med(&x[h..]) / med(&e[h..]));
+        let (a1, a2) = (mean(&x[..h]) / mean(&e[..h]), mean(&x[h..]) / mean(&e[h..]));
+        s.push_str(&format!(
+            "| {name} | {m1:.2}x | {m2:.2}x | {a1:.2}x | {a2:.2}x | {:.1}% |\n",
+            (a1 - a2).abs() / a1.min(a2) * 100.0
+        ));
+    }
+    s.push('\n');
     s.push_str(
         "The data plane's log records (aya-log, `[agent] ebpf_log`): the same program loaded with\n\
          the level at `debug` (an answer writes one record to the ring, which a thread drains as the\n\
@@ -416,6 +444,9 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
         kernel.push(m);
     }
     let col = |v: &Vec<(f64, f64, u64)>, f: fn(&(f64, f64, u64)) -> f64| dist(v.iter().map(f).collect());
+    // Each round's XDP / kernel ratio (the variants alternate within a round).
+    let per_round: Vec<f64> = xdp.iter().zip(&kernel).map(|(x, k)| x.0 / k.0).collect();
+    let pr = dist(per_round.clone());
     let (xa, ka) = (col(&xdp, |m| m.0), col(&kernel, |m| m.0));
     let (xo, ko) = (col(&xdp, |m| m.1), col(&kernel, |m| m.1));
     format!(
@@ -430,7 +461,7 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
          | variant | answers/s median | min | max | offered requests/s median |\n|---|---|---|---|---|\n\
          | XDP responder | {:.0} | {:.0} | {:.0} | {:.0} |\n\
          | kernel ARP | {:.0} | {:.0} | {:.0} | {:.0} |\n\n\
-         Ratio XDP / kernel (medians): **{:.2}x** answers per second.\n\n\
+         Ratio XDP / kernel (medians): **{:.2}x** answers per second; per round: {} (lowest {:.2}x).\n\n\
          Neither variant answers everything offered: the client's processing of replies shares\n\
          CPU 0 with the sender, and its veth ring overflows first. The kernel variant also\n\
          offers less, since sender and replies compete for the same CPU.\n",
@@ -438,6 +469,8 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
         xa.median, xa.min, xa.max, xo.median,
         ka.median, ka.min, ka.max, ko.median,
         xa.median / ka.median,
+        per_round.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", "),
+        pr.min,
     )
 }
 
