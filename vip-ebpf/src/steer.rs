@@ -84,12 +84,15 @@ pub fn answerer(q: &Question) -> Result<Answerer, u32> {
 }
 
 /// How long a client answered on one CPU is taken as known there: requests again within
-/// it, from the same MAC on the same adapter, leave the client table alone.
-const RECENT_NS: u64 = 1_000_000_000;
+/// it, from the same MAC on the same adapter, leave the client table alone. Short: what
+/// another CPU, the client's traffic or the agent wrote since is not seen here, so the
+/// table may lag that long (two ticks of the agent's clock). Clients ask seldom; this is
+/// for floods of requests.
+const RECENT_NS: u64 = 2 * vip_common::CLOCK_TICK_MS * 1_000_000;
 
 /// A client answered: entered in the client table unless this CPU entered it, as it is
 /// now, within `RECENT_NS` (a client asking again does not look up and rewrite the
-/// table each time; a moved or silent one is written at once or within a second).
+/// table each time; one that moved is written at once).
 /// Inlined: one more BPF call level would put the NS path past the stack limit.
 #[inline(always)]
 pub fn learn_answered(fk: &FlowKey, ifindex: u32, slot: u8, mac: &[u8; 6]) {
