@@ -155,12 +155,13 @@ pub async fn serve_metrics(listener: TcpListener, current: CurrentInbox, counter
     }
 }
 
-/// The client side of `vip-agent cluster status`.
-pub async fn query_cluster(socket: &Path) -> anyhow::Result<vip_cluster::node::ClusterStatus> {
+/// One request on the control socket and its JSON answer (an `{"error": ...}` answer
+/// becomes the error).
+async fn request<T: serde::de::DeserializeOwned>(socket: &Path, command: &str) -> anyhow::Result<T> {
     let mut s = UnixStream::connect(socket)
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {}: {e} (is the agent running?)", socket.display()))?;
-    s.write_all(b"cluster\n").await?;
+    s.write_all(format!("{command}\n").as_bytes()).await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     if let Ok(serde_json::Value::Object(e)) = serde_json::from_slice::<serde_json::Value>(&out) {
@@ -169,37 +170,19 @@ pub async fn query_cluster(socket: &Path) -> anyhow::Result<vip_cluster::node::C
         }
     }
     Ok(serde_json::from_slice(&out)?)
+}
+
+/// The client side of `vip-agent cluster status`.
+pub async fn query_cluster(socket: &Path) -> anyhow::Result<vip_cluster::node::ClusterStatus> {
+    request(socket, "cluster").await
 }
 
 /// The client side of `vip-agent status`.
 pub async fn query_status(socket: &Path) -> anyhow::Result<Status> {
-    let mut s = UnixStream::connect(socket)
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {e} (is the agent running?)", socket.display()))?;
-    s.write_all(b"status\n").await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    if let Ok(serde_json::Value::Object(e)) = serde_json::from_slice::<serde_json::Value>(&out) {
-        if let Some(msg) = e.get("error").and_then(|m| m.as_str()) {
-            anyhow::bail!("the agent says: {msg}");
-        }
-    }
-    Ok(serde_json::from_slice(&out)?)
+    request(socket, "status").await
 }
 
-
-/// The client side of `vip-agent reload`.
+/// The client side of `vip-agent reload`: the reply comes once the reload is done.
 pub async fn request_reload(socket: &Path) -> anyhow::Result<ReloadReply> {
-    let mut s = UnixStream::connect(socket)
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {e} (is the agent running?)", socket.display()))?;
-    s.write_all(b"reload\n").await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    if let Ok(serde_json::Value::Object(e)) = serde_json::from_slice::<serde_json::Value>(&out) {
-        if let Some(msg) = e.get("error").and_then(|m| m.as_str()) {
-            anyhow::bail!("the agent says: {msg}");
-        }
-    }
-    Ok(serde_json::from_slice(&out)?)
+    request(socket, "reload").await
 }

@@ -221,8 +221,8 @@ fn per_frame(samples: usize) -> String {
         let mut single: Vec<[Vec<f64>; 3]> = vec![[vec![], vec![], vec![]]; cases.len()];
         for _ in 0..samples {
             for (i, (_, f, _)) in cases.iter().enumerate() {
-                for w in 0..3 {
-                    single[i][w].push(ns(run(w, f, 1)));
+                for (w, samples) in single[i].iter_mut().enumerate() {
+                    samples.push(ns(run(w, f, 1)));
                 }
             }
         }
