@@ -49,9 +49,15 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     if eq4(&arp.spa, &arp.tpa) {
         return Err(decision::PASSED_ARP_GRATUITOUS);
     }
+    // Most requests on a LAN are for other hosts: they leave here, before the question is
+    // built and handed on.
+    let key = VipKey::v4(arp.tpa, vlan);
+    if !maps::maybe_vip(&key) {
+        return Err(decision::PASSED_NOT_VIP);
+    }
     let probe = eq4(&arp.spa, &[0; 4]);
     let a = steer::answerer(&steer::Question {
-        key: VipKey::v4(arp.tpa, vlan),
+        key,
         client: [u32::from_ne_bytes(arp.spa), 0, 0, 0],
         ifindex: ctx.ingress_ifindex() as u32,
         dst: eth.dst_addr,

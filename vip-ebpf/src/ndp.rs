@@ -96,6 +96,10 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
         Err(NOT_NS) => return traffic(ctx, off, vlan),
         Err(d) => return Err(d),
     }
+    // Solicitations for other hosts leave before their checksum is summed.
+    if !maps::maybe_vip(&q.key) {
+        return Err(decision::PASSED_NOT_VIP);
+    }
     checksum(ctx, off)?;
     let a = steer::answerer(&q)?;
     reply(ctx, off, &q, &a)
