@@ -69,7 +69,11 @@ fn pseudo_header_sum(ip: *const Ipv6Hdr, len: usize) -> u64 {
 fn traffic(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
-    match steer::ipv6(ctx, VipKey::v6(ip.dst_addr, vlan), VipKey::v6(ip.src_addr, 0).addr) {
+    let vip = VipKey::v6(ip.dst_addr, vlan);
+    if !maps::maybe_vip(&vip) {
+        return Err(decision::PASSED_IPV6_NOT_NS);
+    }
+    match steer::ipv6(ctx, vip, VipKey::v6(ip.src_addr, 0).addr) {
         Err(decision::PASSED_NOT_NEIGHBOR) => Err(decision::PASSED_IPV6_NOT_NS),
         r => r,
     }

@@ -240,9 +240,7 @@ pub fn ipv6(ctx: &XdpContext, vip: VipKey, client: [u32; 4]) -> Result<u32, u32>
 /// the kernel takes them): as the moved MAC, or as stragglers the agent must correct.
 #[inline(always)]
 fn traffic(ctx: &XdpContext, vip: &VipKey, client: [u32; 4]) -> Result<u32, u32> {
-    if !maps::maybe_vip(vip) {
-        return Err(decision::PASSED_NOT_NEIGHBOR);
-    }
+    // (The entry point, for IPv4, and `ndp::traffic`, for IPv6, read the filter bit.)
     let flags = match unsafe { VIPS.get(vip) } {
         Some(v) => v.flags,
         None => return Err(decision::PASSED_NOT_NEIGHBOR),
