@@ -13,10 +13,14 @@
 //!   ages it, and sends the event loop a fresh client index.
 //! - The **announcer** sends frames ([`crate::announce`]); the control socket and the
 //!   metrics listener run on the main thread's runtime and ask the loop for a snapshot.
+//! - With `[agent] ebpf_log`, a thread passes the data plane's own log records on; the
+//!   **clock** thread keeps the data plane's clock word ticking for the whole process.
 //!
-//! A helper thread that ends or panics is fatal: the process logs it and exits with an
-//! error, leaving the data plane answering (pinned), for systemd or an operator to start
-//! it again, which adopts everything.
+//! A live reload ends one agent with its event loop and helpers (they see `stop`) and
+//! starts the next on a new inbox ([`CurrentInbox`]). Otherwise a helper thread that ends
+//! or panics is fatal: the process logs it and exits with an error, leaving the data
+//! plane answering (pinned), for systemd or an operator to start it again, which adopts
+//! everything.
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
