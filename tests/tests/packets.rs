@@ -170,6 +170,51 @@ fn the_vip_filter_never_hides_a_vip_and_forgets_removed_ones() {
     env.within(|env| assert_eq!(env.run(&arp, Arrival::Up).action, XDP_TX));
 }
 
+/// The VIP table (`VIP_TABLE`): three VIPs that hash to one two-slot bucket are all
+/// answered, the third from `VIPS` (the bucket marked overflowed); removing one in a slot
+/// moves the third in and clears the mark; a removed VIP is answered by neither; an
+/// address of the same bucket that is no VIP is passed.
+#[test]
+fn the_vip_table_answers_every_vip_and_overflows_to_the_hash() {
+    if !root_or_skip("the_vip_table_answers_every_vip_and_overflows_to_the_hash") {
+        return;
+    }
+    use vip_common::{filter_bit, table_bucket, VipInfo, VipKey};
+    use vip_packet::Arp;
+    use vip_tests::fixtures::{CLIENT4, CLIENT_MAC};
+    let mut env = TableEnv::new();
+    // 100.64.0.0/10: a range so large that some addresses share a bucket (addresses of
+    // one /16 never do: the hash spreads consecutive numbers evenly).
+    let addr = |i: u32| std::net::Ipv4Addr::from(0x6440_0000 | i);
+    let bucket = |a: std::net::Ipv4Addr| table_bucket(filter_bit(&VipKey::v4(a.octets(), 0)));
+    let b0 = bucket(addr(1));
+    let same: Vec<std::net::Ipv4Addr> = (1u32..1 << 22).map(addr).filter(|a| bucket(*a) == b0).take(4).collect();
+    assert_eq!(same.len(), 4, "four addresses of 100.64.0.0/10 in one bucket");
+    let (vips, stranger) = (&same[..3], same[3]);
+    for (i, a) in vips.iter().enumerate() {
+        env.dp.set_vip(VipKey::v4(a.octets(), 0), VipInfo { policy: 0, id: 100 + i as u32, flags: 0, _pad: 0 }).expect("vip");
+    }
+    assert_eq!(env.dp.table_overflowed(), 1, "two slots, three VIPs");
+    assert_eq!(env.dp.table_lookup(&VipKey::v4(vips[2].octets(), 0)), None, "the third is left to VIPS");
+    let answered = |env: &TableEnv, a: std::net::Ipv4Addr| {
+        let req = Arp::request(CLIENT_MAC, CLIENT4, a).to_bytes();
+        env.within(|env| env.run(&req, Arrival::Up).action) == XDP_TX
+    };
+    for a in vips {
+        assert!(answered(&env, *a), "{a} not answered");
+    }
+    assert!(!answered(&env, stranger), "{stranger}, no VIP, answered");
+    env.dp.remove_vip(VipKey::v4(vips[0].octets(), 0)).expect("remove");
+    assert_eq!(env.dp.table_overflowed(), 0, "the third moved into the freed slot");
+    assert!(
+        matches!(env.dp.table_lookup(&VipKey::v4(vips[2].octets(), 0)), Some(Some(v)) if v.id == 102),
+        "the third in a slot, with its own entry"
+    );
+    assert!(!answered(&env, vips[0]), "a removed VIP answered");
+    assert!(answered(&env, vips[1]) && answered(&env, vips[2]));
+    assert_eq!(env.dp.table_lookup(&VipKey::v4(stranger.octets(), 0)), Some(None), "the bucket says: no VIP");
+}
+
 #[test]
 fn every_truncation_is_passed() {
     if !root_or_skip("every_truncation_is_passed") {

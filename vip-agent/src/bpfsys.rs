@@ -116,3 +116,33 @@ pub fn dump<K: Pod, V: Pod>(fd: BorrowedFd) -> io::Result<Vec<(K, V)>> {
         first = false;
     }
 }
+
+/// Every value of a per-CPU array of `entries` elements: `entries × cpus` values, element
+/// by element (the kernel's own order), in batches.
+pub fn dump_per_cpu<V: Pod>(fd: BorrowedFd, entries: u32, cpus: usize) -> io::Result<Vec<V>> {
+    let mut keys = vec![0u32; entries as usize];
+    let mut values = vec![V::zeroed(); entries as usize * cpus];
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    let mut done = 0usize;
+    while done < entries as usize {
+        let mut a = BatchAttr {
+            in_batch: if done == 0 { 0 } else { &mut token_in as *mut u32 as u64 },
+            out_batch: &mut token_out as *mut u32 as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done * cpus..].as_mut_ptr() as u64,
+            count: entries - done as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut a);
+        done += a.count as usize;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        token_in = token_out;
+    }
+    values.truncate(done * cpus);
+    Ok(values)
+}

@@ -77,6 +77,11 @@ pub struct Dataplane {
     settings: Array<MapData, u32>,
     /// VIP_FILTER: a bit per VIP key hash, set before an entry is written.
     filter: MmapArray,
+    /// VIP_TABLE, and what the agent knows of it (`crate::viptable`).
+    table: MmapArray,
+    vip_table: crate::viptable::Table,
+    /// RECENT (per CPU): counts of clients' frames not yet added to their entries.
+    recent_fd: std::os::fd::OwnedFd,
     /// The programs' own log records (aya-log), when loaded with a level.
     logs: Option<EbpfLog>,
 }
@@ -149,6 +154,11 @@ impl MmapArray {
         MmapArray::open(data, entries, value_size).map_err(|_| DataplaneError::NotMappable(name))
     }
 
+    fn word32(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < self.bytes / 4);
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.mem.cast::<u32>().add(i)) }
+    }
+
     fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
         assert!(i < self.bytes / 8);
         unsafe { std::sync::atomic::AtomicU64::from_ptr(self.mem.add(i)) }
@@ -163,9 +173,45 @@ impl MmapArray {
     }
 }
 
+impl crate::viptable::Words for MmapArray {
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        self.word32(i)
+    }
+}
+
 impl Drop for MmapArray {
     fn drop(&mut self) {
         unsafe { libc::munmap(self.mem.cast(), self.bytes) };
+    }
+}
+
+/// Tells every CPU's `RECENT` that the agent changed the client table: what a CPU
+/// remembers writing may no longer be there.
+fn bump_flows_gen(fence: &MmapArray) {
+    let i = vip_common::FENCE_FLOWS_GEN as usize;
+    fence.store(i, fence.load(i).wrapping_add(1));
+}
+
+/// Adds to `flows` the frames the data plane counted in RECENT and has not yet added to
+/// their entries (at most `RECENT_NS` of a client's traffic per CPU; see `vip-ebpf`'s
+/// `steer::seen`), so per-client counters read exact.
+fn add_pending(flows: &mut [(FlowKey, FlowInfo)], recent: std::os::fd::BorrowedFd) {
+    let Ok(cpus) = aya::util::nr_cpus() else { return };
+    let Ok(slots) = crate::bpfsys::dump_per_cpu::<vip_common::Recent>(recent, vip_common::RECENT_SLOTS, cpus) else { return };
+    let mut pending: std::collections::HashMap<FlowKey, (u64, u64)> = std::collections::HashMap::new();
+    for r in slots.iter().filter(|r| r.packets != 0) {
+        let p = pending.entry(r.flow).or_default();
+        p.0 += r.packets as u64;
+        p.1 += r.bytes;
+    }
+    if pending.is_empty() {
+        return;
+    }
+    for (k, f) in flows.iter_mut() {
+        if let Some((p, b)) = pending.get(k) {
+            f.packets += p;
+            f.bytes += b;
+        }
     }
 }
 
@@ -248,7 +294,7 @@ type FlowMap = HashMap<MapData, FlowKey, FlowInfo>;
 fn map_fd(map: &aya::maps::Map, name: &'static str) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsFd;
     let data = match map {
-        aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
+        aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) | aya::maps::Map::PerCpuArray(d) => d,
         _ => return Err(DataplaneError::MissingMap(name)),
     };
     data.fd().as_fd().try_clone_to_owned().map_err(|source| DataplaneError::Batch { map: name, source })
@@ -300,8 +346,11 @@ impl Dataplane {
             .map_err(map_err(names::LAYOUT))?;
         layout.set(0, vip_common::LAYOUT_VERSION, 0).map_err(map_err(names::LAYOUT))?;
         let dp = Self::finish(ebpf, log_level)?;
-        // The filter as the adopted entries need it (a no-op when it was pinned with them).
+        // The filter and the table as the adopted entries need them (no change when they
+        // were pinned with them).
+        let mut dp = dp;
         dp.filter_rebuild()?;
+        dp.table_rebuild()?;
         Ok(dp)
     }
 
@@ -345,9 +394,16 @@ fn read_layout(path: &Path) -> Option<u32> {
         let events = Some(aya::maps::RingBuf::try_from(take(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?);
         let settings = Array::try_from(take(&mut ebpf, names::SETTINGS)?).map_err(map_err(names::SETTINGS))?;
         let filter = MmapArray::require(take(&mut ebpf, names::VIP_FILTER)?, names::VIP_FILTER, vip_common::FILTER_WORDS, 8)?;
+        let table = MmapArray::require(take(&mut ebpf, names::VIP_TABLE)?, names::VIP_TABLE, vip_common::TABLE_BUCKETS, 64)?;
+        let recent_map = take(&mut ebpf, names::RECENT)?;
+        let recent_fd = map_fd(&recent_map, names::RECENT)?;
         // Without a level the ring stays empty: nobody needs to read it.
         let logs = if log_level > 0 { Some(aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog).map_err(|e| DataplaneError::Logs(e.to_string()))?) } else { None };
-        Ok(Dataplane { ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events, settings, filter, logs })
+        let vip_table = crate::viptable::Table::default();
+        Ok(Dataplane {
+            ebpf, adapters, vips, vips_fd, policies, buckets, answers, fence, flows, flows_fd, macs, events, settings, filter, table, vip_table,
+            recent_fd, logs,
+        })
     }
 
     /// `[steering] learn_from_traffic` (`vip_common::SETTING_LEARN_TRAFFIC`).
@@ -469,18 +525,26 @@ fn read_layout(path: &Path) -> Option<u32> {
     /// Every client-table entry (batched reads).
     pub fn flows(&self) -> Vec<(FlowKey, FlowInfo)> {
         use std::os::fd::AsFd;
-        crate::bpfsys::dump(self.flows_fd.as_fd()).unwrap_or_default()
+        let mut flows = crate::bpfsys::dump(self.flows_fd.as_fd()).unwrap_or_default();
+        add_pending(&mut flows, self.recent_fd.as_fd());
+        flows
     }
 
     pub fn flow(&self, k: &FlowKey) -> Option<FlowInfo> {
-        self.flows.get(k, 0).ok()
+        use std::os::fd::AsFd;
+        let mut one = vec![(*k, self.flows.get(k, 0).ok()?)];
+        add_pending(&mut one, self.recent_fd.as_fd());
+        Some(one[0].1)
     }
 
     pub fn set_flow(&mut self, k: FlowKey, v: FlowInfo) -> Result<()> {
-        self.flows.insert(k, v, 0).map_err(map_err(names::FLOWS))
+        self.flows.insert(k, v, 0).map_err(map_err(names::FLOWS))?;
+        bump_flows_gen(&self.fence);
+        Ok(())
     }
 
     pub fn remove_flow(&mut self, k: &FlowKey) -> Result<()> {
+        bump_flows_gen(&self.fence);
         match self.flows.remove(k) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::FLOWS)(e)),
@@ -664,19 +728,45 @@ fn read_layout(path: &Path) -> Option<u32> {
 
     pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<()> {
         self.filter_add(&[key]);
-        self.vips.insert(key, info, 0).map_err(|source| DataplaneError::Map { map: names::VIPS, source })
+        self.vips.insert(key, info, 0).map_err(|source| DataplaneError::Map { map: names::VIPS, source })?;
+        self.vip_table.set(&self.table, &key, &info);
+        Ok(())
+    }
+
+    /// Makes VIP_TABLE hold exactly the entries of VIPS.
+    fn table_rebuild(&mut self) -> Result<()> {
+        let entries = self.vip_entries()?;
+        self.vip_table.rebuild(&self.table, &entries);
+        Ok(())
+    }
+
+    /// VIPs that did not fit VIP_TABLE (the data plane finds them in VIPS).
+    pub fn table_overflowed(&self) -> usize {
+        self.vip_table.overflowed()
+    }
+
+    /// What the data plane finds for `key` in VIP_TABLE (see `viptable::Table::lookup`).
+    pub fn table_lookup(&self, key: &VipKey) -> Option<Option<VipInfo>> {
+        crate::viptable::Table::lookup(&self.table, key)
     }
 
     /// Adds or replaces many VIPs, thousands per syscall.
     pub fn set_vips(&mut self, keys: &[VipKey], infos: &[VipInfo]) -> Result<()> {
         use std::os::fd::AsFd;
         self.filter_add(keys);
-        crate::bpfsys::update(self.vips_fd.as_fd(), keys, infos).map_err(|source| DataplaneError::Batch { map: names::VIPS, source })
+        crate::bpfsys::update(self.vips_fd.as_fd(), keys, infos).map_err(|source| DataplaneError::Batch { map: names::VIPS, source })?;
+        for (k, v) in keys.iter().zip(infos) {
+            self.vip_table.set(&self.table, k, v);
+        }
+        Ok(())
     }
 
     /// Removes many VIPs.
     pub fn remove_vips(&mut self, keys: &[VipKey]) -> Result<()> {
         use std::os::fd::AsFd;
+        for k in keys {
+            self.vip_table.remove(&self.table, k);
+        }
         crate::bpfsys::delete(self.vips_fd.as_fd(), keys).map_err(|source| DataplaneError::Batch { map: names::VIPS, source })?;
         self.filter_rebuild()
     }
@@ -688,6 +778,7 @@ fn read_layout(path: &Path) -> Option<u32> {
     }
 
     pub fn remove_vip(&mut self, key: VipKey) -> Result<()> {
+        self.vip_table.remove(&self.table, &key);
         self.vips.remove(&key).map_err(|source| DataplaneError::Map { map: names::VIPS, source })?;
         self.filter_rebuild()
     }
@@ -772,6 +863,8 @@ pub struct Counters {
     answers: MmapArray,
     vs_macs: aya::maps::Array<MapData, [u8; 8]>,
     flows_fd: std::os::fd::OwnedFd,
+    recent_fd: std::os::fd::OwnedFd,
+    fence: MmapArray,
 }
 
 impl Counters {
@@ -786,7 +879,12 @@ impl Counters {
         let vs_macs = aya::maps::Array::try_from(aya::maps::Map::Array(data(names::VS_MACS)?)).map_err(map_err(names::VS_MACS))?;
         let flows = data(names::FLOWS)?;
         let flows_fd = flows.fd().as_fd().try_clone_to_owned().map_err(|source| DataplaneError::Batch { map: names::FLOWS, source })?;
+        let recent = data(names::RECENT)?;
+        let recent_fd = recent.fd().as_fd().try_clone_to_owned().map_err(|source| DataplaneError::Batch { map: names::RECENT, source })?;
+        let fence = MmapArray::require(aya::maps::Map::Array(data(names::FENCE)?), names::FENCE, vip_common::FENCE_LEN, 8)?;
         Ok(Counters {
+            recent_fd,
+            fence,
             decisions: per_cpu(names::DECISIONS)?,
             egress: per_cpu(names::EGRESS)?,
             traffic,
@@ -817,13 +915,17 @@ impl Counters {
     /// Every client-table entry (batched reads).
     pub fn flows(&self) -> Vec<(FlowKey, FlowInfo)> {
         use std::os::fd::AsFd;
-        crate::bpfsys::dump(self.flows_fd.as_fd()).unwrap_or_default()
+        let mut flows = crate::bpfsys::dump(self.flows_fd.as_fd()).unwrap_or_default();
+        add_pending(&mut flows, self.recent_fd.as_fd());
+        flows
     }
 
     /// Removes these client-table entries; returns how many went.
     pub fn remove_flows(&self, keys: &[FlowKey]) -> usize {
         use std::os::fd::AsFd;
-        crate::bpfsys::delete(self.flows_fd.as_fd(), keys).unwrap_or(0)
+        let n = crate::bpfsys::delete(self.flows_fd.as_fd(), keys).unwrap_or(0);
+        bump_flows_gen(&self.fence);
+        n
     }
 
     pub fn decisions(&self) -> [u64; decision::COUNT as usize] {

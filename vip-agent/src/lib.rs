@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod packet;
 pub mod runtime;
 pub mod status;
+pub mod viptable;
 
 /// The config does not fit the host (exit code 2, like a config that does not parse).
 #[derive(Debug)]

@@ -54,17 +54,22 @@ pub mod names {
     /// One bit per hash of every VIP key ([`super::filter_bit`]): a frame whose
     /// destination's bit is clear is not for a VIP, told without a hash lookup.
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    /// The VIPs again, in buckets indexed by the key's hash ([`super::VipBucket`]): an
+    /// answer finds its VIP with one array read instead of a hash lookup.
+    pub const VIP_TABLE: &str = "VIP_TABLE";
+    /// Per CPU, the clients whose table entry it wrote last ([`super::Recent`]).
+    pub const RECENT: &str = "RECENT";
     /// Every map the agent pins (and removes on a full stop).
-    pub const PINNED_MAPS: [&str; 17] = [
+    pub const PINNED_MAPS: [&str; 19] = [
         VIPS, POLICIES, ADAPTERS, DECISIONS, ANSWERS, BUCKETS, FLOWS, MACS, TRAFFIC, EGRESS, EVENTS, VSERVERS, VS_MACS, FENCE, LAYOUT, SETTINGS,
-        VIP_FILTER,
+        VIP_FILTER, VIP_TABLE, RECENT,
     ];
 }
 
 /// The layout of the pinned maps (their keys, values and sizes). An agent refuses pins of
 /// another layout rather than misread them. Raise it with any change to a pinned map's
 /// key or value type, or its size.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Entries of `SETTINGS` (u32 each).
 pub const SETTINGS_LEN: u32 = 4;
@@ -110,6 +115,62 @@ pub fn filter_bit(k: &VipKey) -> u32 {
 }
 
 const _: () = assert!(1u64 << FILTER_BITS_LOG2 == FILTER_WORDS as u64 * 64);
+
+/// `VIP_TABLE`'s size in buckets of two slots (one cache line each): 131,072 buckets,
+/// 262,144 slots, 8 MiB, for at most `MAX_VIPS` VIPs (half full).
+pub const TABLE_BUCKETS: u32 = 1 << TABLE_BUCKETS_LOG2;
+const TABLE_BUCKETS_LOG2: u32 = 17;
+
+/// The `VIP_TABLE` bucket of a key: the top bits of the same product as its filter bit,
+/// so a frame computes one hash for both.
+#[inline(always)]
+pub fn table_bucket(filter_bit: u32) -> u32 {
+    filter_bit >> (FILTER_BITS_LOG2 - TABLE_BUCKETS_LOG2)
+}
+
+/// One VIP in `VIP_TABLE`, eight 32-bit words the agent writes with single stores under
+/// a sequence count (`tag`'s top byte: odd while it writes), so a reader that sees the
+/// same even count before and after its reads has a whole entry, and one that does not
+/// looks the key up in `VIPS` instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipSlot {
+    /// [`VipKey::addr`].
+    pub addr: [u32; 4],
+    /// [`VipSlot::tag_of`] the key (family 0: an empty slot), the sequence count in bits
+    /// 24..32 and, in a bucket's first slot, [`TABLE_OVERFLOW`].
+    pub tag: u32,
+    pub policy: u32,
+    pub id: u32,
+    pub flags: u32,
+}
+
+/// A bucket: two slots, 64 bytes, one cache line (the array's values start page-aligned).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipBucket {
+    pub slots: [VipSlot; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<VipSlot>() == 32);
+const _: () = assert!(core::mem::size_of::<VipBucket>() == 64);
+
+/// In the first slot's tag: some VIP of this bucket is in neither slot (more than two
+/// hash here), so a key not found in the slots must be looked up in `VIPS`. Bit 15: a
+/// VLAN ID uses 12 bits.
+pub const TABLE_OVERFLOW: u32 = 1 << 15;
+/// The tag's key part (VLAN ID and family).
+pub const TAG_KEY: u32 = 0x00ff_0fff;
+/// The tag's sequence count.
+pub const TAG_SEQ_SHIFT: u32 = 24;
+
+impl VipSlot {
+    /// The tag's key part of `k`: its VLAN ID and family (never 0 for a real key).
+    #[inline(always)]
+    pub const fn tag_of(k: &VipKey) -> u32 {
+        (k.vlan as u32 & 0x0fff) | (k.family as u32) << 16
+    }
+}
 
 impl VipKey {
     #[inline(always)]
@@ -172,10 +233,13 @@ pub const VIP_CLUSTER: u32 = 4;
 /// cluster VIPs; 0: not at all. Entry [`FENCE_CLOCK`] is CLOCK_MONOTONIC as the agent
 /// last wrote it (every [`CLOCK_TICK_MS`]): the client table's times, read with one load
 /// instead of a clock helper call per frame (40 ns); 0: none (the program reads the
-/// clock itself).
-pub const FENCE_LEN: u32 = 2;
+/// clock itself). Entry [`FENCE_FLOWS_GEN`] counts the agent's own changes to the client
+/// table (entries it moved or removed): a CPU's `RECENT` knowledge of an entry holds only
+/// while the count is the one it saw.
+pub const FENCE_LEN: u32 = 3;
 pub const FENCE_DEADLINE: u32 = 0;
 pub const FENCE_CLOCK: u32 = 1;
+pub const FENCE_FLOWS_GEN: u32 = 2;
 pub const CLOCK_TICK_MS: u64 = 100;
 /// [`VipInfo::flags`]: the VIP belongs to a virtual server; its index is
 /// [`vserver_index`]. Its inbound traffic is redirected there (seed 004).
@@ -250,6 +314,42 @@ pub struct FlowInfo {
     pub bytes: u64,
     /// Last straggler event sent for this client (rate limit in the data plane).
     pub event_ns: u64,
+}
+
+/// An entry of the per-CPU `RECENT` array: the client table entry this CPU wrote last
+/// for the clients that hash to it, when (`at`, [`recent_time`] units), and the packets
+/// and bytes it has counted since without writing the entry (added to the entry when
+/// it next writes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Recent {
+    pub flow: FlowKey,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// `FENCE[FENCE_FLOWS_GEN]` (its low 16 bits) when written.
+    pub gen: u16,
+    pub at: u32,
+    pub packets: u32,
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Recent>() == 64);
+
+/// Slots of the per-CPU `RECENT` array.
+pub const RECENT_SLOTS: u32 = 1 << RECENT_SLOTS_LOG2;
+const RECENT_SLOTS_LOG2: u32 = 10;
+
+/// A client table key's `RECENT` slot.
+#[inline(always)]
+pub fn recent_index(k: &FlowKey) -> u32 {
+    let x = k.client[0] ^ k.client[3].rotate_left(11) ^ k.vip[0].rotate_left(5) ^ k.vip[3].rotate_left(17) ^ k.vlan as u32;
+    x.wrapping_mul(0x9E37_79B1) >> (32 - RECENT_SLOTS_LOG2)
+}
+
+/// `RECENT`'s clock: CLOCK_MONOTONIC in units of 2^20 ns (about a millisecond).
+#[inline(always)]
+pub const fn recent_time(ns: u64) -> u32 {
+    (ns >> 20) as u32
 }
 
 /// Key of the `MACS` hash: an adapter's own MAC (padded), value its ifindex.
@@ -481,4 +581,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowInfo {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::Recent {}
+    unsafe impl aya::Pod for super::VipBucket {}
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use vip_common::{egress as e, VipKey};
 
 use crate::{
-    maps::{self, FLOWS, VIPS},
+    maps::{self, FLOWS},
     parse::{set6, EthHdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
     steer::flow_key,
 };
@@ -52,10 +52,8 @@ fn try_egress(ctx: &TcContext) -> (i32, u32) {
         }
         _ => return pass,
     };
-    if !maps::maybe_vip(&vip) {
-        return pass;
-    }
-    match unsafe { VIPS.get(&vip) } {
+    let Some(bit) = maps::maybe_vip(&vip) else { return pass };
+    match maps::vip(&vip, bit) {
         None => return pass,
         Some(v) if maps::fenced(v.flags) => return (TC_ACT_SHOT, e::DROPPED_FENCED),
         Some(_) => {}

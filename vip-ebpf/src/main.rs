@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use vip_common::decision;
 
-use crate::parse::{be16, ptr_at, EthHdr, Ipv4Hdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
+use crate::parse::{be16, ld32, ptr_at, EthHdr, Ipv4Hdr, VlanHdr, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
 
 /// Entry point: thin wrapper that turns the decision into an action and counts it.
 #[xdp]
@@ -90,8 +90,9 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         vlan = vid;
         off += core::mem::size_of::<VlanHdr>();
     }
+    let adapter = maps::adapter_ref(ctx.ingress_ifindex() as u32);
     if vlan == 0 {
-        if let Some(a) = maps::adapter(ctx.ingress_ifindex() as u32) {
+        if let Some(a) = adapter {
             if a.state == vip_common::ADAPTER_VSERVER {
                 return vserver::from_vserver(ctx, ethertype);
             }
@@ -99,15 +100,21 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     }
     match ethertype {
         ETH_P_ARP => arp::answer(ctx, off, vlan),
-        ETH_P_IPV6 => ndp::answer(ctx, off, vlan),
+        ETH_P_IPV6 => match ndp::answer(ctx, off, vlan) {
+            Err(ndp::NOT_NS) => ndp::traffic(ctx, off, vlan),
+            r => r,
+        },
         ETH_P_IP => {
             // The common case, ordinary traffic to the host: its destination's filter bit
             // is clear, and it leaves here without a call or a hash lookup.
             let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
-            if !maps::maybe_vip(&vip_common::VipKey::v4(unsafe { (*ip).dst_addr }, vlan)) {
+            let (vihl, src, dst) = unsafe { ((*ip).vihl, ld32((*ip).src_addr.as_ptr()), ld32((*ip).dst_addr.as_ptr())) };
+            let key = vip_common::VipKey { addr: [dst, 0, 0, 0], vlan, family: vip_common::FAMILY_IPV4, _pad: 0 };
+            let Some(bit) = maps::maybe_vip(&key) else { return Err(decision::PASSED_NOT_NEIGHBOR) };
+            if vihl >> 4 != 4 {
                 return Err(decision::PASSED_NOT_NEIGHBOR);
             }
-            steer::ipv4(ctx, off, vlan)
+            steer::ipv4(ctx, dst as u64 | (src as u64) << 32, (vlan as u64) << 32 | bit as u64)
         }
         _ => Err(decision::PASSED_NOT_NEIGHBOR),
     }

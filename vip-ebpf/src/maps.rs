@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use vip_common::{
-    AdapterInfo, FlowInfo, FlowKey, MacKey, Policy, Traffic, VipInfo, VipKey, ADAPTER_DOWN, ADAPTER_MAC_MOVED,
-    ANSWERS_LEN, BUCKETS_LEN, EVENTS_BYTES, MAX_ADAPTERS, MAX_IFINDEX, MAX_POLICIES, MAX_VIPS,
+    AdapterInfo, FlowInfo, FlowKey, MacKey, Policy, Recent, Traffic, VipBucket, VipInfo, VipKey, VipSlot, ADAPTER_DOWN,
+    ADAPTER_MAC_MOVED, ANSWERS_LEN, BUCKETS_LEN, EVENTS_BYTES, MAX_ADAPTERS, MAX_IFINDEX, MAX_POLICIES, MAX_VIPS,
+    RECENT_SLOTS, TABLE_BUCKETS, TABLE_OVERFLOW, TAG_KEY, TAG_SEQ_SHIFT,
 };
 
 /// The answering deadline of cluster VIPs (`vip_common::FENCE_DEADLINE`), boot clock ns:
@@ -41,14 +42,87 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 
 #[map(name = "VIP_FILTER")]
 pub static VIP_FILTER: Array<u64> = Array::with_max_entries(vip_common::FILTER_WORDS, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
-/// False when `key` is certainly not in VIPS; true when it may be.
+/// The key's filter bit, if set: `Some` when `key` may be in VIPS, `None` when it is
+/// certainly not.
 #[inline(always)]
-pub fn maybe_vip(key: &VipKey) -> bool {
+pub fn maybe_vip(key: &VipKey) -> Option<u32> {
     let b = vip_common::filter_bit(key);
     match VIP_FILTER.get(b >> 6) {
-        Some(w) => *w & (1u64 << (b & 63)) != 0,
-        None => true,
+        Some(w) if *w & (1u64 << (b & 63)) == 0 => None,
+        _ => Some(b),
     }
+}
+
+/// The VIPs in buckets by hash (`vip_common::VipBucket`), kept by the agent beside VIPS:
+/// a VIP is found with one inlined array read and a compare. Memory-mapped: the agent
+/// writes slots with plain stores under each slot's sequence count.
+#[map(name = "VIP_TABLE")]
+pub static VIP_TABLE: Array<VipBucket> = Array::with_max_entries(TABLE_BUCKETS, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
+
+/// What a slot says of a key.
+enum Slot {
+    Is(VipInfo),
+    /// Another key, or none.
+    Not,
+    /// Being written: ask VIPS.
+    Unsure,
+}
+
+/// Reads slot `s` for `key`: the tag, the entry, the tag again, each a volatile load, so
+/// they happen in this order (and x86 keeps loads in order); a tag that changed or is
+/// odd means the agent was writing it.
+#[inline(always)]
+fn slot(s: *const VipSlot, key: &VipKey, want: u32) -> Slot {
+    use core::ptr::read_volatile as rd;
+    // SAFETY: `s` points into a bucket the array lookup returned.
+    unsafe {
+        let t = rd(&raw const (*s).tag);
+        if t & TAG_KEY != want {
+            return Slot::Not;
+        }
+        let a = [rd(&raw const (*s).addr[0]), rd(&raw const (*s).addr[1]), rd(&raw const (*s).addr[2]), rd(&raw const (*s).addr[3])];
+        let (policy, id, flags) = (rd(&raw const (*s).policy), rd(&raw const (*s).id), rd(&raw const (*s).flags));
+        let t2 = rd(&raw const (*s).tag);
+        if t2 != t || (t >> TAG_SEQ_SHIFT) & 1 != 0 {
+            return Slot::Unsure;
+        }
+        if (a[0] ^ key.addr[0]) | (a[1] ^ key.addr[1]) | (a[2] ^ key.addr[2]) | (a[3] ^ key.addr[3]) != 0 {
+            return Slot::Not;
+        }
+        Slot::Is(VipInfo { policy, id, flags, _pad: 0 })
+    }
+}
+
+/// The VIP `key` names (`bit`: its filter bit), or None. Its bucket's two slots first;
+/// VIPS only when the bucket has overflowed or a slot was being written.
+#[inline(always)]
+pub fn vip(key: &VipKey, bit: u32) -> Option<VipInfo> {
+    let Some(b) = VIP_TABLE.get_ptr(vip_common::table_bucket(bit)) else { return vip_slow(key) };
+    let want = VipSlot::tag_of(key);
+    // SAFETY: the array lookup returned a whole bucket.
+    let (s0, s1) = unsafe { (&raw const (*b).slots[0], &raw const (*b).slots[1]) };
+    let mut unsure = false;
+    match slot(s0, key, want) {
+        Slot::Is(v) => return Some(v),
+        Slot::Unsure => unsure = true,
+        Slot::Not => {}
+    }
+    match slot(s1, key, want) {
+        Slot::Is(v) => return Some(v),
+        Slot::Unsure => unsure = true,
+        Slot::Not => {}
+    }
+    let overflow = unsafe { core::ptr::read_volatile(&raw const (*s0).tag) } & TABLE_OVERFLOW != 0;
+    if unsure || overflow {
+        return vip_slow(key);
+    }
+    None
+}
+
+/// VIPS itself: for the few VIPs whose bucket is full, and slots being written.
+#[inline(never)]
+fn vip_slow(key: &VipKey) -> Option<VipInfo> {
+    unsafe { VIPS.get(key) }.copied()
 }
 
 /// Placements shared by VIPs placed alike (`VipInfo::policy`). Memory-mapped: the agent
@@ -72,28 +146,11 @@ pub static BUCKETS: Array<[u8; 8]> = Array::with_max_entries(BUCKETS_LEN, aya_eb
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowInfo> = LruHashMap::with_max_entries(vip_common::MAX_FLOWS, 0);
 
-/// Per CPU, the clients it answered last ([`crate::steer::learn_answered`]): one slot per
-/// hash of the client table's key. Not pinned: a new load starts with it empty.
+/// Per CPU, the client table entries it wrote last (`crate::steer::seen`): one slot per
+/// hash of the client table's key, with the frames counted since. Pinned with the table,
+/// so the counts survive a hand-over.
 #[map(name = "RECENT")]
 pub static RECENT: PerCpuArray<Recent> = PerCpuArray::with_max_entries(RECENT_SLOTS, 0);
-pub const RECENT_SLOTS: u32 = 1024;
-
-#[repr(C)]
-pub struct Recent {
-    pub flow: FlowKey,
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-    pub _pad: [u8; 2],
-    pub at_ns: u64,
-}
-
-#[inline(always)]
-pub fn recent_index(k: &FlowKey) -> u32 {
-    let x = k.client[0] ^ k.client[3].rotate_left(11) ^ k.vip[0].rotate_left(5) ^ k.vip[3].rotate_left(17) ^ k.vlan as u32;
-    x.wrapping_mul(0x9E37_79B1) >> (32 - 10)
-}
-
-const _: () = assert!(1 << 10 == RECENT_SLOTS);
 
 /// Two client-table keys compared word by word (`==` would call an out-of-line bcmp).
 #[inline(always)]
@@ -161,6 +218,12 @@ pub fn now_ns() -> u64 {
     }
 }
 
+/// The agent's count of its own client table changes (`vip_common::FENCE_FLOWS_GEN`).
+#[inline(always)]
+pub fn flows_gen() -> u16 {
+    FENCE.get(vip_common::FENCE_FLOWS_GEN).map_or(0, |g| *g as u16)
+}
+
 #[inline(always)]
 pub fn count(decision: u32) {
     if let Some(c) = DECISIONS.get_ptr_mut(decision) {
@@ -177,63 +240,6 @@ pub fn count_answer(vip_id: u32, slot: u8) {
     if let Some(t) = TRAFFIC.get_ptr_mut(slot as u32) {
         unsafe { (*t).answers += 1 };
     }
-}
-
-/// A request this adapter may answer.
-pub struct Hit {
-    /// The adapter it arrived on, with `mac` set to the MAC to answer from.
-    pub adapter: AdapterInfo,
-    pub vip: VipInfo,
-    /// Its policy's allowed adapters.
-    pub allowed: u64,
-    /// The adapter whose MAC was asked (a failed one whose MAC moved here, or this one)
-    /// and its slot: what the client table records.
-    pub via: u32,
-    pub via_slot: u8,
-    /// Asked on a moved MAC: answered whatever the mode, the client keeps that MAC.
-    pub moved: bool,
-}
-
-/// The VIP a frame asks for and the adapter it arrived on, if the adapter may answer for
-/// it right now. `dst` is the frame's Ethernet destination. The VIP is looked up first so
-/// that the common miss (a request for some other host) costs one lookup. A unicast
-/// request to a failed adapter's MAC that moved here is answered from that MAC, so the
-/// client's cache never changes.
-#[inline(always)]
-pub fn lookup(ifindex: u32, dst: &[u8; 6], key: &VipKey) -> Result<Hit, u32> {
-    use vip_common::decision::*;
-    // (Its callers, the ARP and NS paths, read the key's filter bit before they get here.)
-    let vip = match unsafe { VIPS.get(key) } {
-        Some(v) => *v,
-        None => return Err(PASSED_NOT_VIP),
-    };
-    if fenced(vip.flags) {
-        return Err(DROPPED_FENCED);
-    }
-    let mut adapter = match ADAPTERS.get(ifindex) {
-        Some(a) if a.state != vip_common::ADAPTER_UNKNOWN => *a,
-        _ => return Err(PASSED_ADAPTER_UNKNOWN),
-    };
-    let (mut via, mut via_slot, mut moved) = (ifindex, adapter.slot, false);
-    // Multicast and broadcast are for everyone; a unicast frame must be for this adapter
-    // (or for a failed adapter whose MAC moved here).
-    if dst[0] & 1 == 0 && !crate::parse::eq6(dst, &adapter.mac) {
-        match inherited(ifindex, dst) {
-            Some((owner_ix, owner)) if mac_moved(&owner) => {
-                crate::parse::set6(&mut adapter.mac, &owner.mac);
-                (via, via_slot, moved) = (owner_ix, owner.slot, true);
-            }
-            _ => return Err(PASSED_NOT_FOR_US),
-        }
-    }
-    if adapter.state != vip_common::ADAPTER_UP {
-        return Err(PASSED_ADAPTER_DOWN);
-    }
-    let allowed = allowed(&vip);
-    if (adapter.slot as u32) >= MAX_ADAPTERS || allowed & (1u64 << adapter.slot) == 0 {
-        return Err(PASSED_ADAPTER_NOT_ALLOWED);
-    }
-    Ok(Hit { adapter, vip, allowed, via, via_slot, moved })
 }
 
 /// The adapters a VIP's policy allows (none for a policy out of range).
@@ -266,6 +272,24 @@ pub fn count_traffic(slot: u8, bytes: u64, tx: bool) {
 #[inline(always)]
 pub fn adapter(ifindex: u32) -> Option<AdapterInfo> {
     ADAPTERS.get(ifindex).copied()
+}
+
+/// The adapter's entry in place (the agent may change it meanwhile: each field is read
+/// once where it is used).
+#[inline(always)]
+pub fn adapter_ref(ifindex: u32) -> Option<&'static AdapterInfo> {
+    ADAPTERS.get(ifindex)
+}
+
+/// The failed adapter whose MAC `dst` (as `parse::ld_mac` reads it) moved to its heir
+/// `ifindex`, or 0: a unicast request to it is answered here, from that MAC.
+#[inline(never)]
+pub fn moved_here(ifindex: u32, dst: u64) -> u32 {
+    let mac = crate::parse::mac_bytes(dst);
+    match inherited(ifindex, &mac) {
+        Some((owner_ix, owner)) if mac_moved(&owner) => owner_ix,
+        _ => 0,
+    }
 }
 
 /// The failed adapter that owns MAC `dst` and whose heir is `ifindex`, if any: frames

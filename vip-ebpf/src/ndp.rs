@@ -6,7 +6,7 @@ use vip_common::{decision, VipKey};
 
 use crate::{
     csum, maps, steer,
-    parse::{bad_sender, be16, eq16, is_zero16, ptr_at, set6, EthHdr, Ipv6Hdr},
+    parse::{bad_sender_mac, be16, eq16, is_zero16, ld_mac, ptr_at, st_mac, EthHdr, Ipv6Hdr},
 };
 
 /// ICMPv6 Neighbor Solicitation without options, 24 bytes.
@@ -34,7 +34,7 @@ pub struct NaMsg {
 
 const IPV6_HLEN: usize = 40;
 /// `validate`'s answer for IPv6 that is not a Neighbor Solicitation (not a decision).
-const NOT_NS: u32 = u32::MAX;
+pub const NOT_NS: u32 = u32::MAX;
 const IPPROTO_ICMPV6: u8 = 58;
 const ND_NEIGHBOR_SOLICIT: u8 = 135;
 const ND_NEIGHBOR_ADVERT: u8 = 136;
@@ -49,7 +49,8 @@ const _: () = assert!(core::mem::size_of::<NaMsg>() == NA_LEN);
 /// the kernel rather than answered (a bounded loop keeps the verifier's work small).
 const MAX_OPT_UNITS: usize = 16;
 const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+/// 33:33:00:00:00:01 as `parse::ld_mac` reads it.
+const ALL_NODES_MAC_WORD: u64 = u64::from_le_bytes([0x33, 0x33, 0, 0, 0, 1, 0, 0]);
 /// ff02::1:ffXX:XXXX, the low 24 bits taken from the target.
 const SOLICITED_NODE_GROUP: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
 
@@ -65,15 +66,16 @@ fn pseudo_header_sum(ip: *const Ipv6Hdr, len: usize) -> u64 {
 }
 
 /// IPv6 other than a Neighbor Solicitation: traffic, learned when it is for a VIP.
+/// Called by the entry point, not from [`answer`]: the stack of each chain of calls
+/// counts against the 512-byte limit.
 #[inline(never)]
-fn traffic(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
+pub fn traffic(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
     let vip = VipKey::v6(ip.dst_addr, vlan);
-    if !maps::maybe_vip(&vip) {
-        return Err(decision::PASSED_IPV6_NOT_NS);
-    }
-    match steer::ipv6(ctx, vip, VipKey::v6(ip.src_addr, 0).addr) {
+    let Some(bit) = maps::maybe_vip(&vip) else { return Err(decision::PASSED_IPV6_NOT_NS) };
+    let client = VipKey::v6(ip.src_addr, 0).addr;
+    match steer::traffic(ctx, maps::adapter_ref(ctx.ingress_ifindex() as u32), &vip, bit, client) {
         Err(decision::PASSED_NOT_NEIGHBOR) => Err(decision::PASSED_IPV6_NOT_NS),
         r => r,
     }
@@ -89,23 +91,22 @@ fn traffic(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
 pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let mut q = steer::Question {
         key: VipKey { addr: [0; 4], vlan, family: vip_common::FAMILY_IPV6, _pad: 0 },
+        bit: 0,
         client: [0; 4],
-        ifindex: ctx.ingress_ifindex() as u32,
-        dst: [0; 6],
-        requester: [0; 6],
+        dst: 0,
+        requester: 0,
         probe: false,
     };
     match validate(ctx, off, vlan, &mut q) {
         Ok(()) => {}
-        Err(NOT_NS) => return traffic(ctx, off, vlan),
+        Err(NOT_NS) => return Err(NOT_NS),
         Err(d) => return Err(d),
     }
     // Solicitations for other hosts leave before their checksum is summed.
-    if !maps::maybe_vip(&q.key) {
-        return Err(decision::PASSED_NOT_VIP);
-    }
+    let Some(bit) = maps::maybe_vip(&q.key) else { return Err(decision::PASSED_NOT_VIP) };
+    q.bit = bit;
     checksum(ctx, off)?;
-    let a = steer::answerer(&q)?;
+    let a = steer::answerer_ns(ctx, &q)?;
     reply(ctx, off, &q, &a)
 }
 
@@ -182,13 +183,15 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
     if !(solicited_node || (!dad && eq16(&ip.dst_addr, &ns.target))) {
         return Err(decision::PASSED_NS_INVALID);
     }
-    if bad_sender(&eth.src_addr) {
+    // SAFETY: the Ethernet header is within the frame.
+    let (dst_mac, src_mac) = unsafe { (ld_mac(eth.dst_addr.as_ptr()), ld_mac(eth.src_addr.as_ptr())) };
+    if bad_sender_mac(src_mac) {
         return Err(decision::PASSED_BAD_SENDER_MAC);
     }
 
     // The answer goes to the first source link-layer address option, as an ARP reply goes
     // to the sender hardware address; without one, to the frame's Ethernet source.
-    let mut requester = eth.src_addr;
+    let mut requester = src_mac;
     let mut have_sllao = false;
     let mut o = NS_LEN;
     for _ in 0..MAX_OPT_UNITS {
@@ -203,12 +206,12 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
         }
         if opt[0] == ND_OPT_SOURCE_LL && opt[1] == 1 && !have_sllao {
             let mac: *const [u8; 6] = ptr_at(ctx, icmp_off + o + 2)?;
-            requester = unsafe { *mac };
+            requester = unsafe { ld_mac(mac as *const u8) };
             have_sllao = true;
         }
         o += opt[1] as usize * 8;
     }
-    if bad_sender(&requester) {
+    if bad_sender_mac(requester) {
         return Err(decision::PASSED_BAD_SENDER_MAC);
     }
     if o != plen {
@@ -218,7 +221,7 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
     q.key = VipKey::v6(ns.target, vlan);
     q.client = VipKey::v6(ip.src_addr, 0).addr;
     q.requester = requester;
-    set6(&mut q.dst, &eth.dst_addr);
+    q.dst = dst_mac;
     q.probe = dad;
     Ok(())
 }
@@ -230,7 +233,7 @@ fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer)
     let src = VipKey { addr: q.client, ..q.key }.octets();
     let icmp_off = off + IPV6_HLEN;
     let (dst_mac, dst_ip, flags) = if dad {
-        (ALL_NODES_MAC, ALL_NODES, NA_FLAG_OVERRIDE)
+        (ALL_NODES_MAC_WORD, ALL_NODES, NA_FLAG_OVERRIDE)
     } else {
         (requester, src, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
     };
@@ -247,8 +250,10 @@ fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer)
     let na: *mut NaMsg = ptr_at(ctx, icmp_off)?;
     let (eth, ip, na) = unsafe { (&mut *eth, &mut *ip, &mut *na) };
 
-    set6(&mut eth.dst_addr, &dst_mac);
-    set6(&mut eth.src_addr, &a.mac);
+    unsafe {
+        st_mac(eth.dst_addr.as_mut_ptr(), dst_mac);
+        st_mac(eth.src_addr.as_mut_ptr(), a.mac);
+    }
     ip.vcf = [0x60, 0, 0, 0];
     ip.payload_len = (NA_LEN as u16).to_be_bytes();
     ip.next_hdr = IPPROTO_ICMPV6;
@@ -262,7 +267,7 @@ fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer)
     na.target = target;
     na.opt_type = ND_OPT_TARGET_LL;
     na.opt_len = 1;
-    set6(&mut na.mac, &a.mac);
+    unsafe { st_mac(na.mac.as_mut_ptr(), a.mac) };
 
     // Over the advertisement as written (its checksum field zero), a word at a time.
     let mut sum = pseudo_header_sum(ip, NA_LEN);

@@ -38,11 +38,6 @@ pub fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-/// Broadcast, multicast (group bit) or all-zero: never a valid sender.
-#[inline(always)]
-pub fn bad_sender(mac: &[u8; 6]) -> bool {
-    mac[0] & 1 == 1 || eq6(mac, &[0; 6])
-}
 
 // Array comparisons written as xor/or reductions: `==` on byte arrays becomes a call to an
 // out-of-line, byte-at-a-time bcmp loop in BPF code.
@@ -83,4 +78,69 @@ pub fn set6(dst: &mut [u8; 6], src: &[u8; 6]) {
     dst[3] = src[3];
     dst[4] = src[4];
     dst[5] = src[5];
+}
+
+// Loads and stores of the frame's fields a word at a time. Headers sit at 2-byte offsets;
+// LLVM splits a load it is told may be unaligned into byte loads (and a MAC copy into 12
+// byte moves), while the BPF JIT and verifier take unaligned packet access on the
+// machines vip runs on (x86-64, arm64), as C programs rely on. The caller has checked
+// every byte against the frame's end.
+
+#[inline(always)]
+pub unsafe fn ld16(p: *const u8) -> u16 {
+    unsafe { (p as *const u16).read() }
+}
+
+#[inline(always)]
+pub unsafe fn ld32(p: *const u8) -> u32 {
+    unsafe { (p as *const u32).read() }
+}
+
+#[inline(always)]
+pub unsafe fn ld64(p: *const u8) -> u64 {
+    unsafe { (p as *const u64).read() }
+}
+
+#[inline(always)]
+pub unsafe fn st16(p: *mut u8, v: u16) {
+    unsafe { (p as *mut u16).write(v) }
+}
+
+#[inline(always)]
+pub unsafe fn st32(p: *mut u8, v: u32) {
+    unsafe { (p as *mut u32).write(v) }
+}
+
+/// A MAC at `p` as a native-order 48-bit number (two loads).
+#[inline(always)]
+pub unsafe fn ld_mac(p: *const u8) -> u64 {
+    unsafe { ld32(p) as u64 | (ld16(p.add(4)) as u64) << 32 }
+}
+
+/// Stores a MAC [`ld_mac`] read.
+#[inline(always)]
+pub unsafe fn st_mac(p: *mut u8, m: u64) {
+    unsafe {
+        st32(p, m as u32);
+        st16(p.add(4), (m >> 32) as u16);
+    }
+}
+
+/// [`bad_sender`] of a MAC read by [`ld_mac`]: the group bit is the first byte's lowest.
+#[inline(always)]
+pub fn bad_sender_mac(m: u64) -> bool {
+    m & 1 == 1 || m == 0
+}
+
+/// A MAC as [`ld_mac`] reads it, from bytes.
+#[inline(always)]
+pub fn mac_word(m: &[u8; 6]) -> u64 {
+    unsafe { ld_mac(m.as_ptr()) }
+}
+
+/// Bytes from a MAC [`ld_mac`] read.
+#[inline(always)]
+pub fn mac_bytes(m: u64) -> [u8; 6] {
+    let b = m.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{helpers::bpf_redirect, programs::XdpContext};
 use vip_common::{decision, vserver_index, VipKey, VIP_VSERVER};
 
 use crate::{
-    maps::{self, FLOWS, VIPS, VSERVERS, VS_MACS},
+    maps::{self, FLOWS, VSERVERS, VS_MACS},
     parse::{be16, eq4, ptr_at, set6, ArpHdr, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP},
     steer::flow_key,
 };
@@ -39,7 +39,8 @@ pub fn to_vserver(ctx: &XdpContext, idx: u32) -> Result<u32, u32> {
 /// Whether `key` is one of virtual server `idx`'s VIPs.
 #[inline(always)]
 fn owns(idx: u32, key: &VipKey) -> bool {
-    match unsafe { VIPS.get(key) } {
+    let Some(bit) = maps::maybe_vip(key) else { return false };
+    match maps::vip(key, bit) {
         Some(v) => v.flags & VIP_VSERVER != 0 && vserver_index(v.flags) == idx,
         None => false,
     }

@@ -80,6 +80,9 @@ enum Bench {
         /// Fewer samples, for a quick look (the docs are not rewritten).
         #[arg(long)]
         quick: bool,
+        /// Only the per-frame costs, not the veth answers per second (with --quick).
+        #[arg(long, requires = "quick")]
+        frames_only: bool,
     },
     /// Cable pulls: the agent (200 pulls) against keepalived's VRRP at advert_int 1 and at
     /// its smallest interval, seen from a client probing every 500 µs.
@@ -453,7 +456,7 @@ fn bench(which: Bench) -> Result<()> {
         bail!("benchmarks load XDP programs and create namespaces: run as root");
     }
     match which {
-        Bench::Dataplane { quick } => {
+        Bench::Dataplane { quick, frames_only } => {
             println!("==> set-up: benchmark packages");
             ensure_packages(DATAPLANE_BENCH_PACKAGES)?;
             let mut cmd = Command::new("cargo");
@@ -462,6 +465,9 @@ fn bench(which: Bench) -> Result<()> {
                 cmd.arg("--quick");
             } else {
                 cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            if frames_only {
+                cmd.arg("--frames-only");
             }
             sh(cmd.env("VIP_EBPF_OBJECT", &obj))
         }

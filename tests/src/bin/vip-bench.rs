@@ -30,6 +30,9 @@ enum Which {
     Dataplane {
         #[arg(long)]
         quick: bool,
+        /// Only the per-frame costs (BPF_PROG_TEST_RUN), not the veth answers per second.
+        #[arg(long)]
+        frames_only: bool,
         /// Write the report into this Markdown file (its `dataplane` section).
         #[arg(long)]
         write: Option<String>,
@@ -91,8 +94,8 @@ enum Which {
 }
 
 fn main() {
-    let (quick, write) = match Cli::parse().which {
-        Which::Dataplane { quick, write } => (quick, write),
+    let (quick, frames_only, write) = match Cli::parse().which {
+        Which::Dataplane { quick, frames_only, write } => (quick, frames_only, write),
         Which::Cluster { kills, ka_pulls, ka_min_pulls, write } => {
             let report = vip_tests::cluster_bench::run(kills, ka_pulls, ka_min_pulls, write.as_deref());
             println!("{report}");
@@ -150,7 +153,9 @@ fn main() {
     let mut report = String::new();
     report.push_str(&format!("## Data plane (`cargo xtask bench dataplane`)\n\nMachine: {}\n\n", machine()));
     report.push_str(&per_frame(if quick { 2_000 } else { 50_000 }));
-    report.push_str(&veth_answers(if quick { 2 } else { 10 }, Duration::from_millis(if quick { 300 } else { 1000 })));
+    if !frames_only {
+        report.push_str(&veth_answers(if quick { 2 } else { 10 }, Duration::from_millis(if quick { 300 } else { 1000 })));
+    }
     println!("{report}");
     if let Some(path) = write {
         write_section(&path, "dataplane", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
