@@ -363,7 +363,7 @@ fn read_layout(path: &Path) -> Option<u32> {
 
 /// Loads both programs (the verifier runs here) and takes the maps the agent writes.
     fn finish(mut ebpf: Ebpf, log_level: u8) -> Result<Self> {
-        for name in [names::PROGRAM, names::PASS_PROGRAM] {
+        for name in [names::PROGRAM, names::PASS_PROGRAM, names::SINK_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::MissingProgram(name))?
@@ -654,6 +654,11 @@ fn read_layout(path: &Path) -> Option<u32> {
     /// Attaches the pass program to `iface`: a veth whose peer answers with XDP_TX needs it.
     pub fn attach_pass(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
         self.attach_program(names::PASS_PROGRAM, iface, mode)
+    }
+
+    /// Attaches the drop-everything program to `iface` (the veth benchmark's client).
+    pub fn attach_sink(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
+        self.attach_program(names::SINK_PROGRAM, iface, mode)
     }
 
     fn attach_program(&mut self, program: &'static str, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {

@@ -27,6 +27,8 @@ pub mod names {
     /// An XDP program that passes everything: the benchmark's baseline, and the program
     /// attached to veth peers so that XDP_TX frames are delivered (see docs/design.md).
     pub const PASS_PROGRAM: &str = "vip_pass";
+    /// An XDP program that drops everything: the veth benchmark's client.
+    pub const SINK_PROGRAM: &str = "vip_sink";
     pub const VIPS: &str = "VIPS";
     pub const ADAPTERS: &str = "ADAPTERS";
     pub const DECISIONS: &str = "DECISIONS";

@@ -1,7 +1,7 @@
 //! ARP: a request for a VIP becomes a reply from the adapter's own MAC, sent back (XDP_TX).
 
 use aya_ebpf::programs::XdpContext;
-use vip_common::{decision, VipKey};
+use vip_common::{decision, AdapterInfo, VipKey};
 
 use crate::{
     maps, steer,
@@ -39,9 +39,14 @@ pub fn into_reply(eth: &mut EthHdr, arp: &mut ArpHdr, mac: &[u8; 6]) {
 /// An ARP frame (its header at `off`): the whole answer is one straight run of code, the
 /// rare branches out of line. Its own BPF function: the entry point's stack stays small
 /// for the NS path's calls.
+/// `adapter`: the arrival adapter's `ADAPTERS` entry, as the entry point read it.
 #[inline(never)]
-pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
-    let adapter = maps::adapter_ref(ctx.ingress_ifindex() as u32);
+pub fn answer(ctx: &XdpContext, off: usize, vlan: u16, adapter: Option<&AdapterInfo>) -> u64 {
+    crate::verdict::pack(try_answer(ctx, off, vlan, adapter))
+}
+
+#[inline(always)]
+fn try_answer(ctx: &XdpContext, off: usize, vlan: u16, adapter: Option<&AdapterInfo>) -> Result<u32, u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + off + ARP_LEN > end {
         return Err(decision::PASSED_TRUNCATED);

@@ -18,6 +18,7 @@ mod ndp;
 mod parse;
 mod steer;
 mod egress;
+mod verdict;
 mod vserver;
 
 use aya_ebpf::{
@@ -68,6 +69,14 @@ pub fn vip_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// The veth benchmark's client: drops everything it receives. Answers are counted by the
+/// interface's receive counter (a veth counts every frame its XDP program sees), so the
+/// client's own processing of the replies no longer limits what is measured.
+#[xdp]
+pub fn vip_sink(_ctx: XdpContext) -> u32 {
+    XDP_DROP
+}
+
 /// `Ok(decision)` means the frame was rewritten into an answer; `Err(decision)` means pass
 /// (or drop, for a fenced cluster VIP).
 #[inline(always)]
@@ -99,7 +108,7 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         }
     }
     match ethertype {
-        ETH_P_ARP => arp::answer(ctx, off, vlan),
+        ETH_P_ARP => verdict::unpack(arp::answer(ctx, off, vlan, adapter)),
         ETH_P_IPV6 => match ndp::answer(ctx, off, vlan) {
             Err(ndp::NOT_NS) => ndp::traffic(ctx, off, vlan),
             r => r,
@@ -114,7 +123,7 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
             if vihl >> 4 != 4 {
                 return Err(decision::PASSED_NOT_NEIGHBOR);
             }
-            steer::ipv4(ctx, dst as u64 | (src as u64) << 32, (vlan as u64) << 32 | bit as u64)
+            verdict::unpack(steer::ipv4(ctx, dst as u64 | (src as u64) << 32, (vlan as u64) << 32 | bit as u64, adapter))
         }
         _ => Err(decision::PASSED_NOT_NEIGHBOR),
     }

@@ -296,14 +296,15 @@ fn straggler(fk: &FlowKey, ifindex: u32, client_mac: u64, to_mac: u64) {
 }
 
 /// IPv4 traffic to a key whose filter bit (`bit`) is set (`addrs`: destination, then
-/// source above it; `vlan_bit`: VLAN ID, then the bit below it). Its own BPF function: the
+/// source above it; `vlan_bit`: VLAN ID, then the bit below it), arriving on `adapter`
+/// (as the entry point read it). Its own BPF function: the
 /// entry point's stack stays small for the NS path's calls.
 #[inline(never)]
-pub fn ipv4(ctx: &XdpContext, addrs: u64, vlan_bit: u64) -> Result<u32, u32> {
-    // Packed: BPF functions take five arguments, the result's pointer among them.
+pub fn ipv4(ctx: &XdpContext, addrs: u64, vlan_bit: u64, adapter: Option<&AdapterInfo>) -> u64 {
+    // Packed: BPF functions take five arguments.
     let (dst, src, vlan, bit) = (addrs as u32, (addrs >> 32) as u32, (vlan_bit >> 32) as u16, vlan_bit as u32);
     let key = VipKey { addr: [dst, 0, 0, 0], vlan, family: vip_common::FAMILY_IPV4, _pad: 0 };
-    traffic(ctx, maps::adapter_ref(ctx.ingress_ifindex() as u32), &key, bit, [src, 0, 0, 0])
+    crate::verdict::pack(traffic(ctx, adapter, &key, bit, [src, 0, 0, 0]))
 }
 
 /// The NS path's [`answerer`], in a BPF function of its own (the stack limit).
