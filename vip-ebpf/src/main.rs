@@ -99,6 +99,22 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         vlan = vid;
         off += core::mem::size_of::<VlanHdr>();
     }
+    let mut ipv4_bit = None;
+    if ethertype == ETH_P_IP {
+        // The common case, ordinary traffic to the host: neither its destination's nor
+        // its source's filter bit is set (a virtual server's frames come from its VIPs),
+        // and it leaves here without the adapter's entry, a call or a hash lookup.
+        let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+        let (dst, src) = unsafe { (ld32((*ip).dst_addr.as_ptr()), ld32((*ip).src_addr.as_ptr())) };
+        let key = vip_common::VipKey { addr: [dst, 0, 0, 0], vlan, family: vip_common::FAMILY_IPV4, _pad: 0 };
+        ipv4_bit = maps::maybe_vip(&key);
+        if ipv4_bit.is_none() {
+            let from = vip_common::VipKey { addr: [src, 0, 0, 0], vlan: 0, family: vip_common::FAMILY_IPV4, _pad: 0 };
+            if vlan != 0 || maps::maybe_vip(&from).is_none() {
+                return Err(decision::PASSED_NOT_NEIGHBOR);
+            }
+        }
+    }
     let adapter = maps::adapter_ref(ctx.ingress_ifindex() as u32);
     if vlan == 0 {
         if let Some(a) = adapter {
@@ -114,12 +130,11 @@ fn try_vip_xdp(ctx: &XdpContext) -> Result<u32, u32> {
             r => r,
         },
         ETH_P_IP => {
-            // The common case, ordinary traffic to the host: its destination's filter bit
-            // is clear, and it leaves here without a call or a hash lookup.
+            // Traffic to a VIP: its own BPF function (the NS path's chain of calls starts
+            // here too, and the stack limit counts them together).
             let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
             let (vihl, src, dst) = unsafe { ((*ip).vihl, ld32((*ip).src_addr.as_ptr()), ld32((*ip).dst_addr.as_ptr())) };
-            let key = vip_common::VipKey { addr: [dst, 0, 0, 0], vlan, family: vip_common::FAMILY_IPV4, _pad: 0 };
-            let Some(bit) = maps::maybe_vip(&key) else { return Err(decision::PASSED_NOT_NEIGHBOR) };
+            let Some(bit) = ipv4_bit else { return Err(decision::PASSED_NOT_NEIGHBOR) };
             if vihl >> 4 != 4 {
                 return Err(decision::PASSED_NOT_NEIGHBOR);
             }

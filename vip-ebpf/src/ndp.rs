@@ -106,13 +106,13 @@ pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
     let Some(bit) = maps::maybe_vip(&q.key) else { return Err(decision::PASSED_NOT_VIP) };
     q.bit = bit;
     checksum(ctx, off)?;
-    let a = steer::answerer_ns(ctx, &q)?;
+    let a = steer::answerer(ctx, maps::adapter_ref(ctx.ingress_ifindex() as u32), &q)?;
     reply(ctx, off, &q, &a)
 }
 
 /// The ICMPv6 checksum of a solicitation `validate` accepted (its payload length is
 /// checked and within the frame).
-#[inline(never)]
+#[inline(always)]
 fn checksum(ctx: &XdpContext, off: usize) -> Result<(), u32> {
     // Volatile loads of the frame's bounds: otherwise LLVM passes them in as integers,
     // and the verifier refuses the arithmetic it then does on them.
@@ -138,7 +138,7 @@ fn checksum(ctx: &XdpContext, off: usize) -> Result<(), u32> {
 }
 
 /// RFC 4861 §7.1.1 validation; other IPv6 is traffic (see `steer`).
-#[inline(never)]
+#[inline(always)]
 fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) -> Result<(), u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
@@ -227,7 +227,7 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
 }
 
 /// Rewrites the solicitation into the advertisement from `a`.
-#[inline(never)]
+#[inline(always)]
 fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer) -> Result<u32, u32> {
     let (target, dad, requester) = (q.key.octets(), q.probe, q.requester);
     let src = VipKey { addr: q.client, ..q.key }.octets();

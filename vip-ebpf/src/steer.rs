@@ -307,11 +307,6 @@ pub fn ipv4(ctx: &XdpContext, addrs: u64, vlan_bit: u64, adapter: Option<&Adapte
     crate::verdict::pack(traffic(ctx, adapter, &key, bit, [src, 0, 0, 0]))
 }
 
-/// The NS path's [`answerer`], in a BPF function of its own (the stack limit).
-#[inline(never)]
-pub fn answerer_ns(ctx: &XdpContext, q: &Question) -> Result<Answerer, u32> {
-    answerer(ctx, maps::adapter_ref(ctx.ingress_ifindex() as u32), q)
-}
 
 /// Traffic to `vip` (`bit`: its filter bit, set) from `client`, arriving on `adapter`.
 /// Frames to this adapter are learned; frames to a failed adapter whose heir this is are

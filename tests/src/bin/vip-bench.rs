@@ -184,6 +184,10 @@ fn per_frame(samples: usize) -> String {
         // The same program loaded with its log records on at debug (`[agent] ebpf_log =
         // "debug"`), its ring drained as the agent drains it.
         // The agent keeps the data plane's clock ticking (`FENCE_CLOCK`); so does the bench.
+        // One CPU for every sample: a thread that moves between CPUs meets other caches,
+        // and the variants' medians wander apart by a step of the clock.
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        pin(0, cpus - 1);
         let now = vip_agent::agent::monotonic_ns();
         env.dp.set_clock(now);
         let mut logged = env.logging_dataplane(4);
