@@ -6,7 +6,7 @@ use vip_common::{decision, VipKey};
 
 use crate::{
     csum, maps, steer,
-    parse::{bad_sender_mac, be16, eq16, is_zero16, ld_mac, ptr_at, st_mac, EthHdr, Ipv6Hdr},
+    parse::{bad_sender_mac, be16, ld32, ld_mac, ptr_at, st32, st_mac, EthHdr, Ipv6Hdr},
 };
 
 /// ICMPv6 Neighbor Solicitation without options, 24 bytes.
@@ -48,11 +48,15 @@ const _: () = assert!(core::mem::size_of::<NaMsg>() == NA_LEN);
 /// Options are walked in 8-byte units; NS carrying more than this many units are passed to
 /// the kernel rather than answered (a bounded loop keeps the verifier's work small).
 const MAX_OPT_UNITS: usize = 16;
-const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// ff02::1 as native-order words.
+const ALL_NODES_WORDS: [u32; 4] = [u32::from_le_bytes([0xff, 2, 0, 0]), 0, 0, u32::from_le_bytes([0, 0, 0, 1])];
 /// 33:33:00:00:00:01 as `parse::ld_mac` reads it.
 const ALL_NODES_MAC_WORD: u64 = u64::from_le_bytes([0x33, 0x33, 0, 0, 0, 1, 0, 0]);
 /// ff02::1:ffXX:XXXX, the low 24 bits taken from the target.
-const SOLICITED_NODE_GROUP: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
+/// ff02::1:ff00:0 as native-order words (the last one's low 24 bits come from the target).
+const GROUP_W0: u32 = u32::from_le_bytes([0xff, 2, 0, 0]);
+const GROUP_W2: u32 = u32::from_le_bytes([0, 0, 0, 1]);
+const GROUP_W3: u32 = 0xff;
 
 /// The pseudo-header's sum, its addresses read from the frame's IPv6 header.
 #[inline(always)]
@@ -172,15 +176,24 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
     if ctx.data() + icmp_off + plen > ctx.data_end() {
         return Err(decision::PASSED_TRUNCATED);
     }
-    let dad = is_zero16(&ip.src_addr);
-    let mut group = SOLICITED_NODE_GROUP;
-    group[13] = ns.target[13];
-    group[14] = ns.target[14];
-    group[15] = ns.target[15];
-    let solicited_node = eq16(&ip.dst_addr, &group);
+    // The addresses as 32-bit words, one load each (as `VipKey` holds them).
+    let ipp = ip as *const Ipv6Hdr as *const u8;
+    let tp = ns.target.as_ptr();
+    // SAFETY: the IPv6 header and the solicitation are within the frame.
+    let (src, dst, target) = unsafe {
+        (
+            [ld32(ipp.add(8)), ld32(ipp.add(12)), ld32(ipp.add(16)), ld32(ipp.add(20))],
+            [ld32(ipp.add(24)), ld32(ipp.add(28)), ld32(ipp.add(32)), ld32(ipp.add(36))],
+            [ld32(tp), ld32(tp.add(4)), ld32(tp.add(8)), ld32(tp.add(12))],
+        )
+    };
+    let dad = (src[0] | src[1] | src[2] | src[3]) == 0;
+    // ff02::1:ffXX:XXXX, the low 24 bits the target's.
+    let solicited_node = dst[0] == GROUP_W0 && dst[1] == 0 && dst[2] == GROUP_W2 && dst[3] == GROUP_W3 | (target[3] & 0xffff_ff00);
+    let to_target = ((dst[0] ^ target[0]) | (dst[1] ^ target[1]) | (dst[2] ^ target[2]) | (dst[3] ^ target[3])) == 0;
     // Sent to the target itself (unicast reachability check) or to its solicited-node
     // group; a DAD probe only ever to the group.
-    if !(solicited_node || (!dad && eq16(&ip.dst_addr, &ns.target))) {
+    if !(solicited_node || (!dad && to_target)) {
         return Err(decision::PASSED_NS_INVALID);
     }
     // SAFETY: the Ethernet header is within the frame.
@@ -218,8 +231,8 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
         return Err(decision::PASSED_NS_INVALID);
     }
 
-    q.key = VipKey::v6(ns.target, vlan);
-    q.client = VipKey::v6(ip.src_addr, 0).addr;
+    q.key = VipKey { addr: target, vlan, family: vip_common::FAMILY_IPV6, _pad: 0 };
+    q.client = src;
     q.requester = requester;
     q.dst = dst_mac;
     q.probe = dad;
@@ -229,13 +242,12 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
 /// Rewrites the solicitation into the advertisement from `a`.
 #[inline(always)]
 fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer) -> Result<u32, u32> {
-    let (target, dad, requester) = (q.key.octets(), q.probe, q.requester);
-    let src = VipKey { addr: q.client, ..q.key }.octets();
+    let (target, dad, requester) = (q.key.addr, q.probe, q.requester);
     let icmp_off = off + IPV6_HLEN;
     let (dst_mac, dst_ip, flags) = if dad {
-        (ALL_NODES_MAC_WORD, ALL_NODES, NA_FLAG_OVERRIDE)
+        (ALL_NODES_MAC_WORD, ALL_NODES_WORDS, NA_FLAG_OVERRIDE)
     } else {
-        (requester, src, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
+        (requester, q.client, NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE)
     };
 
     // Make the frame exactly as long as the advertisement: the solicitation may be
@@ -258,13 +270,19 @@ fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer)
     ip.payload_len = (NA_LEN as u16).to_be_bytes();
     ip.next_hdr = IPPROTO_ICMPV6;
     ip.hop_limit = 255;
-    ip.src_addr = target;
-    ip.dst_addr = dst_ip;
+    let ipp = ip as *mut Ipv6Hdr as *mut u8;
+    // SAFETY: the advertisement's headers are within the frame (checked above).
+    unsafe {
+        for i in 0..4 {
+            st32(ipp.add(8 + 4 * i), target[i]);
+            st32(ipp.add(24 + 4 * i), dst_ip[i]);
+            st32(na.target.as_mut_ptr().add(4 * i), target[i]);
+        }
+    }
     na.typ = ND_NEIGHBOR_ADVERT;
     na.code = 0;
     na.csum = [0, 0];
     na.flags = [flags, 0, 0, 0];
-    na.target = target;
     na.opt_type = ND_OPT_TARGET_LL;
     na.opt_len = 1;
     unsafe { st_mac(na.mac.as_mut_ptr(), a.mac) };

@@ -52,22 +52,6 @@ pub fn eq4(a: &[u8; 4], b: &[u8; 4]) -> bool {
     u32::from_ne_bytes(*a) == u32::from_ne_bytes(*b)
 }
 
-#[inline(always)]
-pub fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let mut d = 0u8;
-    let mut i = 0;
-    while i < 16 {
-        d |= a[i] ^ b[i];
-        i += 1;
-    }
-    d == 0
-}
-
-#[inline(always)]
-pub fn is_zero16(a: &[u8; 16]) -> bool {
-    eq16(a, &[0; 16])
-}
-
 /// Byte-wise copy into the frame. A plain array assignment may become an out-of-line
 /// memmove loop when LLVM cannot rule out overlap (map value into packet).
 #[inline(always)]
