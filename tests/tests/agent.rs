@@ -1157,16 +1157,22 @@ fn the_agent_is_one_file_and_a_sighup_does_not_end_it() {
     let pid = agent.child.id() as i32;
     // SAFETY: a signal to the agent this test started.
     unsafe { libc::kill(pid, libc::SIGHUP) };
-    std::thread::sleep(Duration::from_millis(300));
+    // A reload loads the data plane's programs again (the kernel verifies them: about half
+    // a second here), so the log is watched rather than a fixed time slept.
+    let logged = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.log_text().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?} after SIGHUP; log:\n{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    logged("reload: VIPs: 0 added, 0 removed, 0 changed, 2 unchanged");
     let good = std::fs::read_to_string(&files.config).unwrap();
     std::fs::write(&files.config, format!("{good}\n[[vip]]\naddress = \"not an address\"\n")).unwrap();
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGHUP) };
-    std::thread::sleep(Duration::from_millis(300));
+    logged("reload refused: nothing changed:");
     assert!(agent.try_status().is_some(), "the agent ended on SIGHUP; log:\n{}", agent.log_text());
-    let log = agent.log_text();
-    assert!(log.contains("reload: VIPs: 0 added, 0 removed, 0 changed, 2 unchanged"), "{log}");
-    assert!(log.contains("reload refused: nothing changed:"), "{log}");
     lab.clients[0].ns.ip(&["neigh", "flush", "all"]);
     resolve(&lab, c, VIP4.into());
     // Output into a pipe nobody reads any more (`| head` once it has its line): the

@@ -169,15 +169,19 @@ impl Table {
         for (k, v) in entries {
             want.entry(bucket_of(k)).or_default().push((*k, *v));
         }
+        // The buckets to look at: those that hold or should hold a VIP, or are marked
+        // (one pass over the tags; most buckets are empty and stay so).
+        let mut todo: Vec<u32> = want.keys().copied().collect();
         for b in 0..TABLE_BUCKETS {
-            let keys = want.get(&b).map(|v| &v[..]).unwrap_or(&[]);
-            let holds: Vec<bool> = (0..2)
-                .map(|s| w.word(b as usize * BUCKET_WORDS + s * SLOT_WORDS + TAG).load(Ordering::Relaxed) & TAG_KEY != 0)
-                .collect();
-            if keys.is_empty() && !holds[0] && !holds[1] {
-                Self::set_overflow(w, b, false);
-                continue;
+            let tag = |s: usize| w.word(b as usize * BUCKET_WORDS + s * SLOT_WORDS + TAG).load(Ordering::Relaxed);
+            let (t0, t1) = (tag(0), tag(1));
+            if (t0 | t1) & (TAG_KEY | TABLE_OVERFLOW) != 0 && !want.contains_key(&b) {
+                todo.push(b);
             }
+        }
+        todo.sort_unstable();
+        for b in todo {
+            let keys = want.get(&b).map(|v| &v[..]).unwrap_or(&[]);
             if !self.enabled {
                 Self::set_overflow(w, b, true);
                 continue;

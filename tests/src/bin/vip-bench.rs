@@ -152,6 +152,7 @@ fn main() {
     };
     let mut report = String::new();
     report.push_str(&format!("## Data plane (`cargo xtask bench dataplane`)\n\nMachine: {}\n\n", machine()));
+    report.push_str(&load_time(if quick { 3 } else { 7 }));
     report.push_str(&per_frame(if quick { 2_000 } else { 50_000 }));
     if !frames_only {
         report.push_str(&veth_answers(if quick { 2 } else { 10 }, Duration::from_millis(if quick { 300 } else { 1000 })));
@@ -161,6 +162,27 @@ fn main() {
         write_section(&path, "dataplane", report.trim_end()).unwrap_or_else(|e| panic!("writing {path}: {e}"));
         println!("written to {path}");
     }
+}
+
+/// How long loading the object takes (the kernel's verifier, mostly): every start and
+/// every live reload waits for it.
+fn load_time(runs: usize) -> String {
+    let bytes = std::fs::read(vip_tests::object_path()).expect("reading the XDP object");
+    let times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            let dp = vip_agent::dataplane::Dataplane::load(&bytes).expect("load");
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            drop(dp);
+            ms
+        })
+        .collect();
+    let d = dist(times);
+    format!(
+        "Loading the object (maps created, every program verified by the kernel and loaded; a start and a\n\
+         live reload wait for it): median {:.0} ms, min {:.0}, max {:.0} ({runs} loads).\n\n",
+        d.median, d.min, d.max
+    )
 }
 
 /// ns per frame through BPF_PROG_TEST_RUN. A hit rewrites the frame in place and the kernel
