@@ -93,19 +93,9 @@ pub fn traffic(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
 /// use: converting addresses here would spill every byte.
 #[inline(never)]
 pub fn answer(ctx: &XdpContext, off: usize, vlan: u16) -> Result<u32, u32> {
-    let mut q = steer::Question {
-        key: VipKey { addr: [0; 4], vlan, family: vip_common::FAMILY_IPV6, _pad: 0 },
-        bit: 0,
-        client: [0; 4],
-        dst: 0,
-        requester: 0,
-        probe: false,
-    };
-    match validate(ctx, off, vlan, &mut q) {
-        Ok(()) => {}
-        Err(NOT_NS) => return Err(NOT_NS),
-        Err(d) => return Err(d),
-    }
+    // Built by `validate` at its end, not zeroed first here: zeroing the arrays in place
+    // compiles to calls to an out-of-line memset.
+    let mut q = validate(ctx, off, vlan)?;
     // Solicitations for other hosts leave before their checksum is summed.
     let Some(bit) = maps::maybe_vip(&q.key) else { return Err(decision::PASSED_NOT_VIP) };
     q.bit = bit;
@@ -143,7 +133,7 @@ fn checksum(ctx: &XdpContext, off: usize) -> Result<(), u32> {
 
 /// RFC 4861 §7.1.1 validation; other IPv6 is traffic (see `steer`).
 #[inline(always)]
-fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) -> Result<(), u32> {
+fn validate(ctx: &XdpContext, off: usize, vlan: u16) -> Result<steer::Question, u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let (eth, ip) = unsafe { (&*eth, &*ip) };
@@ -231,12 +221,14 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16, q: &mut steer::Question) ->
         return Err(decision::PASSED_NS_INVALID);
     }
 
-    q.key = VipKey { addr: target, vlan, family: vip_common::FAMILY_IPV6, _pad: 0 };
-    q.client = src;
-    q.requester = requester;
-    q.dst = dst_mac;
-    q.probe = dad;
-    Ok(())
+    Ok(steer::Question {
+        key: VipKey { addr: target, vlan, family: vip_common::FAMILY_IPV6, _pad: 0 },
+        bit: 0,
+        client: src,
+        dst: dst_mac,
+        requester,
+        probe: dad,
+    })
 }
 
 /// Rewrites the solicitation into the advertisement from `a`.
