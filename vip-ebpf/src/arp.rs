@@ -10,9 +10,11 @@ use crate::{
 
 /// The first eight bytes of an Ethernet/IPv4 ARP request as one native-order load:
 /// htype 1, ptype 0x0800, hlen 6, plen 4, oper 1.
-const ETHER_IPV4: u64 = u64::from_le_bytes([0, 1, 8, 0, 6, 4, 0, 0]);
-const OPER_REQUEST: u64 = u64::from_le_bytes([0, 0, 0, 0, 0, 0, 0, 1]);
-const OPER_REPLY: u16 = u16::from_le_bytes([0, 2]);
+const ETHER_IPV4: u64 = u64::from_ne_bytes([0, 1, 8, 0, 6, 4, 0, 0]);
+const OPER_REQUEST: u64 = u64::from_ne_bytes([0, 0, 0, 0, 0, 0, 0, 1]);
+/// The bytes of that load before `oper`.
+const HEAD: u64 = u64::from_ne_bytes([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+const OPER_REPLY: u16 = u16::from_ne_bytes([0, 2]);
 // Offsets in the ARP header (RFC 826, Ethernet/IPv4).
 const SHA: usize = 8;
 const SPA: usize = 14;
@@ -55,10 +57,10 @@ fn try_answer(ctx: &XdpContext, off: usize, vlan: u16, adapter: Option<&AdapterI
     let arp = (start + off) as *mut u8;
     // SAFETY: the Ethernet header and the 28-byte ARP header are within the frame.
     let (head, src, sha, spa, tpa) = unsafe { (ld64(arp), ld_mac(eth.add(6)), ld_mac(arp.add(SHA)), ld32(arp.add(SPA)), ld32(arp.add(TPA))) };
-    if head & 0x0000_ffff_ffff_ffff != ETHER_IPV4 {
+    if head & HEAD != ETHER_IPV4 {
         return Err(decision::PASSED_ARP_NOT_ETHER_IPV4);
     }
-    if head & !0x0000_ffff_ffff_ffff != OPER_REQUEST {
+    if head & !HEAD != OPER_REQUEST {
         return Err(decision::PASSED_ARP_NOT_REQUEST);
     }
     if bad_sender_mac(src) || bad_sender_mac(sha) {

@@ -6,7 +6,7 @@ use vip_common::{decision, VipKey};
 
 use crate::{
     csum, maps, steer,
-    parse::{bad_sender_mac, be16, ld32, ld_mac, ptr_at, st32, st_mac, EthHdr, Ipv6Hdr},
+    parse::{bad_sender_mac, be16, ld32, ld_mac, mac_bytes, ptr_at, st32, st_mac, EthHdr, Ipv6Hdr},
 };
 
 /// ICMPv6 Neighbor Solicitation without options, 24 bytes.
@@ -49,14 +49,16 @@ const _: () = assert!(core::mem::size_of::<NaMsg>() == NA_LEN);
 /// the kernel rather than answered (a bounded loop keeps the verifier's work small).
 const MAX_OPT_UNITS: usize = 16;
 /// ff02::1 as native-order words.
-const ALL_NODES_WORDS: [u32; 4] = [u32::from_le_bytes([0xff, 2, 0, 0]), 0, 0, u32::from_le_bytes([0, 0, 0, 1])];
+const ALL_NODES_WORDS: [u32; 4] = [u32::from_ne_bytes([0xff, 2, 0, 0]), 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// 33:33:00:00:00:01 as `parse::ld_mac` reads it.
-const ALL_NODES_MAC_WORD: u64 = u64::from_le_bytes([0x33, 0x33, 0, 0, 0, 1, 0, 0]);
+const ALL_NODES_MAC_WORD: u64 = u64::from_ne_bytes([0x33, 0x33, 0, 0, 0, 1, 0, 0]);
 /// ff02::1:ffXX:XXXX, the low 24 bits taken from the target.
 /// ff02::1:ff00:0 as native-order words (the last one's low 24 bits come from the target).
-const GROUP_W0: u32 = u32::from_le_bytes([0xff, 2, 0, 0]);
-const GROUP_W2: u32 = u32::from_le_bytes([0, 0, 0, 1]);
-const GROUP_W3: u32 = 0xff;
+const GROUP_W0: u32 = u32::from_ne_bytes([0xff, 2, 0, 0]);
+const GROUP_W2: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+const GROUP_W3: u32 = u32::from_ne_bytes([0xff, 0, 0, 0]);
+/// The bytes of the last word that come from the target.
+const GROUP_W3_TARGET: u32 = u32::from_ne_bytes([0, 0xff, 0xff, 0xff]);
 
 /// The pseudo-header's sum, its addresses read from the frame's IPv6 header.
 #[inline(always)]
@@ -179,7 +181,7 @@ fn validate(ctx: &XdpContext, off: usize, vlan: u16) -> Result<steer::Question, 
     };
     let dad = (src[0] | src[1] | src[2] | src[3]) == 0;
     // ff02::1:ffXX:XXXX, the low 24 bits the target's.
-    let solicited_node = dst[0] == GROUP_W0 && dst[1] == 0 && dst[2] == GROUP_W2 && dst[3] == GROUP_W3 | (target[3] & 0xffff_ff00);
+    let solicited_node = dst[0] == GROUP_W0 && dst[1] == 0 && dst[2] == GROUP_W2 && dst[3] == GROUP_W3 | (target[3] & GROUP_W3_TARGET);
     let to_target = ((dst[0] ^ target[0]) | (dst[1] ^ target[1]) | (dst[2] ^ target[2]) | (dst[3] ^ target[3])) == 0;
     // Sent to the target itself (unicast reachability check) or to its solicited-node
     // group; a DAD probe only ever to the group.
@@ -279,9 +281,15 @@ fn reply(ctx: &XdpContext, off: usize, q: &steer::Question, a: &steer::Answerer)
     na.opt_len = 1;
     unsafe { st_mac(na.mac.as_mut_ptr(), a.mac) };
 
-    // Over the advertisement as written (its checksum field zero), a word at a time.
-    let mut sum = pseudo_header_sum(ip, NA_LEN);
-    sum = csum::add_frame_words(sum, na as *const NaMsg as *const [u8; NA_LEN]);
+    // From the values just written, not read back from the frame: the pseudo-header
+    // (source = target, destination, length, next header) and the advertisement's eight
+    // words, its checksum field zero, as native-order words of the frame's bytes.
+    let m = mac_bytes(a.mac);
+    let mut sum = 2 * (target[0] as u64 + target[1] as u64 + target[2] as u64 + target[3] as u64);
+    sum += dst_ip[0] as u64 + dst_ip[1] as u64 + dst_ip[2] as u64 + dst_ip[3] as u64;
+    sum += u32::from_ne_bytes([0, 0, 0, NA_LEN as u8]) as u64 + u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]) as u64;
+    sum += u32::from_ne_bytes([ND_NEIGHBOR_ADVERT, 0, 0, 0]) as u64 + u32::from_ne_bytes([flags, 0, 0, 0]) as u64;
+    sum += u32::from_ne_bytes([ND_OPT_TARGET_LL, 1, m[0], m[1]]) as u64 + u32::from_ne_bytes([m[2], m[3], m[4], m[5]]) as u64;
     na.csum = (!csum::fold(sum)).to_ne_bytes();
 
     maps::count_answer(a.vip_id, a.slot);

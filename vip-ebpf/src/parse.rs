@@ -70,6 +70,10 @@ pub fn set6(dst: &mut [u8; 6], src: &[u8; 6]) {
 // machines vip runs on (x86-64, arm64), as C programs rely on. The caller has checked
 // every byte against the frame's end.
 
+// A MAC as a 48-bit number (`ld_mac`) puts the first byte lowest: the forms below and
+// their callers' constants are for a little-endian target (bpfel, the one vip builds).
+const _: () = assert!(cfg!(target_endian = "little"));
+
 #[inline(always)]
 pub unsafe fn ld16(p: *const u8) -> u16 {
     unsafe { (p as *const u16).read() }
