@@ -45,6 +45,13 @@ impl NetNs {
         run("ip", &a)
     }
 
+    /// Frames the kernel dropped on transmit on `iface` (`ip -s link`'s TX dropped; on a
+    /// veth, frames its peer's queue had no room for).
+    pub fn tx_dropped(&self, iface: &str) -> u64 {
+        let out = self.exec("cat", &[&format!("/sys/class/net/{iface}/statistics/tx_dropped")]);
+        out.trim().parse().unwrap_or_else(|_| panic!("{iface}: tx_dropped unreadable: {out:?}"))
+    }
+
     /// Runs `f` on a thread that has entered this namespace (namespaces are per thread,
     /// so the caller's own thread is never moved).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {

@@ -681,7 +681,7 @@ impl Agent {
         let listen: Vec<u32> = self.adapters.iter().filter(|a| a.health.answers()).filter_map(|a| a.ifindex).collect();
         let ours: HashSet<Mac> = self.adapters.iter().filter_map(|a| a.mac).collect();
         let p = &self.cfg.probe;
-        let found = conflict::probe(&targets, &listen, &ours, p.count, Duration::from_millis(p.wait_ms))?;
+        let found = conflict::probe(&targets, &listen, &ours, p.count, Duration::from_millis(p.wait_ms), p.max_per_second)?;
         let mut found: Vec<(u32, conflict::Conflict)> = found.into_iter().collect();
         found.sort_by_key(|f| f.0);
         for (i, c) in found {

@@ -6,7 +6,8 @@
 //! so 100,000 VIPs cost a few bytes of queue. A new job for the same (adapter, run)
 //! replaces the pending one, so a flapping link cannot pile up rounds; single frames are
 //! bounded. Each adapter has a token bucket of `max_per_second` (a tenth of a second's
-//! worth may go at once) so that thousands of VIPs moving do not flood the switch.
+//! worth, at most [`crate::packet::BURST`] frames, may go at once) so that thousands of
+//! VIPs moving neither flood the switch nor fill the adapter's queue.
 
 use std::{
     cmp::Reverse,
@@ -277,7 +278,7 @@ impl Worker {
             count: count.max(1),
             interval,
             rate,
-            burst: (rate / 10.0).max(1.0),
+            burst: (rate / 10.0).clamp(1.0, crate::packet::BURST as f64),
             next_id: 0,
             addrs,
             lanes: HashMap::new(),

@@ -72,6 +72,9 @@ pub struct ProbeConfig {
     pub count: u32,
     /// How long to listen for a defender after the last probe.
     pub wait_ms: u64,
+    /// Probes per second per adapter, sent in short bursts (start-up and reloads probe
+    /// every new VIP at once; the pace keeps the adapter's queue from overflowing).
+    pub max_per_second: u32,
 }
 
 /// `[steering]`: egress steering and the client table.
@@ -259,7 +262,7 @@ impl Default for AnnounceConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        Self { enabled: true, count: 2, wait_ms: 200 }
+        Self { enabled: true, count: 2, wait_ms: 200, max_per_second: 200_000 }
     }
 }
 
@@ -324,7 +327,7 @@ const STEERING_KEYS: &[&str] = &["egress", "client_timeout_s", "correction_inter
 const AGENT_KEYS: &[&str] =
     &["xdp_mode", "ebpf_log", "hold_down_ms", "up_delay_ms", "control_socket", "metrics_listen", "pin_path"];
 const ANNOUNCE_KEYS: &[&str] = &["count", "interval_ms", "max_per_second"];
-const PROBE_KEYS: &[&str] = &["enabled", "count", "wait_ms"];
+const PROBE_KEYS: &[&str] = &["enabled", "count", "wait_ms", "max_per_second"];
 const ADAPTER_KEYS: &[&str] = &["name", "max_vips", "vlans", "weight", "move_mac"];
 const VIP_KEYS: &[&str] = &["address", "count", "adapters", "vlan", "failover", "mode", "rebalance"];
 
@@ -389,6 +392,7 @@ impl Config {
             enabled: cx.opt(&t, "enabled", boolean).unwrap_or(d.enabled),
             count: cx.opt(&t, "count", int(1, 10)).unwrap_or(d.count),
             wait_ms: cx.opt(&t, "wait_ms", int(1, 10_000)).unwrap_or(d.wait_ms),
+            max_per_second: cx.opt(&t, "max_per_second", int(1, u32::MAX.into())).unwrap_or(d.max_per_second),
         };
 
         let d = SteeringConfig::default();
@@ -1442,6 +1446,7 @@ max_per_second = 100
 enabled = false
 count = 3
 wait_ms = 1000
+max_per_second = 5000
 
 [[adapter]]
 name = "eth0"
@@ -1473,17 +1478,17 @@ failover = false
         assert_eq!(a.metrics_listen, Some("[::1]:9000".parse().unwrap()));
         assert_eq!(a.pin_path, Path::new("/sys/fs/bpf/x"));
         assert_eq!((c.announce.count, c.announce.interval_ms, c.announce.max_per_second), (5, 50, 100));
-        assert_eq!((c.probe.enabled, c.probe.count, c.probe.wait_ms), (false, 3, 1000));
+        assert_eq!((c.probe.enabled, c.probe.count, c.probe.wait_ms, c.probe.max_per_second), (false, 3, 1000, 5000));
 
         let ad: Vec<_> =
             c.adapters.iter().map(|a| (a.name.as_str(), a.max_vips, a.vlans.clone(), a.line, a.name_line)).collect();
-        assert_eq!(ad, [("eth0", Some(8), vec![100, 200], 20, 21), ("eth1", None, vec![100], 25, 26)]);
+        assert_eq!(ad, [("eth0", Some(8), vec![100, 200], 21, 22), ("eth1", None, vec![100], 26, 27)]);
 
         let v = &c.vips;
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].address, "192.0.2.10/24".parse().unwrap());
         assert_eq!((v[0].adapters.clone(), v[0].vlan, v[0].failover), (vec![0, 1], None, true));
-        assert_eq!((v[0].line, v[0].address_line), (29, 30));
+        assert_eq!((v[0].line, v[0].address_line), (30, 31));
         assert_eq!(v[1].address, Subnet { addr: "2001:db8::10".parse().unwrap(), prefix: 64 });
         assert_eq!((v[1].adapters.clone(), v[1].vlan, v[1].failover), (vec![1], Some(100), false));
     }
@@ -1498,7 +1503,7 @@ failover = false
         assert_eq!(a.control_socket, Path::new("/run/vip-agent.sock"));
         assert_eq!(a.pin_path, Path::new("/sys/fs/bpf/vip"));
         assert_eq!((c.announce.count, c.announce.interval_ms, c.announce.max_per_second), (3, 100, 2000));
-        assert_eq!((c.probe.enabled, c.probe.count, c.probe.wait_ms), (true, 2, 200));
+        assert_eq!((c.probe.enabled, c.probe.count, c.probe.wait_ms, c.probe.max_per_second), (true, 2, 200, 200_000));
         assert_eq!((c.adapters[0].max_vips, c.adapters[0].vlans.len(), c.adapters[0].move_mac), (None, 0, true));
         assert_eq!((c.vips[0].mode, c.vips[0].count, c.all_vips.len()), (VipMode::Spread, 1, 1));
         assert_eq!((c.vips[0].vlan, c.vips[0].failover), (None, true));
@@ -1580,11 +1585,12 @@ failover = false
             ),
             (
                 "probe ranges",
-                after("[probe]\nenabled = 1\ncount = 11\nwait_ms = 10001\n"),
+                after("[probe]\nenabled = 1\ncount = 11\nwait_ms = 10001\nmax_per_second = 0\n"),
                 &[
                     (2, "probe.enabled", "expected true or false"),
                     (3, "probe.count", "1 to 10"),
                     (4, "probe.wait_ms", "1 to 10000"),
+                    (5, "probe.max_per_second", "not 0"),
                 ],
             ),
             (

@@ -10,7 +10,7 @@ use std::{
 
 use vip_packet::{Arp, Mac, Nd};
 
-use crate::packet::PacketSocket;
+use crate::packet::{PacketSocket, BURST};
 
 /// A VIP to probe and the adapters (ifindex, MAC) to probe from.
 pub struct ProbeTarget {
@@ -88,11 +88,9 @@ fn probe_frame(mac: Mac, addr: &IpAddr, vlan: u16) -> Vec<u8> {
     }
 }
 
-/// Probes every target at once: `count` probes 20 ms apart from each of its adapters,
-/// then listens `wait` more on every adapter. Returns the VIPs someone else answers for.
-/// Sends one probe. A burst of thousands (a reload adding VIPs, a start) can fill the
-/// device's queue, which drops the frame and says ENOBUFS: wait for it to drain and send
-/// again, for up to a second, rather than fail the start or skip the probe.
+/// Sends one probe. When the device's queue is full anyway (another sender filled it) the
+/// frame is dropped with ENOBUFS: wait for it to drain and send again, for up to a
+/// second, rather than fail the start or skip the probe.
 fn send_retrying(sock: &PacketSocket, frame: &[u8]) -> std::io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
@@ -104,25 +102,76 @@ fn send_retrying(sock: &PacketSocket, frame: &[u8]) -> std::io::Result<()> {
         }
     }
 }
+/// One adapter's share of the probes and where its sender stands: round `round`, next
+/// frame `at`, next burst allowed at `next`.
+struct Lane {
+    items: Vec<usize>,
+    round: u32,
+    at: usize,
+    next: Option<Instant>,
+}
 
+impl Lane {
+    /// The items to send now (a burst at most), given the rounds' schedule: round `r` starts
+    /// `gap * r` after `start` and never before the previous round is all sent; bursts are
+    /// `spacing` apart. Advances the lane; `None` when nothing is due.
+    fn due(&mut self, now: Instant, start: Instant, gap: Duration, spacing: Duration, count: u32) -> Option<std::ops::Range<usize>> {
+        if self.round >= count || now < self.wake(start, gap, count)? {
+            return None;
+        }
+        let from = self.at;
+        let to = (from + BURST).min(self.items.len());
+        self.at = to;
+        self.next = Some(now + spacing);
+        if to == self.items.len() {
+            self.round += 1;
+            self.at = 0;
+        }
+        Some(from..to)
+    }
+
+    /// When this lane next has something to send; `None` when it has sent every round.
+    fn wake(&self, start: Instant, gap: Duration, count: u32) -> Option<Instant> {
+        if self.round >= count || self.items.is_empty() {
+            return None;
+        }
+        let round_start = if self.at == 0 { start + gap * self.round } else { start };
+        Some(self.next.map_or(round_start, |n| n.max(round_start)))
+    }
+}
+
+/// Probes every target: `count` rounds at least 20 ms apart from each of its adapters,
+/// paced per adapter (bursts of [`BURST`], `max_per_second` on average), then listens
+/// `wait` more after the last probe on every adapter. Returns the VIPs someone else
+/// answers for.
 pub fn probe(
     targets: &[ProbeTarget],
     listen_on: &[u32],
     ours: &HashSet<Mac>,
     count: u32,
     wait: Duration,
+    max_per_second: u32,
 ) -> std::io::Result<HashMap<u32, Conflict>> {
     let mut found = HashMap::new();
     if targets.is_empty() {
         return Ok(found);
     }
     let listeners: Vec<PacketSocket> = listen_on.iter().map(|i| PacketSocket::open(*i, true)).collect::<Result<_, _>>()?;
-    let mut senders: HashMap<u32, PacketSocket> = HashMap::new();
-    for t in targets {
-        for (i, _) in &t.from {
-            if !senders.contains_key(i) {
-                senders.insert(*i, PacketSocket::open(*i, false)?);
-            }
+    let mut senders: Vec<(PacketSocket, Lane)> = vec![];
+    let mut lane_of: HashMap<u32, usize> = HashMap::new();
+    let mut items: Vec<(usize, Mac)> = vec![];
+    for (ti, t) in targets.iter().enumerate() {
+        for (i, mac) in &t.from {
+            let l = match lane_of.get(i) {
+                Some(&l) => l,
+                None => {
+                    senders.push((PacketSocket::open(*i, false)?, Lane { items: vec![], round: 0, at: 0, next: None }));
+                    lane_of.insert(*i, senders.len() - 1);
+                    senders.len() - 1
+                }
+            };
+            senders[l].1.items.push(items.len());
+            items.push((ti, *mac));
         }
     }
     let mut by_addr: HashMap<IpAddr, Vec<usize>> = HashMap::new();
@@ -130,49 +179,56 @@ pub fn probe(
         by_addr.entry(t.addr).or_default().push(i);
     }
     let gap = Duration::from_millis(20);
+    let spacing = Duration::from_secs_f64(BURST as f64 / max_per_second.max(1) as f64);
     let start = Instant::now();
-    let end = start + gap * count.saturating_sub(1) + wait;
-    let mut sent = 0;
+    let mut last_sent = start;
     let mut buf = vec![0u8; 2048];
     loop {
         let now = Instant::now();
-        if sent < count && now >= start + gap * sent {
-            for t in targets.iter().filter(|t| !found.contains_key(&t.vip)) {
-                for (i, mac) in &t.from {
-                    send_retrying(&senders[i], &probe_frame(*mac, &t.addr, t.vlan))?;
+        for (sock, lane) in &mut senders {
+            if let Some(range) = lane.due(now, start, gap, spacing, count) {
+                for &k in &lane.items[range] {
+                    let (ti, mac) = items[k];
+                    let t = &targets[ti];
+                    if !found.contains_key(&t.vip) {
+                        send_retrying(sock, &probe_frame(mac, &t.addr, t.vlan))?;
+                    }
                 }
+                last_sent = Instant::now();
             }
-            sent += 1;
         }
-        if now >= end {
+        let next_send = senders.iter().filter_map(|(_, l)| l.wake(start, gap, count)).min();
+        let wake = next_send.unwrap_or(last_sent + wait);
+        let now = Instant::now();
+        if next_send.is_none() && now >= wake {
             break;
         }
-        let next_probe = if sent < count { start + gap * sent } else { end };
-        let slice = next_probe.min(end).saturating_duration_since(now).min(Duration::from_millis(5));
+        let slice = wake.saturating_duration_since(now).min(Duration::from_millis(5));
         if listeners.is_empty() {
             std::thread::sleep(slice);
+            continue;
         }
-        for l in &listeners {
-            // A busy adapter never drains: stop reading when the probe schedule is due.
-            while let Some(n) = l.recv(&mut buf, if slice.is_zero() { Duration::ZERO } else { slice / listeners.len() as u32 })? {
-                if Instant::now() >= next_probe.min(end) {
-                    break;
-                }
-                if n == 0 {
-                    continue;
-                }
-                // Only the targets the frame names: one lookup per frame, not one check per
-                // target (100,000 VIPs are probed at once).
-                for addr in named(&buf[..n]) {
-                    for &i in by_addr.get(&addr).map(|v| &v[..]).unwrap_or(&[]) {
-                        let t = &targets[i];
-                        if found.contains_key(&t.vip) {
-                            continue;
-                        }
-                        if let Some(c) = conflict_in(&buf[..n], &t.addr, ours) {
-                            found.insert(t.vip, c);
+        let ready = crate::packet::wait_readable(&listeners, slice)?;
+        for (l, _) in listeners.iter().zip(ready).filter(|(_, r)| *r) {
+            // A busy adapter never drains: stop reading when the next burst is due.
+            while let Some(n) = l.recv(&mut buf, Duration::ZERO)? {
+                if n != 0 {
+                    // Only the targets the frame names: one lookup per frame, not one
+                    // check per target (100,000 VIPs are probed at once).
+                    for addr in named(&buf[..n]) {
+                        for &i in by_addr.get(&addr).map(|v| &v[..]).unwrap_or(&[]) {
+                            let t = &targets[i];
+                            if found.contains_key(&t.vip) {
+                                continue;
+                            }
+                            if let Some(c) = conflict_in(&buf[..n], &t.addr, ours) {
+                                found.insert(t.vip, c);
+                            }
                         }
                     }
+                }
+                if Instant::now() >= wake {
+                    break;
                 }
             }
         }
@@ -186,6 +242,49 @@ mod tests {
 
     const US: Mac = [2, 0, 0, 0, 1, 0];
     const THEM: Mac = [2, 0, 0, 0, 9, 9];
+
+    /// The pacing schedule, stepped by hand: (time in µs, burst sent as a range, or none).
+    #[test]
+    fn probes_go_in_bursts_spaced_and_rounds_in_order() {
+        let t0 = Instant::now();
+        let us = |n: u64| t0 + Duration::from_micros(n);
+        let (gap, spacing) = (Duration::from_millis(20), Duration::from_micros(100));
+        let mut lane = Lane { items: (0..70).collect(), round: 0, at: 0, next: None };
+        let steps: &[(u64, Option<std::ops::Range<usize>>)] = &[
+            (0, Some(0..32)),
+            (50, None), // the pause after a burst
+            (100, Some(32..64)),
+            (200, Some(64..70)), // round 0 ends
+            (300, None),         // round 1 waits for its start, 20 ms in
+            (19_999, None),
+            (20_000, Some(0..32)),
+            (20_100, Some(32..64)),
+            (20_150, None),
+            (20_200, Some(64..70)),
+            (40_000, None), // both rounds sent
+        ];
+        for (at, want) in steps {
+            assert_eq!(lane.due(us(*at), t0, gap, spacing, 2), want.clone(), "at {at} µs");
+        }
+        assert_eq!(lane.wake(t0, gap, 2), None);
+        // A round that takes longer than the gap: the next one follows it, never overlaps.
+        let mut slow = Lane { items: (0..100).collect(), round: 0, at: 0, next: None };
+        let spacing = Duration::from_millis(10);
+        let mut sent = vec![];
+        let mut t = 0;
+        while let Some(w) = slow.wake(t0, gap, 2) {
+            t = t.max(w.duration_since(t0).as_micros() as u64);
+            let r = slow.due(us(t), t0, gap, spacing, 2).expect("due at its wake time");
+            sent.push((t, r));
+        }
+        let starts: Vec<u64> = sent.iter().filter(|(_, r)| r.start == 0).map(|(t, _)| *t).collect();
+        assert_eq!(starts, vec![0, 40_000], "{sent:?}");
+        assert_eq!(sent.len(), 8);
+        assert!(sent.iter().all(|(_, r)| r.len() <= BURST));
+        // No adapter to probe from: nothing to send, ever.
+        let mut none = Lane { items: vec![], round: 0, at: 0, next: None };
+        assert_eq!((none.due(t0, t0, gap, spacing, 2), none.wake(t0, gap, 2)), (None, None));
+    }
 
     #[test]
     fn conflicts_are_recognised() {

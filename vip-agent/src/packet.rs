@@ -9,6 +9,13 @@ use std::{
 
 const ETH_P_ALL: u16 = 0x0003;
 
+/// Frames the agent sends back to back on one adapter before it pauses (probes and
+/// announcements). Thousands sent at once fill the device's queue (a veth's ring holds
+/// 256 frames) whenever the kernel drains it later than the agent sends, as on a loaded
+/// host, and the host's own traffic on that adapter is dropped with them: echo replies
+/// were lost that way while a reload probed 1,000 new VIPs.
+pub const BURST: usize = 32;
+
 pub struct PacketSocket {
     fd: OwnedFd,
     ifindex: u32,
@@ -84,4 +91,18 @@ impl PacketSocket {
         }
         Ok(Some(n as usize))
     }
+}
+
+/// Waits up to `timeout` (to the microsecond, unlike `recv`'s poll) for any of `socks`
+/// to have a frame waiting; returns which ones have.
+pub fn wait_readable(socks: &[PacketSocket], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> =
+        socks.iter().map(|s| libc::pollfd { fd: s.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(vec![false; socks.len()]) } else { Err(e) };
+    }
+    Ok(pfds.iter().map(|p| p.revents & libc::POLLIN != 0).collect())
 }
