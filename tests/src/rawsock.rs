@@ -8,6 +8,15 @@ use std::{
 
 use vip_agent::packet::PacketSocket;
 
+/// The index of `iface` in the calling thread's namespace.
+fn ifindex(iface: &str) -> io::Result<u32> {
+    let name = std::ffi::CString::new(iface).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
 pub struct RawSocket {
     sock: PacketSocket,
 }
@@ -16,12 +25,28 @@ impl RawSocket {
     /// Opens a socket bound to `iface` in the calling thread's namespace, receiving every
     /// protocol. Frames the host itself sends are filtered out by [`RawSocket::recv`].
     pub fn open(iface: &str) -> io::Result<RawSocket> {
-        let name = std::ffi::CString::new(iface).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
+        Ok(RawSocket { sock: PacketSocket::open(ifindex(iface)?, true)? })
+    }
+
+    /// A socket on `iface` that only sends, for load generators: it receives nothing (not
+    /// even a copy of each frame it sends, which a socket of every protocol is given) and
+    /// its frames skip the device's queueing discipline (`PACKET_QDISC_BYPASS`).
+    pub fn open_sender(iface: &str) -> io::Result<RawSocket> {
+        let sock = PacketSocket::open(ifindex(iface)?, false)?;
+        let one: libc::c_int = 1;
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(RawSocket { sock: PacketSocket::open(ifindex, true)? })
+        Ok(RawSocket { sock })
     }
 
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {

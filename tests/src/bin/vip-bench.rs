@@ -414,6 +414,23 @@ fn napi_threads(dev: &str) -> Vec<i32> {
     out
 }
 
+/// CPU time (user and system, in clock ticks) the threads `pids` have used so far.
+fn cpu_ticks(pids: &[i32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command name in brackets: utime and stime are the 12th and 13th fields.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+            f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+        })
+        .sum()
+}
+
+fn ticks_per_second() -> f64 {
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
 /// Pins every threaded-NAPI kernel thread of `dev` to `cpu`.
 fn pin_napi(dev: &str, cpu: usize) -> usize {
     let threads = napi_threads(dev);
@@ -446,9 +463,16 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
     node.exec("ethtool", &["-K", "vip0", "gro", "on"]);
     node.exec("sh", &["-c", "echo 1 > /sys/class/net/vip0/threaded"]);
     c.ns.exec("sh", &["-c", "echo 1 > /sys/class/net/eth0/threaded"]);
+    // A veth hands a frame to its peer's NAPI only if it cannot be segmentation offload
+    // (with TSO on the sender's side it goes to the sending CPU's backlog instead, and the
+    // kernel variant's work ran on the sender's CPU). Attaching XDP on the node turns the
+    // client's TSO off by itself; off for both variants, both are received on CPU 1.
+    c.ns.exec("ethtool", &["-K", "eth0", "tso", "off"]);
     let req = Arp::request(c.mac, c.ip4, VIP4).to_bytes();
 
-    let measure = |dp: &vip_agent::dataplane::Dataplane| -> (f64, f64, u64) {
+    // (answers/s, offered/s, answered by XDP, share of the round the node's NAPI thread
+    // was on its CPU)
+    let measure = |dp: &vip_agent::dataplane::Dataplane| -> (f64, f64, u64, f64) {
         assert!(pin_napi("vip0", responder_cpu) > 0, "no NAPI thread for the node's adapter");
         // The client's NAPI thread only drops frames (`vip_sink`): at real-time priority it
         // runs whenever replies wait, so the scheduler's turns between it and the sender
@@ -460,9 +484,10 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
         }
         std::thread::sleep(Duration::from_millis(50));
         let before_answered = dp.decisions().unwrap()[decision::ANSWERED_ARP as usize];
+        let busy0 = cpu_ticks(&napi_threads("vip0"));
         let (replies, sent, elapsed) = c.ns.run(|| {
             pin(0, 0);
-            let sock = RawSocket::open(&c.iface).expect("socket");
+            let sock = RawSocket::open_sender(&c.iface).expect("socket");
             let rx0 = rx_packets(&c.iface);
             let start = Instant::now();
             let mut sent = 0;
@@ -474,7 +499,8 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
         });
         let answered = dp.decisions().unwrap()[decision::ANSWERED_ARP as usize] - before_answered;
         let secs = elapsed.as_secs_f64();
-        (replies as f64 / secs, sent as f64 / secs, answered)
+        let busy = (cpu_ticks(&napi_threads("vip0")) - busy0) as f64 / ticks_per_second() / secs;
+        (replies as f64 / secs, sent as f64 / secs, answered, busy)
     };
 
     let (mut xdp, mut kernel) = (vec![], vec![]);
@@ -497,47 +523,68 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
             kernel.push(m);
         }
     }
-    let col = |v: &Vec<(f64, f64, u64)>, f: fn(&(f64, f64, u64)) -> f64| dist(v.iter().map(f).collect());
+    type M = (f64, f64, u64, f64);
+    let col = |v: &Vec<M>, f: fn(&M) -> f64| dist(v.iter().map(f).collect());
     // Each round's XDP / kernel ratio (the variants alternate within a round).
     let per_round: Vec<f64> = xdp.iter().zip(&kernel).map(|(x, k)| x.0 / k.0).collect();
     let pr = dist(per_round.clone());
     let (xa, ka) = (col(&xdp, |m| m.0), col(&kernel, |m| m.0));
     let (xo, ko) = (col(&xdp, |m| m.1), col(&kernel, |m| m.1));
+    // Answers per second of the node's NAPI thread's CPU time: the responder's capacity
+    // whether or not the sender kept it busy.
+    let per_cpu = |v: &Vec<M>| dist(v.iter().filter(|m| m.3 > 0.0).map(|m| m.0 / m.3).collect());
+    let (xc, kc) = (per_cpu(&xdp), per_cpu(&kernel));
     format!(
         "### ARP answers per second on veth: XDP responder against the kernel\n\n\
          Client namespace wired to the node by one veth pair. The node's receive processing runs\n\
-         in a threaded-NAPI kernel thread pinned to CPU {responder_cpu}; one sender thread (CPU 0) offers\n\
-         broadcast ARP requests for {VIP4} with sendmmsg for {:.1} s per round, and the client's\n\
+         in a threaded-NAPI kernel thread pinned to CPU {responder_cpu}, in both variants (the client's TSO\n\
+         is off: a veth gives frames it could segment to the sending CPU's backlog instead of its\n\
+         peer's NAPI; attaching XDP turns it off by itself, so before this was set the kernel\n\
+         variant ran on the sender's CPU). One sender thread (CPU 0) offers\n\
+         broadcast ARP requests for {VIP4} with sendmmsg (a send-only socket, no queueing\n\
+         discipline) for {:.1} s per round, and the client's\n\
          NAPI thread is pinned to CPU 0 as well, at real-time priority; it drops every reply at XDP\n\
          (`vip_sink`), so the client's own processing of replies does not limit the count. Answers are counted on the\n\
          client's interface (a veth counts every frame its XDP program sees). The kernel variant has the address configured on the node's adapter and no XDP\n\
          program there; the XDP variant has the responder attached in native mode (the address\n\
-         stays configured). {rounds} rounds after one not counted, variants alternating.\n\n\
-         | variant | answers/s median | min | max | offered requests/s median |\n|---|---|---|---|---|\n\
-         | XDP responder | {:.0} | {:.0} | {:.0} | {:.0} |\n\
-         | kernel ARP | {:.0} | {:.0} | {:.0} | {:.0} |\n\n\
-         Ratio XDP / kernel (medians): **{:.2}x** answers per second; per round: {} (lowest {:.2}x).\n\n\
+         stays configured). {rounds} rounds after one not counted, variants alternating. *Busy* is\n\
+         the node's NAPI thread's CPU time over the round (clock ticks, about 1%); answers per\n\
+         CPU-second divides the answers by it: the responder's capacity, whether or not the\n\
+         sender kept it busy.\n\n\
+         | variant | answers/s median | min | max | offered requests/s median | busy (median) | answers per CPU-second (median) |\n|---|---|---|---|---|---|---|\n\
+         | XDP responder | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\
+         | kernel ARP | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\n\
+         Ratio XDP / kernel (medians): **{:.2}x** answers per second; per round: {} (lowest {:.2}x).\n\
+         Per CPU-second of the responder: **{:.2}x**.\n\n\
          Offered is what the sender got through sendmmsg. {}\n",
         window.as_secs_f64(),
-        xa.median, xa.min, xa.max, xo.median,
-        ka.median, ka.min, ka.max, ko.median,
+        xa.median, xa.min, xa.max, xo.median, col(&xdp, |m| m.3).median * 100.0, xc.median,
+        ka.median, ka.min, ka.max, ko.median, col(&kernel, |m| m.3).median * 100.0, kc.median,
         xa.median / ka.median,
         per_round.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", "),
         pr.min,
-        limits(xa.median / xo.median, ka.median / ko.median),
+        xc.median / kc.median,
+        limits((xa.median / xo.median, col(&xdp, |m| m.3).median), (ka.median / ko.median, col(&kernel, |m| m.3).median)),
     )
 }
 
-/// What limited each variant, from the share of offered requests it answered (medians).
-fn limits(xdp_share: f64, kernel_share: f64) -> String {
-    let say = |name: &str, share: f64| {
-        if share >= 0.98 {
-            format!("The {name} answered {:.0}% of what was offered: its figure is the sender's rate, a lower bound.", share * 100.0)
+/// What limited each variant, from the share of offered requests it answered and how busy
+/// the node's NAPI thread was (medians).
+fn limits(xdp: (f64, f64), kernel: (f64, f64)) -> String {
+    let say = |name: &str, (share, busy): (f64, f64)| {
+        let what = if share < 0.98 {
+            format!("answered {:.0}% of what was offered (the rest was dropped on the node)", share * 100.0)
         } else {
-            format!("The {name} answered {:.0}% of what was offered: the rest was dropped on the node (its veth ring full).", share * 100.0)
-        }
+            format!("answered {:.0}% of what was offered", share * 100.0)
+        };
+        let why = if busy >= 0.95 {
+            "its CPU was busy throughout: its figure is its own capacity".to_string()
+        } else {
+            format!("its CPU was busy {:.0}% of the time: its figure is the sender's rate, a lower bound", busy * 100.0)
+        };
+        format!("The {name} {what}; {why}.")
     };
-    format!("{} {}", say("XDP responder", xdp_share), say("kernel", kernel_share))
+    format!("{} {}", say("XDP responder", xdp), say("kernel", kernel))
 }
 
 fn steering_report(quick: bool) -> String {
