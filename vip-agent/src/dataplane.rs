@@ -363,7 +363,7 @@ fn read_layout(path: &Path) -> Option<u32> {
 
 /// Loads both programs (the verifier runs here) and takes the maps the agent writes.
     fn finish(mut ebpf: Ebpf, log_level: u8) -> Result<Self> {
-        for name in [names::PROGRAM, names::PASS_PROGRAM, names::SINK_PROGRAM] {
+        for name in [names::PROGRAM, names::PASS_PROGRAM, names::SINK_PROGRAM, names::BOUNCE_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::MissingProgram(name))?
@@ -659,6 +659,17 @@ fn read_layout(path: &Path) -> Option<u32> {
     /// Attaches the drop-everything program to `iface` (the veth benchmark's client).
     pub fn attach_sink(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
         self.attach_program(names::SINK_PROGRAM, iface, mode)
+    }
+
+    /// Attaches the bounce-everything program to `iface` (the veth benchmark's ceiling);
+    /// [`Dataplane::detach_program`] with [`names::BOUNCE_PROGRAM`] takes it off.
+    pub fn attach_bounce(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
+        self.attach_program(names::BOUNCE_PROGRAM, iface, mode)
+    }
+
+    /// Detaches an attachment of one of the other programs (`program`: its name).
+    pub fn detach_program(&mut self, program: &'static str, link: XdpLinkId) -> Result<()> {
+        self.xdp_mut(program)?.detach(link).map_err(|source| DataplaneError::Program { name: program, source })
     }
 
     fn attach_program(&mut self, program: &'static str, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {

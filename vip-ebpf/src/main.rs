@@ -77,6 +77,13 @@ pub fn vip_sink(_ctx: XdpContext) -> u32 {
     XDP_DROP
 }
 
+/// The veth benchmark's ceiling: every frame back out unchanged with no work at all, so
+/// the benchmark shows how much of an answer's cost on that adapter is XDP_TX itself.
+#[xdp]
+pub fn vip_bounce(_ctx: XdpContext) -> u32 {
+    XDP_TX
+}
+
 /// `Ok(decision)` means the frame was rewritten into an answer; `Err(decision)` means pass
 /// (or drop, for a fenced cluster VIP).
 #[inline(always)]

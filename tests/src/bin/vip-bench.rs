@@ -503,7 +503,7 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
         (replies as f64 / secs, sent as f64 / secs, answered, busy)
     };
 
-    let (mut xdp, mut kernel) = (vec![], vec![]);
+    let (mut xdp, mut kernel, mut bounce) = (vec![], vec![], vec![]);
     // Round 0 warms both variants up (caches, the neighbour table, the NAPI threads' first
     // placement) and is not counted: first rounds measured up to a third low.
     for round in 0..=rounds {
@@ -522,6 +522,17 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
         if round > 0 {
             kernel.push(m);
         }
+        // The ceiling: every request sent back unchanged, no work done.
+        let link = node.run(|| dp.attach_bounce("vip0", XdpMode::Driver).expect("attach bounce"));
+        std::thread::sleep(Duration::from_millis(100));
+        let m = measure(&dp);
+        assert_eq!(m.2, 0, "the responder answered in the bounce variant");
+        assert!(m.0 > 0.0, "nothing came back in the bounce variant");
+        if round > 0 {
+            bounce.push(m);
+        }
+        dp.detach_program(vip_common::names::BOUNCE_PROGRAM, link).expect("detach bounce");
+        std::thread::sleep(Duration::from_millis(100));
     }
     type M = (f64, f64, u64, f64);
     let col = |v: &Vec<M>, f: fn(&M) -> f64| dist(v.iter().map(f).collect());
@@ -533,7 +544,8 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
     // Answers per second of the node's NAPI thread's CPU time: the responder's capacity
     // whether or not the sender kept it busy.
     let per_cpu = |v: &Vec<M>| dist(v.iter().filter(|m| m.3 > 0.0).map(|m| m.0 / m.3).collect());
-    let (xc, kc) = (per_cpu(&xdp), per_cpu(&kernel));
+    let (xc, kc, bc) = (per_cpu(&xdp), per_cpu(&kernel), per_cpu(&bounce));
+    let ba = col(&bounce, |m| m.0);
     format!(
         "### ARP answers per second on veth: XDP responder against the kernel\n\n\
          Client namespace wired to the node by one veth pair. The node's receive processing runs\n\
@@ -547,23 +559,31 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
          (`vip_sink`), so the client's own processing of replies does not limit the count. Answers are counted on the\n\
          client's interface (a veth counts every frame its XDP program sees). The kernel variant has the address configured on the node's adapter and no XDP\n\
          program there; the XDP variant has the responder attached in native mode (the address\n\
-         stays configured). {rounds} rounds after one not counted, variants alternating. *Busy* is\n\
+         stays configured). The ceiling is `vip_bounce` attached instead: every request sent\n\
+         back as it came, no work at all, so it shows what XDP_TX itself costs on a veth.\n\
+         {rounds} rounds after one not counted, variants alternating. *Busy* is\n\
          the node's NAPI thread's CPU time over the round (clock ticks, about 1%); answers per\n\
          CPU-second divides the answers by it: the responder's capacity, whether or not the\n\
          sender kept it busy.\n\n\
          | variant | answers/s median | min | max | offered requests/s median | busy (median) | answers per CPU-second (median) |\n|---|---|---|---|---|---|---|\n\
          | XDP responder | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\
-         | kernel ARP | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\n\
+         | kernel ARP | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\
+         | ceiling: XDP_TX, no work | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\n\
          Ratio XDP / kernel (medians): **{:.2}x** answers per second; per round: {} (lowest {:.2}x).\n\
-         Per CPU-second of the responder: **{:.2}x**.\n\n\
+         Per CPU-second of the responder: **{:.2}x**; the ceiling against the kernel: {:.2}x, and\n\
+         the responder reaches {:.0}% of the ceiling's answers per CPU-second: on a veth the\n\
+         frame's way in and out, not the program, sets the ratio.\n\n\
          Offered is what the sender got through sendmmsg. {}\n",
         window.as_secs_f64(),
         xa.median, xa.min, xa.max, xo.median, col(&xdp, |m| m.3).median * 100.0, xc.median,
         ka.median, ka.min, ka.max, ko.median, col(&kernel, |m| m.3).median * 100.0, kc.median,
+        ba.median, ba.min, ba.max, col(&bounce, |m| m.1).median, col(&bounce, |m| m.3).median * 100.0, bc.median,
         xa.median / ka.median,
         per_round.iter().map(|r| format!("{r:.2}x")).collect::<Vec<_>>().join(", "),
         pr.min,
         xc.median / kc.median,
+        bc.median / kc.median,
+        xc.median / bc.median * 100.0,
         limits((xa.median / xo.median, col(&xdp, |m| m.3).median), (ka.median / ko.median, col(&kernel, |m| m.3).median)),
     )
 }
