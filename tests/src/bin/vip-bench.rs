@@ -559,8 +559,9 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
          (`vip_sink`), so the client's own processing of replies does not limit the count. Answers are counted on the\n\
          client's interface (a veth counts every frame its XDP program sees). The kernel variant has the address configured on the node's adapter and no XDP\n\
          program there; the XDP variant has the responder attached in native mode (the address\n\
-         stays configured). The ceiling is `vip_bounce` attached instead: every request sent\n\
-         back as it came, no work at all, so it shows what XDP_TX itself costs on a veth.\n\
+         stays configured). The third variant is `vip_bounce` attached instead: every request\n\
+         sent back as it came (a broadcast), no work at all, so it shows what XDP_TX itself costs\n\
+         on a veth.\n\
          {rounds} rounds after one not counted, variants alternating. *Busy* is\n\
          the node's NAPI thread's CPU time over the round (clock ticks, about 1%); answers per\n\
          CPU-second divides the answers by it: the responder's capacity, whether or not the\n\
@@ -568,11 +569,11 @@ fn veth_answers(rounds: usize, window: Duration) -> String {
          | variant | answers/s median | min | max | offered requests/s median | busy (median) | answers per CPU-second (median) |\n|---|---|---|---|---|---|---|\n\
          | XDP responder | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\
          | kernel ARP | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\
-         | ceiling: XDP_TX, no work | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\n\
+         | XDP_TX, no work (`vip_bounce`) | {:.0} | {:.0} | {:.0} | {:.0} | {:.0}% | {:.0} |\n\n\
          Ratio XDP / kernel (medians): **{:.2}x** answers per second; per round: {} (lowest {:.2}x).\n\
-         Per CPU-second of the responder: **{:.2}x**; the ceiling against the kernel: {:.2}x, and\n\
-         the responder reaches {:.0}% of the ceiling's answers per CPU-second: on a veth the\n\
-         frame's way in and out, not the program, sets the ratio.\n\n\
+         Per CPU-second of the responder: **{:.2}x**. XDP_TX with no work against the kernel, per\n\
+         CPU-second: {:.2}x; the responder answers {:.0}% as many per CPU-second as it does: on\n\
+         a veth the frame's way in and out, not the program, sets the ratio.\n\n\
          Offered is what the sender got through sendmmsg. {}\n",
         window.as_secs_f64(),
         xa.median, xa.min, xa.max, xo.median, col(&xdp, |m| m.3).median * 100.0, xc.median,
