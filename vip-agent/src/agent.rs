@@ -665,14 +665,12 @@ impl Agent {
                 continue;
             }
             // One adapter per VIP probes (its first own adapter that is up); all listen.
-            let from: Vec<(u32, Mac)> = self.pvips[i]
+            let from = self.pvips[i]
                 .homes
                 .iter()
                 .map(|&h| &self.adapters[h as usize])
                 .filter(|a| a.health.answers())
-                .filter_map(|a| Some((a.ifindex?, a.mac?)))
-                .take(1)
-                .collect();
+                .find_map(|a| Some((a.ifindex?, a.mac?)));
             targets.push(ProbeTarget { vip: i as u32, addr: v.addr, vlan: v.vlan, from });
         }
         if targets.is_empty() {

@@ -12,12 +12,13 @@ use vip_packet::{Arp, Mac, Nd};
 
 use crate::packet::{PacketSocket, BURST};
 
-/// A VIP to probe and the adapters (ifindex, MAC) to probe from.
+/// A VIP to probe and the adapter (ifindex, MAC) to probe from (none: only listened for).
+/// Kept small: start-up probes every VIP at once, 100,000 of them.
 pub struct ProbeTarget {
     pub vip: u32,
     pub addr: IpAddr,
     pub vlan: u16,
-    pub from: Vec<(u32, Mac)>,
+    pub from: Option<(u32, Mac)>,
 }
 
 /// What answered for a VIP: the foreign MAC and what it sent.
@@ -102,10 +103,45 @@ fn send_retrying(sock: &PacketSocket, frame: &[u8]) -> std::io::Result<()> {
         }
     }
 }
-/// One adapter's share of the probes and where its sender stands: round `round`, next
-/// frame `at`, next burst allowed at `next`.
+/// The targets by address, without an allocation per address: the first target of each
+/// address, and for each target the next one with the same address (the same address on
+/// several VLANs).
+struct ByAddr {
+    first: HashMap<IpAddr, u32>,
+    next: Vec<u32>,
+}
+
+impl ByAddr {
+    const END: u32 = u32::MAX;
+
+    fn new(targets: &[ProbeTarget]) -> ByAddr {
+        let mut first: HashMap<IpAddr, u32> = HashMap::with_capacity(targets.len());
+        let mut next = vec![Self::END; targets.len()];
+        for (i, t) in targets.iter().enumerate().rev() {
+            if let Some(old) = first.insert(t.addr, i as u32) {
+                next[i] = old;
+            }
+        }
+        ByAddr { first, next }
+    }
+
+    /// The targets probing `addr`, in order.
+    fn targets(&self, addr: &IpAddr) -> impl Iterator<Item = usize> + '_ {
+        let mut at = self.first.get(addr).copied().unwrap_or(Self::END);
+        std::iter::from_fn(move || {
+            (at != Self::END).then(|| {
+                let i = at as usize;
+                at = self.next[i];
+                i
+            })
+        })
+    }
+}
+
+/// One adapter's share of the probes (indices of targets) and where its sender stands:
+/// round `round`, next frame `at`, next burst allowed at `next`.
 struct Lane {
-    items: Vec<usize>,
+    items: Vec<u32>,
     round: u32,
     at: usize,
     next: Option<Instant>,
@@ -159,25 +195,19 @@ pub fn probe(
     let listeners: Vec<PacketSocket> = listen_on.iter().map(|i| PacketSocket::open(*i, true)).collect::<Result<_, _>>()?;
     let mut senders: Vec<(PacketSocket, Lane)> = vec![];
     let mut lane_of: HashMap<u32, usize> = HashMap::new();
-    let mut items: Vec<(usize, Mac)> = vec![];
     for (ti, t) in targets.iter().enumerate() {
-        for (i, mac) in &t.from {
-            let l = match lane_of.get(i) {
-                Some(&l) => l,
-                None => {
-                    senders.push((PacketSocket::open(*i, false)?, Lane { items: vec![], round: 0, at: 0, next: None }));
-                    lane_of.insert(*i, senders.len() - 1);
-                    senders.len() - 1
-                }
-            };
-            senders[l].1.items.push(items.len());
-            items.push((ti, *mac));
-        }
+        let Some((i, _)) = t.from else { continue };
+        let l = match lane_of.get(&i) {
+            Some(&l) => l,
+            None => {
+                senders.push((PacketSocket::open(i, false)?, Lane { items: vec![], round: 0, at: 0, next: None }));
+                lane_of.insert(i, senders.len() - 1);
+                senders.len() - 1
+            }
+        };
+        senders[l].1.items.push(ti as u32);
     }
-    let mut by_addr: HashMap<IpAddr, Vec<usize>> = HashMap::new();
-    for (i, t) in targets.iter().enumerate() {
-        by_addr.entry(t.addr).or_default().push(i);
-    }
+    let by_addr = ByAddr::new(targets);
     let gap = Duration::from_millis(20);
     let spacing = Duration::from_secs_f64(BURST as f64 / max_per_second.max(1) as f64);
     let start = Instant::now();
@@ -187,10 +217,9 @@ pub fn probe(
         let now = Instant::now();
         for (sock, lane) in &mut senders {
             if let Some(range) = lane.due(now, start, gap, spacing, count) {
-                for &k in &lane.items[range] {
-                    let (ti, mac) = items[k];
-                    let t = &targets[ti];
-                    if !found.contains_key(&t.vip) {
+                for &ti in &lane.items[range] {
+                    let t = &targets[ti as usize];
+                    if let (Some((_, mac)), false) = (t.from, found.contains_key(&t.vip)) {
                         send_retrying(sock, &probe_frame(mac, &t.addr, t.vlan))?;
                     }
                 }
@@ -216,7 +245,7 @@ pub fn probe(
                     // Only the targets the frame names: one lookup per frame, not one
                     // check per target (100,000 VIPs are probed at once).
                     for addr in named(&buf[..n]) {
-                        for &i in by_addr.get(&addr).map(|v| &v[..]).unwrap_or(&[]) {
+                        for i in by_addr.targets(&addr) {
                             let t = &targets[i];
                             if found.contains_key(&t.vip) {
                                 continue;
@@ -242,6 +271,18 @@ mod tests {
 
     const US: Mac = [2, 0, 0, 0, 1, 0];
     const THEM: Mac = [2, 0, 0, 0, 9, 9];
+
+    #[test]
+    fn targets_are_found_by_address_on_every_vlan() {
+        let t = |vip: u32, addr: &str, vlan: u16| ProbeTarget { vip, addr: addr.parse().unwrap(), vlan, from: None };
+        let targets = [t(0, "192.0.2.1", 0), t(1, "2001:db8::1", 0), t(2, "192.0.2.1", 10), t(3, "192.0.2.2", 0), t(4, "192.0.2.1", 20)];
+        let by = ByAddr::new(&targets);
+        let find = |a: &str| by.targets(&a.parse().unwrap()).collect::<Vec<_>>();
+        assert_eq!(find("192.0.2.1"), vec![0, 2, 4]);
+        assert_eq!(find("2001:db8::1"), vec![1]);
+        assert_eq!(find("192.0.2.2"), vec![3]);
+        assert_eq!(find("192.0.2.3"), Vec::<usize>::new());
+    }
 
     /// The pacing schedule, stepped by hand: (time in µs, burst sent as a range, or none).
     #[test]
