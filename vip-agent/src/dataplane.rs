@@ -661,18 +661,13 @@ fn read_layout(path: &Path) -> Option<u32> {
         self.attach_program(names::SINK_PROGRAM, iface, mode)
     }
 
-    /// Attaches the bounce-everything program to `iface` (the veth benchmark's ceiling);
-    /// [`Dataplane::detach_program`] with [`names::BOUNCE_PROGRAM`] takes it off.
-    pub fn attach_bounce(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
-        self.attach_program(names::BOUNCE_PROGRAM, iface, mode)
-    }
-
-    /// Detaches an attachment of one of the other programs (`program`: its name).
+    /// Detaches an attachment made by [`Dataplane::attach_program`].
     pub fn detach_program(&mut self, program: &'static str, link: XdpLinkId) -> Result<()> {
         self.xdp_mut(program)?.detach(link).map_err(|source| DataplaneError::Program { name: program, source })
     }
 
-    fn attach_program(&mut self, program: &'static str, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
+    /// Attaches the XDP program named `program` (one of [`names`]) to `iface`.
+    pub fn attach_program(&mut self, program: &'static str, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
         self.xdp_mut(program)?.attach(iface, mode).map_err(|source| DataplaneError::Attach {
             program,
             iface: iface.to_string(),
