@@ -361,7 +361,7 @@ fn read_layout(path: &Path) -> Option<u32> {
     arr.get(&0, 0).ok()
 }
 
-/// Loads both programs (the verifier runs here) and takes the maps the agent writes.
+/// Loads every program (the verifier runs here) and takes the maps the agent writes.
     fn finish(mut ebpf: Ebpf, log_level: u8) -> Result<Self> {
         for name in [names::PROGRAM, names::PASS_PROGRAM, names::SINK_PROGRAM, names::BOUNCE_PROGRAM] {
             let prog: &mut Xdp = ebpf

@@ -30,7 +30,7 @@ pub mod names {
     /// An XDP program that drops everything: the veth benchmark's client.
     pub const SINK_PROGRAM: &str = "vip_sink";
     /// An XDP program that sends every frame back unchanged, doing nothing else: the veth
-    /// benchmark's ceiling (what XDP_TX itself costs there).
+    /// benchmark's no-work variant (what XDP_TX itself costs there).
     pub const BOUNCE_PROGRAM: &str = "vip_bounce";
     pub const VIPS: &str = "VIPS";
     pub const ADAPTERS: &str = "ADAPTERS";

@@ -77,8 +77,8 @@ pub fn vip_sink(_ctx: XdpContext) -> u32 {
     XDP_DROP
 }
 
-/// The veth benchmark's ceiling: every frame back out unchanged with no work at all, so
-/// the benchmark shows how much of an answer's cost on that adapter is XDP_TX itself.
+/// The veth benchmark's no-work variant: every frame back out unchanged, so the benchmark
+/// shows how much of an answer's cost on that adapter is XDP_TX itself.
 #[xdp]
 pub fn vip_bounce(_ctx: XdpContext) -> u32 {
     XDP_TX
